@@ -1,0 +1,71 @@
+//! Command-line flags: flanneld's names where they apply (each also read from `FLANNELD_<FLAG>`),
+//! plus the few that an eBPF dataplane needs.
+use std::{net::Ipv4Addr, path::PathBuf};
+
+use clap::{ArgAction, Parser, ValueEnum};
+
+use crate::dataplane::ebpf::DecapMode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SubnetMgr {
+    /// Leases from a file (`--leases`), for clusters without Kubernetes or etcd.
+    Static,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "flannel-agent", version, about = "flanneld-compatible node agent with an eBPF dataplane")]
+pub struct Args {
+    /// Interface (name or IPv4 address) for inter-host traffic; repeatable, the first that
+    /// exists wins. Default: the interface of the default route.
+    #[arg(long = "iface", env = "FLANNELD_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
+
+    /// Regex matched against whole interface names and IPv4 addresses; repeatable.
+    #[arg(long = "iface-regex", env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    pub iface_regex: Vec<String>,
+
+    /// IP address other nodes reach this node at (default: the interface's address).
+    #[arg(long = "public-ip", env = "FLANNELD_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+
+    /// flannel's network configuration (net-conf.json).
+    #[arg(long = "net-config-path", env = "FLANNELD_NET_CONFIG_PATH", default_value = "/etc/kube-flannel/net-conf.json")]
+    pub net_config_path: PathBuf,
+
+    /// Where to write the environment the flannel CNI plugin reads.
+    #[arg(long = "subnet-file", env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    pub subnet_file: PathBuf,
+
+    /// Whether flannel masquerades traffic leaving the pod network (FLANNEL_IPMASQ).
+    #[arg(long = "ip-masq", env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
+    pub ip_masq: bool,
+
+    /// Where leases come from.
+    #[arg(long = "subnet-mgr", value_enum, default_value = "static")]
+    pub subnet_mgr: SubnetMgr,
+
+    /// The lease file of `--subnet-mgr static` (flannel's lease format, re-read when it changes).
+    #[arg(long = "leases", env = "FLANNELD_LEASES")]
+    pub leases: Option<PathBuf>,
+
+    /// bpffs directory for this agent's pinned maps and links (one per node when several agents
+    /// share a machine).
+    #[arg(long = "pin-dir", env = "FLANNELD_PIN_DIR", default_value = "/sys/fs/bpf/flannel")]
+    pub pin_dir: PathBuf,
+
+    /// Where VXLAN is decapsulated on the uplink.
+    #[arg(long = "decap", value_enum, default_value = "tc")]
+    pub decap: DecapMode,
+
+    /// The bridge the flannel CNI plugin puts pods on.
+    #[arg(long = "cni-bridge", default_value = "cni0")]
+    pub cni_bridge: String,
+
+    /// Remove everything the agent created (pinned programs, links, maps, the subnet file) and exit.
+    #[arg(long)]
+    pub cleanup: bool,
+
+    /// Print the dataplane's per-reason packet counters from the pinned maps and exit.
+    #[arg(long)]
+    pub stats: bool,
+}

@@ -1,0 +1,460 @@
+//! The eBPF dataplane: loads the programs, keeps maps and links pinned under
+//! `<pin-dir>/v<LAYOUT_VERSION>/` so that they outlive the agent, and reconciles the maps.
+use std::{
+    collections::BTreeMap,
+    fs,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuArray, lpm_trie::Key},
+    programs::{
+        LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, TcAttachOptions},
+        xdp::XdpLink,
+    },
+};
+use flannel_ebpf_common::{
+    Counter, LAYOUT_VERSION, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet, map_name,
+    prog_name, reason,
+};
+use tracing::{info, warn};
+
+use super::{Desired, SyncReport};
+use crate::{Error, iface::Link};
+
+/// The compiled programs, built by build.rs.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
+
+/// The magic number of a bpffs superblock (`BPF_FS_MAGIC`).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Where XDP decapsulation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecapMode {
+    /// tc ingress on the uplink only (no XDP program).
+    Tc,
+    /// Native (driver) XDP; falls back to generic XDP, then to tc alone, if it cannot attach.
+    Xdp,
+    /// Generic (skb) XDP.
+    XdpGeneric,
+}
+
+/// The pin layout: one versioned directory under the pin root.
+#[derive(Debug, Clone)]
+pub struct PinDir {
+    pub root: PathBuf,
+    pub dir: PathBuf,
+}
+
+impl PinDir {
+    #[must_use]
+    pub fn new(root: &Path) -> Self {
+        Self { root: root.to_path_buf(), dir: root.join(format!("v{LAYOUT_VERSION}")) }
+    }
+
+    #[must_use]
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn link_prefix(prog: &str) -> String {
+        format!("link-{prog}-")
+    }
+
+    fn link(&self, prog: &str, ifindex: u32, suffix: &str) -> PathBuf {
+        self.dir.join(format!("{}if{ifindex}{suffix}", Self::link_prefix(prog)))
+    }
+
+    /// Pinned links of `prog` other than `keep`.
+    fn other_links(&self, prog: &str, keep: Option<&Path>) -> Vec<PathBuf> {
+        let prefix = Self::link_prefix(prog);
+        let Ok(entries) = fs::read_dir(&self.dir) else { return Vec::new() };
+        entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+            .filter(|p| Some(p.as_path()) != keep)
+            .collect()
+    }
+}
+
+/// Expected shape of each pinned map: (name, type, key size, value size, max entries).
+fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 4] {
+    [
+        (map_name::CONFIG, MapType::Array, 4, size_of::<NodeConfig>() as u32, 1),
+        (map_name::ROUTES, MapType::LpmTrie, 8, size_of::<RemoteSubnet>() as u32, MAX_ROUTES),
+        (map_name::NODES, MapType::Hash, 4, size_of::<RemoteNode>() as u32, MAX_NODES),
+        (map_name::STATS, MapType::PerCpuArray, 4, size_of::<Counter>() as u32, reason::COUNT),
+    ]
+}
+
+pub struct EbpfDataplane {
+    ebpf: Ebpf,
+    pins: PinDir,
+}
+
+impl EbpfDataplane {
+    /// Mounts bpffs if needed, checks any pinned state, and loads the programs, reusing pinned
+    /// maps (a restarted agent adopts them instead of flushing).
+    pub fn open(root: &Path) -> Result<Self, Error> {
+        ensure_bpffs(root)?;
+        let pins = PinDir::new(root);
+        check_other_layouts(&pins)?;
+        fs::create_dir_all(&pins.dir)
+            .map_err(|e| Error::Bpffs { path: pins.dir.clone(), message: e.to_string() })?;
+        check_pinned_maps(&pins)?;
+        let mut loader = EbpfLoader::new();
+        for name in map_name::ALL {
+            loader.map_pin_path(name, pins.map(name));
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        load_programs(&mut ebpf)?;
+        Ok(Self { ebpf, pins })
+    }
+
+    /// Loads and verifies the programs with private, unpinned maps and attaches nothing: for
+    /// BPF_PROG_TEST_RUN tests and micro-benchmarks. Pin and link methods must not be used.
+    pub fn unpinned() -> Result<Self, Error> {
+        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        load_programs(&mut ebpf)?;
+        Ok(Self { ebpf, pins: PinDir::new(Path::new("/nonexistent")) })
+    }
+
+    /// The loaded object, for tests that drive the programs with BPF_PROG_TEST_RUN.
+    #[must_use]
+    pub fn ebpf(&self) -> &Ebpf {
+        &self.ebpf
+    }
+
+    /// The loaded object, for tests that drive the programs with BPF_PROG_TEST_RUN.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    #[must_use]
+    pub fn pins(&self) -> &PinDir {
+        &self.pins
+    }
+
+    /// The configuration currently in the map (what a previous agent left, after a restart).
+    pub fn config(&self) -> Result<NodeConfig, Error> {
+        let map = self.ebpf.map(map_name::CONFIG).ok_or_else(|| missing_map(map_name::CONFIG))?;
+        let array: Array<_, NodeConfig> = Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
+        array.get(&0, 0).map_err(|e| map_err(map_name::CONFIG, "reading", e))
+    }
+
+    pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), Error> {
+        let map = self.ebpf.map_mut(map_name::CONFIG).ok_or_else(|| missing_map(map_name::CONFIG))?;
+        let mut array: Array<_, NodeConfig> =
+            Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
+        array.set(0, cfg, 0).map_err(|e| map_err(map_name::CONFIG, "writing", e))
+    }
+
+    /// Makes the maps hold exactly `desired`, touching only what differs. New nodes are accepted
+    /// before routes point at them, and forgotten only after their routes are gone.
+    pub fn sync(&mut self, desired: &Desired) -> Result<SyncReport, Error> {
+        let mut report = SyncReport::default();
+        let [routes_map, nodes_map] = self.ebpf.maps_disjoint_mut([map_name::ROUTES, map_name::NODES]);
+        let mut nodes: HashMap<_, [u8; 4], RemoteNode> =
+            HashMap::try_from(nodes_map.ok_or_else(|| missing_map(map_name::NODES))?)
+                .map_err(|e| map_err(map_name::NODES, "opening", e))?;
+        let mut routes: LpmTrie<_, [u8; 4], RemoteSubnet> =
+            LpmTrie::try_from(routes_map.ok_or_else(|| missing_map(map_name::ROUTES))?)
+                .map_err(|e| map_err(map_name::ROUTES, "opening", e))?;
+
+        let current_nodes: BTreeMap<[u8; 4], RemoteNode> = nodes
+            .iter()
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_err(map_name::NODES, "listing", e))?;
+        for (ip, node) in &desired.nodes {
+            let key = ip.octets();
+            match current_nodes.get(&key) {
+                Some(cur) if cur == node => continue,
+                Some(_) => report.updated += 1,
+                None => report.added += 1,
+            }
+            nodes.insert(key, node, 0).map_err(|e| map_err(map_name::NODES, &format!("inserting {ip}"), e))?;
+        }
+
+        let current_routes: BTreeMap<(u32, [u8; 4]), RemoteSubnet> = routes
+            .iter()
+            .map(|r| r.map(|(k, v)| ((k.prefix_len(), k.data()), v)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_err(map_name::ROUTES, "listing", e))?;
+        let want: BTreeMap<(u32, [u8; 4]), &RemoteSubnet> = desired
+            .routes
+            .iter()
+            .map(|(net, v)| ((u32::from(net.prefix_len()), net.network().octets()), v))
+            .collect();
+        for (&(len, addr), value) in &want {
+            match current_routes.get(&(len, addr)) {
+                Some(cur) if cur == *value => continue,
+                Some(_) => report.updated += 1,
+                None => report.added += 1,
+            }
+            routes
+                .insert(&Key::new(len, addr), *value, 0)
+                .map_err(|e| map_err(map_name::ROUTES, &format!("inserting {}/{len}", Ipv4Addr::from(addr)), e))?;
+        }
+        for &(len, addr) in current_routes.keys() {
+            if !want.contains_key(&(len, addr)) {
+                routes
+                    .remove(&Key::new(len, addr))
+                    .map_err(|e| map_err(map_name::ROUTES, "removing", e))?;
+                report.removed += 1;
+            }
+        }
+        for key in current_nodes.keys() {
+            if !desired.nodes.contains_key(&Ipv4Addr::from(*key)) {
+                nodes.remove(key).map_err(|e| map_err(map_name::NODES, "removing", e))?;
+                report.removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Attaches a tc program at ingress of `link`, or atomically replaces the program of the
+    /// link a previous agent pinned there. Pins of the same program on other (gone or renamed)
+    /// interfaces are removed.
+    pub fn attach_tc(&mut self, name: &str, link: &Link) -> Result<(), Error> {
+        let pin = self.pins.link(name, link.index, "");
+        remove_pins(&self.pins.other_links(name, Some(&pin)));
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
+        if pin.exists() {
+            let adopted = PinnedLink::from_pin(&pin)
+                .map_err(|e| e.to_string())
+                .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+            match adopted {
+                Ok(id) => {
+                    // The pin keeps the link; our handle to it can go.
+                    drop(prog.take_link(id));
+                    info!(program = name, interface = %link.name, "replaced the program of the pinned tc link");
+                    return Ok(());
+                }
+                Err(e) => {
+                    warn!(program = name, interface = %link.name, "pinned tc link unusable ({e}); attaching anew");
+                    remove_pins(&[pin.clone()]);
+                }
+            }
+        }
+        let id = prog
+            .attach_with_options(&link.name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
+            .map_err(|source| prog_err(name, &format!("attaching to {} ingress (tcx)", link.name), source))?;
+        let taken = prog.take_link(id).map_err(|source| prog_err(name, "taking the link", source))?;
+        FdLink::try_from(taken)
+            .map_err(|e| Error::Pin { path: pin.clone(), message: format!("not a bpf_link: {e}") })?
+            .pin(&pin)
+            .map_err(|e| Error::Pin { path: pin.clone(), message: e.to_string() })?;
+        info!(program = name, interface = %link.name, "attached at tc ingress");
+        Ok(())
+    }
+
+    /// Attaches (or adopts) the XDP decapsulation program on the uplink per `mode`; returns the
+    /// XDP mode in use, or `None` when decapsulation is left to tc.
+    pub fn attach_xdp(&mut self, link: &Link, mode: DecapMode) -> Result<Option<&'static str>, Error> {
+        let name = prog_name::FROM_WIRE_XDP;
+        let attempts: &[(XdpMode, &'static str)] = match mode {
+            DecapMode::Tc => {
+                remove_pins(&self.pins.other_links(name, None));
+                return Ok(None);
+            }
+            DecapMode::Xdp => &[(XdpMode::Driver, "native"), (XdpMode::Skb, "generic")],
+            DecapMode::XdpGeneric => &[(XdpMode::Skb, "generic")],
+        };
+        for &(xdp_mode, label) in attempts {
+            let pin = self.pins.link(name, link.index, &format!("-{label}"));
+            let prog: &mut Xdp = program(&mut self.ebpf, name)?;
+            if pin.exists() {
+                let adopted = PinnedLink::from_pin(&pin)
+                    .map_err(|e| e.to_string())
+                    .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                    .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+                match adopted {
+                    Ok(id) => {
+                        drop(prog.take_link(id));
+                        remove_pins(&self.pins.other_links(name, Some(&pin)));
+                        info!(interface = %link.name, mode = label, "replaced the program of the pinned XDP link");
+                        return Ok(Some(label));
+                    }
+                    Err(e) => {
+                        warn!(interface = %link.name, "pinned XDP link unusable ({e}); attaching anew");
+                        remove_pins(&[pin.clone()]);
+                    }
+                }
+            }
+            // Only one XDP program per interface: drop other modes' links before attaching.
+            remove_pins(&self.pins.other_links(name, None));
+            match prog.attach_to_if_index(link.index, xdp_mode) {
+                Ok(id) => {
+                    let taken = prog.take_link(id).map_err(|source| prog_err(name, "taking the link", source))?;
+                    FdLink::try_from(taken)
+                        .map_err(|e| Error::Pin { path: pin.clone(), message: format!("not a bpf_link: {e}") })?
+                        .pin(&pin)
+                        .map_err(|e| Error::Pin { path: pin.clone(), message: e.to_string() })?;
+                    info!(interface = %link.name, mode = label, "attached XDP decapsulation");
+                    return Ok(Some(label));
+                }
+                Err(e) => warn!(interface = %link.name, mode = label, "XDP attach failed: {e}"),
+            }
+        }
+        warn!(interface = %link.name, "XDP could not attach: decapsulation stays in tc");
+        Ok(None)
+    }
+}
+
+fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
+    for name in [prog_name::FROM_PODS, prog_name::FROM_WIRE] {
+        let prog: &mut SchedClassifier = program(ebpf, name)?;
+        prog.load().map_err(|source| prog_err(name, "verifying", source))?;
+    }
+    let prog: &mut Xdp = program(ebpf, prog_name::FROM_WIRE_XDP)?;
+    prog.load().map_err(|source| prog_err(prog_name::FROM_WIRE_XDP, "verifying", source))
+}
+
+/// Per-reason counters summed over CPUs.
+pub fn sum_stats(ebpf: &Ebpf) -> Result<Vec<(&'static str, Counter)>, Error> {
+    let map = ebpf.map(map_name::STATS).ok_or_else(|| missing_map(map_name::STATS))?;
+    let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(|e| map_err(map_name::STATS, "opening", e))?;
+    collect_stats(&array)
+}
+
+fn collect_stats<T: std::borrow::Borrow<MapData>>(
+    array: &PerCpuArray<T, Counter>,
+) -> Result<Vec<(&'static str, Counter)>, Error> {
+    let mut out = Vec::new();
+    for (i, name) in reason::NAMES.iter().enumerate() {
+        let values = array.get(&(i as u32), 0).map_err(|e| map_err(map_name::STATS, "reading", e))?;
+        let total = values.iter().fold(Counter::default(), |acc, c| Counter {
+            packets: acc.packets + c.packets,
+            bytes: acc.bytes + c.bytes,
+        });
+        out.push((*name, total));
+    }
+    Ok(out)
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, Error>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| Error::Unsupported(format!("program {name} missing from the eBPF object")))?
+        .try_into()
+        .map_err(|source| prog_err(name, "wrong program type", source))
+}
+
+fn prog_err(name: &str, context: &str, source: aya::programs::ProgramError) -> Error {
+    Error::Program { program: name.into(), context: context.into(), source }
+}
+
+fn map_err(name: &str, context: &str, source: aya::maps::MapError) -> Error {
+    Error::Map { map: name.into(), context: context.into(), source }
+}
+
+fn missing_map(name: &str) -> Error {
+    Error::Unsupported(format!("map {name} missing from the eBPF object"))
+}
+
+fn remove_pins(paths: &[PathBuf]) {
+    for p in paths {
+        match fs::remove_file(p) {
+            Ok(()) => info!(pin = %p.display(), "removed stale pin"),
+            Err(e) => warn!(pin = %p.display(), "could not remove stale pin: {e}"),
+        }
+    }
+}
+
+/// Makes sure `root` is on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
+fn ensure_bpffs(root: &Path) -> Result<(), Error> {
+    let bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
+    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    if bpffs(existing) {
+        return Ok(());
+    }
+    let default = Path::new("/sys/fs/bpf");
+    if root.starts_with(default) && !bpffs(default) {
+        info!("mounting bpffs at /sys/fs/bpf");
+        nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| Error::Bpffs { path: default.into(), message: format!("mount -t bpf failed: {e}") })?;
+        return Ok(());
+    }
+    Err(Error::Bpffs {
+        path: root.into(),
+        message: "not on a bpf filesystem: pins must live on bpffs (e.g. under /sys/fs/bpf)".into(),
+    })
+}
+
+/// A different layout version's pins mean an agent of another version is (or was) in charge:
+/// its programs would keep running beside ours, so refuse rather than guess.
+fn check_other_layouts(pins: &PinDir) -> Result<(), Error> {
+    let Ok(entries) = fs::read_dir(&pins.root) else { return Ok(()) };
+    for entry in entries.filter_map(Result::ok) {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path != pins.dir && name.starts_with('v') && name[1..].parse::<u32>().is_ok() {
+            return Err(Error::Pin {
+                path,
+                message: format!(
+                    "pins of map layout {name} found, this agent uses v{LAYOUT_VERSION}: stop the other agent and run `flannel-agent --cleanup --pin-dir {}` first",
+                    pins.root.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Refuses to reuse a pinned map whose shape differs from what the programs expect.
+fn check_pinned_maps(pins: &PinDir) -> Result<(), Error> {
+    for (name, kind, key, value, max) in expected_maps() {
+        let path = pins.map(name);
+        if !path.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&path)
+            .and_then(|m| m.info())
+            .map_err(|e| Error::Pin { path: path.clone(), message: format!("cannot open: {e}") })?;
+        let got = (info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries());
+        if got != (Some(kind), key, value, max) {
+            return Err(Error::Pin {
+                path,
+                message: format!(
+                    "incompatible map (type {:?}, key {} B, value {} B, {} entries; expected {kind:?}, {key} B, {value} B, {max}): run `flannel-agent --cleanup --pin-dir {}`",
+                    got.0, got.1, got.2, got.3, pins.root.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Per-reason counters summed over CPUs, read from the pinned stats map.
+pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, Counter)>, Error> {
+    let pins = PinDir::new(root);
+    let path = pins.map(map_name::STATS);
+    let data = MapData::from_pin(&path).map_err(|e| Error::Pin { path: path.clone(), message: e.to_string() })?;
+    let array: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| map_err(map_name::STATS, "opening", e))?;
+    collect_stats(&array)
+}
+
+/// Removes every pin under `root` (which detaches the programs) and the subnet file.
+pub fn cleanup(root: &Path, subnet_file: &Path) -> Result<(), Error> {
+    if root.exists() {
+        fs::remove_dir_all(root).map_err(|e| Error::Pin { path: root.into(), message: format!("removing: {e}") })?;
+        info!(pins = %root.display(), "removed pinned programs, links and maps");
+    } else {
+        info!(pins = %root.display(), "no pins to remove");
+    }
+    match fs::remove_file(subnet_file) {
+        Ok(()) => info!(file = %subnet_file.display(), "removed the subnet file"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::SubnetFile { path: subnet_file.into(), source: e }),
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! Finding the uplink the way flanneld does (`--iface`, `--iface-regex`, else the interface of
+//! the default route), through rtnetlink.
+use std::net::{IpAddr, Ipv4Addr};
+
+use futures::TryStreamExt as _;
+use regex::Regex;
+use rtnetlink::{
+    Handle, RouteMessageBuilder,
+    packet_route::{
+        address::AddressAttribute,
+        link::{LinkAttribute, LinkFlags},
+        route::RouteAttribute,
+    },
+};
+
+use crate::Error;
+
+/// A network interface of this namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub name: String,
+    pub index: u32,
+    pub mtu: u32,
+    pub mac: [u8; 6],
+    pub up: bool,
+}
+
+/// The chosen uplink and its IPv4 address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExtIface {
+    pub link: Link,
+    pub addr: Ipv4Addr,
+}
+
+/// An rtnetlink connection.
+#[derive(Clone)]
+pub struct Netlink {
+    handle: Handle,
+}
+
+impl Netlink {
+    /// Opens a connection; its driver task runs on the current tokio runtime.
+    pub fn connect() -> Result<Self, Error> {
+        let (conn, handle, _) = rtnetlink::new_connection()
+            .map_err(|source| Error::NetlinkIo { context: "opening a socket".into(), source })?;
+        tokio::spawn(conn);
+        Ok(Self { handle })
+    }
+
+    pub async fn links(&self) -> Result<Vec<Link>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink { context: "listing links".into(), source })?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut link = Link {
+                    name: String::new(),
+                    index: m.header.index,
+                    mtu: 0,
+                    mac: [0; 6],
+                    up: m.header.flags.contains(LinkFlags::Up),
+                };
+                for attr in m.attributes {
+                    match attr {
+                        LinkAttribute::IfName(name) => link.name = name,
+                        LinkAttribute::Mtu(mtu) => link.mtu = mtu,
+                        LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(&a),
+                        _ => {}
+                    }
+                }
+                link
+            })
+            .collect())
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>, Error> {
+        Ok(self.links().await?.into_iter().find(|l| l.name == name))
+    }
+
+    /// Every IPv4 address of this namespace, with its interface index, in kernel order.
+    pub async fn ipv4_addrs(&self) -> Result<Vec<(u32, Ipv4Addr)>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink { context: "listing addresses".into(), source })?;
+        let mut out = Vec::new();
+        for m in msgs {
+            for attr in &m.attributes {
+                if let AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) = attr {
+                    if !out.contains(&(m.header.index, *a)) {
+                        out.push((m.header.index, *a));
+                    }
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The output interface of the IPv4 default route, if there is one.
+    pub async fn default_route_oif(&self) -> Result<Option<u32>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink { context: "listing routes".into(), source })?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.destination_prefix_length == 0)
+            .find_map(|m| {
+                m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(*i),
+                    _ => None,
+                })
+            }))
+    }
+}
+
+/// Chooses the uplink as flanneld does: the first `--iface` (a name or an address) that exists;
+/// else the first interface whose address or whole name matches an `--iface-regex`; else the
+/// interface of the default route. Regexes are anchored: `eth1` never matches `veth1a2b`.
+pub async fn select(nl: &Netlink, ifaces: &[String], regexes: &[String]) -> Result<ExtIface, Error> {
+    let links = nl.links().await?;
+    let addrs = nl.ipv4_addrs().await?;
+    let first_addr = |index: u32| addrs.iter().find(|(i, _)| *i == index).map(|(_, a)| *a);
+    let with_addr = |link: &Link| -> Result<ExtIface, Error> {
+        let addr = first_addr(link.index)
+            .ok_or_else(|| Error::Interface(format!("{} has no IPv4 address", link.name)))?;
+        Ok(ExtIface { link: link.clone(), addr })
+    };
+
+    if !ifaces.is_empty() {
+        for spec in ifaces {
+            let found = match spec.parse::<Ipv4Addr>() {
+                Ok(ip) => addrs
+                    .iter()
+                    .find(|(_, a)| *a == ip)
+                    .and_then(|(i, _)| links.iter().find(|l| l.index == *i)),
+                Err(_) => links.iter().find(|l| &l.name == spec),
+            };
+            if let Some(link) = found {
+                return with_addr(link);
+            }
+        }
+        return Err(Error::Interface(format!(
+            "no interface matches --iface {} (interfaces here: {})",
+            ifaces.join(", "),
+            links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+        )));
+    }
+
+    if !regexes.is_empty() {
+        for re in regexes {
+            let anchored = Regex::new(&format!("^(?:{re})$"))
+                .map_err(|e| Error::Interface(format!("--iface-regex {re:?}: {e}")))?;
+            if let Some((index, _)) = addrs.iter().find(|(_, a)| anchored.is_match(&a.to_string())) {
+                if let Some(link) = links.iter().find(|l| l.index == *index) {
+                    return with_addr(link);
+                }
+            }
+            if let Some(link) = links.iter().find(|l| anchored.is_match(&l.name) && first_addr(l.index).is_some()) {
+                return with_addr(link);
+            }
+        }
+        return Err(Error::Interface(format!(
+            "no interface name or IPv4 address matches --iface-regex {}",
+            regexes.join(", ")
+        )));
+    }
+
+    let oif = nl
+        .default_route_oif()
+        .await?
+        .ok_or_else(|| Error::Interface("no IPv4 default route to pick an interface from: use --iface".into()))?;
+    let link = links
+        .iter()
+        .find(|l| l.index == oif)
+        .ok_or_else(|| Error::Interface(format!("default route via unknown ifindex {oif}")))?;
+    with_addr(link)
+}

@@ -1,0 +1,547 @@
+//! BPF_PROG_TEST_RUN tests of every program: crafted packets checked byte for byte and field by
+//! field, drops checked against their counted reason, and fuzzing with malformed packets.
+//! Needs root (CAP_BPF and CAP_NET_ADMIN) and a kernel with BPF; `cargo xtask test` runs it so.
+use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use flannel_agent::{
+    dataplane::{Desired, ebpf::{EbpfDataplane, sum_stats}},
+};
+use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name, reason};
+
+const TC_ACT_OK: i32 = 0;
+const TC_ACT_SHOT: i32 = 2;
+const TC_ACT_REDIRECT: i32 = 7;
+const XDP_DROP: u32 = 1;
+const XDP_PASS: u32 = 2;
+
+const NODE_A: [u8; 4] = [198, 18, 0, 11];
+const NODE_B: [u8; 4] = [198, 18, 0, 12];
+const VTEP_A: [u8; 6] = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01];
+const VTEP_B: [u8; 6] = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x02];
+const UPLINK_MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
+const CNI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+const POD_A: [u8; 4] = [10, 244, 1, 10];
+const POD_B: [u8; 4] = [10, 244, 2, 10];
+const VNI: u32 = 1;
+const PORT: u16 = 8472;
+
+// ---- a small packet builder ----
+
+fn csum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let tot = (20 + payload.len()) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ttl, proto, 0, 0];
+    h[2..4].copy_from_slice(&tot.to_be_bytes());
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+fn vxlan_hdr(flags: u8, vni: u32, payload: &[u8]) -> Vec<u8> {
+    let v = vni.to_be_bytes();
+    let mut x = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
+    x.extend_from_slice(payload);
+    x
+}
+
+/// A TCP-like payload: not parsed by the programs, compared byte for byte.
+fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// A pod's frame to the gateway MAC, for a pod on node B.
+fn pod_frame(dst: [u8; 4], ttl: u8, len: usize) -> Vec<u8> {
+    eth(CNI_MAC, POD_MAC, 0x0800, &ipv4(POD_A, dst, ttl, 6, &payload(len)))
+}
+
+/// VXLAN as node A's kernel device (or our encap) sends it to node B.
+fn vxlan_frame(outer_src: [u8; 4], vni: u32, inner_dst_mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
+    let inner_eth = eth(inner_dst_mac, VTEP_A, 0x0800, inner);
+    let outer = ipv4(outer_src, NODE_B, 64, 17, &udp(40000, PORT, &vxlan_hdr(0x08, vni, &inner_eth)));
+    eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
+}
+
+// ---- dataplane fixtures ----
+
+fn config(public_ip: [u8; 4], subnet: [u8; 4], vtep: [u8; 6], uplink_mac: [u8; 6]) -> NodeConfig {
+    NodeConfig {
+        enabled: 1,
+        backend: u32::from(backend::VXLAN),
+        public_ip,
+        subnet_addr: subnet,
+        subnet_mask: [255, 255, 255, 0],
+        network_addr: [10, 244, 0, 0],
+        network_mask: [255, 255, 0, 0],
+        gateway_ip: [subnet[0], subnet[1], subnet[2], 1],
+        vni: VNI,
+        port: PORT,
+        _pad0: 0,
+        uplink_mtu: 1500,
+        uplink_ifindex: 3,
+        cni_ifindex: 5,
+        vtep_mac: vtep,
+        uplink_mac,
+    }
+}
+
+/// Node A (10.244.1.0/24) with node B as its one peer.
+fn node_a() -> EbpfDataplane {
+    let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
+    dp.set_config(&config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1])).unwrap();
+    let mut d = Desired::default();
+    d.routes.insert(
+        "10.244.2.0/24".parse().unwrap(),
+        RemoteSubnet { public_ip: NODE_B, vtep_mac: VTEP_B, backend: backend::VXLAN, _pad0: 0 },
+    );
+    d.nodes.insert(NODE_B.into(), RemoteNode { vtep_mac: VTEP_B, backend: backend::VXLAN, _pad0: 0 });
+    dp.sync(&d).unwrap();
+    dp
+}
+
+/// Node B (10.244.2.0/24) with node A as its one peer.
+fn node_b() -> EbpfDataplane {
+    let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
+    dp.set_config(&config(NODE_B, [10, 244, 2, 0], VTEP_B, UPLINK_MAC_B)).unwrap();
+    let mut d = Desired::default();
+    d.routes.insert(
+        "10.244.1.0/24".parse().unwrap(),
+        RemoteSubnet { public_ip: NODE_A, vtep_mac: VTEP_A, backend: backend::VXLAN, _pad0: 0 },
+    );
+    d.nodes.insert(NODE_A.into(), RemoteNode { vtep_mac: VTEP_A, backend: backend::VXLAN, _pad0: 0 });
+    dp.sync(&d).unwrap();
+    dp
+}
+
+fn run_tc(dp: &mut EbpfDataplane, prog: &str, input: &[u8]) -> (i32, Vec<u8>) {
+    let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = p
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+        .unwrap_or_else(|e| panic!("test_run {prog} on {} bytes: {e}", input.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value as i32, out)
+}
+
+fn run_xdp(dp: &mut EbpfDataplane, input: &[u8]) -> (u32, Vec<u8>) {
+    let p: &mut Xdp = dp.ebpf_mut().program_mut(prog_name::FROM_WIRE_XDP).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = p
+        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+        .unwrap_or_else(|e| panic!("test_run xdp on {} bytes: {e}", input.len()));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value, out)
+}
+
+fn counted(dp: &EbpfDataplane, why: u32) -> u64 {
+    // SAFETY-free read through the public API.
+    let stats = sum_stats(dp_ref(dp)).unwrap();
+    stats[why as usize].1.packets
+}
+
+fn total_counted(dp: &EbpfDataplane) -> u64 {
+    sum_stats(dp_ref(dp)).unwrap().iter().map(|(_, c)| c.packets).sum()
+}
+
+fn dp_ref(dp: &EbpfDataplane) -> &aya::Ebpf {
+    dp.ebpf()
+}
+
+// ---- from_pods: encapsulation ----
+
+#[test]
+fn from_pods_encapsulates_like_the_kernel_vxlan_device() {
+    let mut a = node_a();
+    let input = pod_frame(POD_B, 64, 1000);
+    let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &input);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), input.len() + 50);
+    // Outer Ethernet: left for bpf_redirect_neigh to fill; the EtherType is IPv4.
+    assert_eq!(&out[0..12], &input[0..12]);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    // Outer IPv4.
+    let ip = &out[14..34];
+    assert_eq!(ip[0], 0x45, "version 4, no options");
+    assert_eq!(ip[1], 0, "TOS");
+    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, out.len() - 14, "total length");
+    assert_eq!(u16::from_be_bytes([ip[6], ip[7]]), 0, "DF clear, no fragment offset, as the kernel VXLAN device");
+    assert_eq!(ip[8], 64, "outer TTL");
+    assert_eq!(ip[9], 17, "UDP");
+    assert_eq!(csum(ip), 0, "outer header checksum valid");
+    assert_eq!(&ip[12..16], &NODE_A, "outer source = our public IP");
+    assert_eq!(&ip[16..20], &NODE_B, "outer destination = remote public IP");
+    // UDP.
+    let u = &out[34..42];
+    let sport = u16::from_be_bytes([u[0], u[1]]);
+    assert!((32768..61000).contains(&sport), "source port {sport} in the ephemeral range");
+    assert_eq!(u16::from_be_bytes([u[2], u[3]]), PORT);
+    assert_eq!(u16::from_be_bytes([u[4], u[5]]) as usize, out.len() - 34, "UDP length");
+    assert_eq!(&u[6..8], &[0, 0], "no UDP checksum (legal for IPv4, the kernel's default)");
+    // VXLAN.
+    assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0], "I flag, VNI 1");
+    // Inner Ethernet: to the remote VTEP MAC, from ours.
+    assert_eq!(&out[50..56], &VTEP_B);
+    assert_eq!(&out[56..62], &VTEP_A);
+    assert_eq!(&out[62..64], &[0x08, 0x00]);
+    // Inner IPv4: forwarded (TTL 63, checksum updated), payload untouched.
+    let inner = &out[64..];
+    let mut expected = input[14..].to_vec();
+    expected[8] = 63;
+    assert_eq!(csum(&inner[..20]), 0, "inner checksum valid after the TTL decrement");
+    expected[10..12].copy_from_slice(&inner[10..12]);
+    assert_eq!(inner, &expected[..]);
+    assert_eq!(counted(&a, reason::ENCAP_VXLAN), 1);
+}
+
+#[test]
+fn from_pods_source_port_follows_the_flow() {
+    let mut a = node_a();
+    let mut ports = std::collections::BTreeSet::new();
+    for i in 0..32u8 {
+        let mut frame = pod_frame(POD_B, 64, 64);
+        // Different TCP source ports (first payload bytes): different flows.
+        frame[34] = i;
+        let (_, out1) = run_tc(&mut a, prog_name::FROM_PODS, &frame);
+        let (_, out2) = run_tc(&mut a, prog_name::FROM_PODS, &frame);
+        assert_eq!(out1[34..36], out2[34..36], "same flow, same source port");
+        ports.insert(u16::from_be_bytes([out1[34], out1[35]]));
+    }
+    assert!(ports.len() > 16, "flows spread over source ports: {ports:?}");
+}
+
+#[test]
+fn from_pods_passes_what_is_not_for_another_node() {
+    let mut a = node_a();
+    let arp = eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]);
+    let outside = pod_frame([8, 8, 8, 8], 64, 100);
+    let local = pod_frame([10, 244, 1, 20], 64, 100);
+    for (input, why) in [
+        (&arp, reason::PASS_NOT_IPV4),
+        (&outside, reason::PASS_NOT_OVERLAY),
+        (&local, reason::PASS_LOCAL_SUBNET),
+    ] {
+        let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, input);
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(&out, input, "untouched");
+        assert_eq!(counted(&a, why), 1, "{}", reason::NAMES[why as usize]);
+    }
+}
+
+#[test]
+fn from_pods_drops_with_a_reason() {
+    let mut a = node_a();
+    let mut bad_ihl = pod_frame(POD_B, 64, 100);
+    bad_ihl[14] = 0x44;
+    let mut not_v4 = pod_frame(POD_B, 64, 100);
+    not_v4[14] = 0x65;
+    let cases = [
+        (pod_frame([10, 244, 99, 1], 64, 100), reason::DROP_NO_ROUTE),
+        (pod_frame(POD_B, 1, 100), reason::DROP_TTL_EXCEEDED),
+        (pod_frame(POD_B, 64, 1500 - 20 - 50 + 1), reason::DROP_TOO_BIG),
+        (bad_ihl, reason::DROP_BAD_IPV4),
+        (not_v4, reason::DROP_BAD_IPV4),
+    ];
+    let mut bad_csum = pod_frame(POD_B, 64, 100);
+    bad_csum[24] ^= 0x01;
+    cases_push(&mut a, &cases);
+    cases_push(&mut a, &[(bad_csum, reason::DROP_BAD_IPV4)]);
+    // The largest packet that fits the uplink MTU once encapsulated goes through.
+    let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1500 - 20 - 50));
+    assert_eq!(ret, TC_ACT_REDIRECT);
+}
+
+fn cases_push(a: &mut EbpfDataplane, cases: &[(Vec<u8>, u32)]) {
+    for (input, why) in cases {
+        let before = counted(a, *why);
+        let (ret, _) = run_tc(a, prog_name::FROM_PODS, input);
+        assert_eq!(ret, TC_ACT_SHOT, "{}", reason::NAMES[*why as usize]);
+        assert_eq!(counted(a, *why), before + 1, "{}", reason::NAMES[*why as usize]);
+    }
+}
+
+#[test]
+fn unconfigured_programs_pass_everything() {
+    let mut dp = EbpfDataplane::unpinned().unwrap();
+    let input = pod_frame(POD_B, 64, 100);
+    assert_eq!(run_tc(&mut dp, prog_name::FROM_PODS, &input), (TC_ACT_OK, input.clone()));
+    let wire = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 64, 6, &payload(100)));
+    assert_eq!(run_tc(&mut dp, prog_name::FROM_WIRE, &wire), (TC_ACT_OK, wire.clone()));
+    assert_eq!(run_xdp(&mut dp, &wire), (XDP_PASS, wire.clone()));
+    assert_eq!(counted(&dp, reason::PASS_NOT_CONFIGURED), 2);
+}
+
+// ---- from_wire: decapsulation ----
+
+#[test]
+fn from_wire_tc_decapsulates_and_delivers_to_cni0() {
+    let mut b = node_b();
+    let inner = ipv4(POD_A, POD_B, 63, 6, &payload(1000));
+    let input = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
+    let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
+    assert_eq!(ret, TC_ACT_REDIRECT, "redirected to cni0");
+    assert_eq!(out.len(), input.len() - 50);
+    assert_eq!(&out[..14], &input[..14], "outer Ethernet kept for bpf_redirect_neigh");
+    let mut expected = inner.clone();
+    expected[8] = 62;
+    assert_eq!(csum(&out[14..34]), 0);
+    expected[10..12].copy_from_slice(&out[24..26]);
+    assert_eq!(&out[14..], &expected[..], "inner packet, TTL decremented");
+    assert_eq!(counted(&b, reason::DECAP_VXLAN), 1);
+}
+
+#[test]
+fn our_encapsulation_is_accepted_by_our_decapsulation() {
+    let mut a = node_a();
+    let mut b = node_b();
+    let input = pod_frame(POD_B, 64, 500);
+    let (_, mut wire) = run_tc(&mut a, prog_name::FROM_PODS, &input);
+    wire[0..6].copy_from_slice(&UPLINK_MAC_B); // what bpf_redirect_neigh writes
+    let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &wire);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(out[14 + 8], 62, "two router hops, as with flannel's kernel path");
+    assert_eq!(&out[14 + 20..], &input[14 + 20..], "payload intact");
+}
+
+#[test]
+fn from_wire_xdp_decapsulates() {
+    let mut b = node_b();
+    let inner = ipv4(POD_A, POD_B, 63, 6, &payload(1000));
+    let input = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
+    let (ret, out) = run_xdp(&mut b, &input);
+    assert_eq!(ret, XDP_PASS);
+    assert_eq!(&out[0..6], &UPLINK_MAC_B, "addressed to the uplink so the stack takes it");
+    assert_eq!(&out[6..12], &VTEP_A);
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(&out[14..], &inner[..], "inner packet untouched (tc forwards it)");
+    assert_eq!(counted(&b, reason::DECAP_VXLAN_XDP), 1);
+    // tc then hands the decapsulated packet to cni0.
+    let (ret, delivered) = run_tc(&mut b, prog_name::FROM_WIRE, &out);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(delivered[14 + 8], 62);
+    assert_eq!(counted(&b, reason::DELIVER_LOCAL), 1);
+}
+
+#[test]
+fn from_wire_passes_what_is_not_our_vxlan() {
+    let mut b = node_b();
+    let inner = ipv4(POD_A, POD_B, 63, 6, &payload(100));
+    let other_port = {
+        let mut f = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
+        f[36..38].copy_from_slice(&4789u16.to_be_bytes());
+        f
+    };
+    let not_to_us = {
+        let mut f = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
+        f[30..34].copy_from_slice(&[198, 18, 0, 99]);
+        let c = csum(&{ let mut h = f[14..34].to_vec(); h[10] = 0; h[11] = 0; h });
+        f[24..26].copy_from_slice(&c.to_be_bytes());
+        f
+    };
+    let tcp_to_node = eth(UPLINK_MAC_B, POD_MAC, 0x0800, &ipv4(NODE_A, NODE_B, 64, 6, &payload(100)));
+    let arp = eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]);
+    let fragment = {
+        let mut f = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
+        f[20] = 0x20; // MF
+        f
+    };
+    for (input, why) in [
+        (other_port, reason::PASS_NOT_OVERLAY),
+        (not_to_us, reason::PASS_NOT_OVERLAY),
+        (tcp_to_node, reason::PASS_NOT_OVERLAY),
+        (arp, reason::PASS_NOT_IPV4),
+        (fragment, reason::PASS_FRAGMENT),
+    ] {
+        let before = counted(&b, why);
+        let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
+        assert_eq!((ret, &out), (TC_ACT_OK, &input), "{} untouched", reason::NAMES[why as usize]);
+        assert_eq!(counted(&b, why), before + 1);
+        let (ret, out) = run_xdp(&mut b, &input);
+        assert_eq!((ret, &out), (XDP_PASS, &input));
+    }
+}
+
+#[test]
+fn from_wire_drops_bad_vxlan_with_a_reason() {
+    let mut b = node_b();
+    let inner = ipv4(POD_A, POD_B, 63, 6, &payload(100));
+    let good = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
+    let mut no_i_flag = good.clone();
+    no_i_flag[42] = 0;
+    let mut bad_inner_ihl = good.clone();
+    bad_inner_ihl[64] = 0x42;
+    let mut inner_len_lies = good.clone();
+    inner_len_lies[66..68].copy_from_slice(&2000u16.to_be_bytes());
+    let not_local = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, [10, 244, 3, 3], 63, 6, &payload(100)));
+    let inner_arp = {
+        let inner_eth = eth(VTEP_B, VTEP_A, 0x0806, &[0u8; 28]);
+        let outer = ipv4(NODE_A, NODE_B, 64, 17, &udp(40000, PORT, &vxlan_hdr(0x08, VNI, &inner_eth)));
+        eth(UPLINK_MAC_B, POD_MAC, 0x0800, &outer)
+    };
+    let cases = [
+        (vxlan_frame(NODE_A, 2, VTEP_B, &inner), reason::DROP_UNKNOWN_VNI),
+        (vxlan_frame([198, 18, 0, 66], VNI, VTEP_B, &inner), reason::DROP_UNKNOWN_SOURCE),
+        (vxlan_frame(NODE_A, VNI, [0xff; 6], &inner), reason::DROP_BAD_INNER_MAC),
+        (no_i_flag, reason::DROP_VXLAN_FLAGS),
+        (bad_inner_ihl, reason::DROP_BAD_IPV4),
+        (inner_len_lies, reason::DROP_BAD_IPV4),
+        (not_local, reason::DROP_INNER_NOT_LOCAL),
+        (inner_arp, reason::DROP_INNER_NOT_IPV4),
+        (good[..60].to_vec(), reason::DROP_TRUNCATED),
+        (good[..70].to_vec(), reason::DROP_TRUNCATED),
+    ];
+    for (input, why) in cases {
+        let name = reason::NAMES[why as usize];
+        let before = counted(&b, why);
+        let (ret, _) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
+        assert_eq!(ret, TC_ACT_SHOT, "tc: {name}");
+        assert_eq!(counted(&b, why), before + 1, "tc counted {name}");
+        let (ret, _) = run_xdp(&mut b, &input);
+        assert_eq!(ret, XDP_DROP, "xdp: {name}");
+        assert_eq!(counted(&b, why), before + 2, "xdp counted {name}");
+    }
+}
+
+#[test]
+fn xdp_handles_runts_that_tc_test_run_rejects() {
+    let mut b = node_b();
+    let good = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 63, 6, &payload(10)));
+    for len in 14..good.len() {
+        let (ret, _) = run_xdp(&mut b, &good[..len]);
+        // Headers before the UDP port say nothing about us: pass; after it, truncation drops.
+        let expected = if len < 14 + 20 + 8 { XDP_PASS } else { XDP_DROP };
+        assert_eq!(ret, expected, "length {len}");
+    }
+}
+
+// ---- fuzzing ----
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn mutate(rng: &mut Rng, seed: &[u8]) -> Vec<u8> {
+    let mut p = seed.to_vec();
+    match rng.below(4) {
+        0 => {
+            for _ in 0..=rng.below(4) {
+                let i = rng.below(p.len());
+                p[i] = rng.next() as u8;
+            }
+        }
+        1 => {
+            // Headers only: flip bytes in the first 80.
+            let i = rng.below(p.len().min(80));
+            p[i] ^= 1 << rng.below(8);
+        }
+        2 => p.truncate(34 + rng.below(p.len() - 34)),
+        _ => {
+            for b in p.iter_mut().skip(14) {
+                *b = rng.next() as u8;
+            }
+        }
+    }
+    p
+}
+
+/// What may reach a pod: IPv4 with a sane header length and, without options, a valid checksum
+/// (headers with options are checked by the receiving stack, as the programs document).
+fn ipv4_header_ok(h: &[u8]) -> bool {
+    let ihl = usize::from(h.first().map_or(0, |b| b & 0xf)) * 4;
+    h.len() >= 20 && h[0] >> 4 == 4 && ihl >= 20 && (ihl > 20 || csum(&h[..20]) == 0)
+}
+
+#[test]
+fn fuzz_from_wire_never_misdelivers_and_counts_every_packet() {
+    let mut b = node_b();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let seed = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 63, 6, &payload(200)));
+    for i in 0..3000u64 {
+        let input = mutate(&mut rng, &seed);
+        let before = total_counted(&b);
+        let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
+        assert_eq!(total_counted(&b), before + 1, "run {i}: every packet counted exactly once");
+        match ret {
+            TC_ACT_OK => assert!(out == input || out.len() + 50 == input.len(), "run {i}: pass modifies nothing"),
+            TC_ACT_SHOT => {}
+            TC_ACT_REDIRECT => {
+                assert!(out.len() == input.len() || out.len() + 50 == input.len(), "run {i}");
+                assert!(ipv4_header_ok(&out[14..]), "run {i}: only a valid IPv4 packet reaches a pod");
+            }
+            other => panic!("run {i}: verdict {other}"),
+        }
+        let (ret, out) = run_xdp(&mut b, &input);
+        match ret {
+            XDP_PASS if out == input => {}
+            XDP_PASS => {
+                assert_eq!(out.len() + 50, input.len(), "run {i}");
+                assert_eq!(&out[0..6], &UPLINK_MAC_B);
+                assert!(ipv4_header_ok(&out[14..]), "run {i}: decapsulated packet is valid IPv4");
+            }
+            XDP_DROP => {}
+            other => panic!("run {i}: xdp verdict {other}"),
+        }
+    }
+}
+
+#[test]
+fn fuzz_from_pods_encapsulates_only_valid_packets() {
+    let mut a = node_a();
+    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let seed = pod_frame(POD_B, 64, 300);
+    for i in 0..3000u64 {
+        let input = mutate(&mut rng, &seed);
+        let before = total_counted(&a);
+        let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &input);
+        assert_eq!(total_counted(&a), before + 1, "run {i}: every packet counted exactly once");
+        match ret {
+            TC_ACT_OK => assert_eq!(out, input, "run {i}: pass modifies nothing"),
+            TC_ACT_SHOT => {}
+            TC_ACT_REDIRECT => {
+                assert_eq!(out.len(), input.len() + 50, "run {i}");
+                assert!(ipv4_header_ok(&out[14..]), "run {i}: outer header valid");
+                assert!(ipv4_header_ok(&out[64..]), "run {i}: inner header valid");
+            }
+            other => panic!("run {i}: verdict {other}"),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! The ABI between the flannel-ebpf programs and the agent.
+//!
+//! Every type here is `#[repr(C)]`, made of plain integers and byte arrays, with explicit padding:
+//! `bytemuck::Pod` is derived so the compiler proves there is no hidden padding, and each size is
+//! asserted below. Addresses and MACs are kept as byte arrays in network order, so `bpftool map
+//! dump` shows them as bytes and neither side needs to care about endianness. Changing any layout
+//! here requires bumping [`LAYOUT_VERSION`], which moves the pins to a new directory.
+#![no_std]
+
+use bytemuck::{Pod, Zeroable};
+
+/// Version of the pinned map layout. Pins live under `<pin-dir>/v<LAYOUT_VERSION>/`.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// Names of the maps as they appear in the object file, in bpffs and in `bpftool map show`
+/// (kernel map names are at most 15 bytes).
+pub mod map_name {
+    pub const CONFIG: &str = "FLANNEL_CONFIG";
+    pub const ROUTES: &str = "FLANNEL_ROUTES";
+    pub const NODES: &str = "FLANNEL_NODES";
+    pub const STATS: &str = "FLANNEL_STATS";
+    pub const ALL: [&str; 4] = [CONFIG, ROUTES, NODES, STATS];
+}
+
+/// Names of the programs in the object file.
+pub mod prog_name {
+    /// tc ingress on `cni0`: traffic from local pods towards other nodes.
+    pub const FROM_PODS: &str = "from_pods";
+    /// tc ingress on the uplink: decapsulation (fallback or main path) and local delivery.
+    pub const FROM_WIRE: &str = "from_wire";
+    /// XDP on the uplink: early decapsulation.
+    pub const FROM_WIRE_XDP: &str = "from_wire_xdp";
+}
+
+/// Maximum number of remote subnets (one per node lease).
+pub const MAX_ROUTES: u32 = 16_384;
+/// Maximum number of known nodes (public IPs).
+pub const MAX_NODES: u32 = 16_384;
+
+/// Backend types, as stored in [`NodeConfig::backend`] and [`RemoteSubnet::backend`].
+pub mod backend {
+    pub const NONE: u8 = 0;
+    pub const VXLAN: u8 = 1;
+}
+
+/// This node's configuration: the single entry (key 0) of the `FLANNEL_CONFIG` array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NodeConfig {
+    /// 1 once the agent has written a complete configuration; 0 makes every program pass all
+    /// traffic untouched.
+    pub enabled: u32,
+    /// This node's backend ([`backend`]).
+    pub backend: u32,
+    /// This node's public IP: the outer source address and the decapsulation destination.
+    pub public_ip: [u8; 4],
+    /// This node's pod subnet (from its lease), network order.
+    pub subnet_addr: [u8; 4],
+    pub subnet_mask: [u8; 4],
+    /// The flannel `Network`.
+    pub network_addr: [u8; 4],
+    pub network_mask: [u8; 4],
+    /// The gateway address on `cni0` (first address of the subnet): never redirected to pods.
+    pub gateway_ip: [u8; 4],
+    /// VXLAN network identifier (24 bits).
+    pub vni: u32,
+    /// VXLAN UDP destination port (host order).
+    pub port: u16,
+    pub _pad0: u16,
+    /// MTU of the uplink: non-GSO packets that would not fit once encapsulated are dropped.
+    pub uplink_mtu: u32,
+    pub uplink_ifindex: u32,
+    /// Index of `cni0`, or 0 while it does not exist (decapsulated packets then go to the stack).
+    pub cni_ifindex: u32,
+    /// This node's VTEP MAC, as advertised in its lease.
+    pub vtep_mac: [u8; 6],
+    /// The uplink's own MAC (destination of packets passed up after XDP decapsulation).
+    pub uplink_mac: [u8; 6],
+}
+
+/// Value of the `FLANNEL_ROUTES` LPM trie, keyed by a remote node's pod subnet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RemoteSubnet {
+    /// The remote node's public IP (outer destination).
+    pub public_ip: [u8; 4],
+    /// The remote node's VTEP MAC (inner destination MAC).
+    pub vtep_mac: [u8; 6],
+    /// The remote lease's backend ([`backend`]).
+    pub backend: u8,
+    pub _pad0: u8,
+}
+
+/// Value of the `FLANNEL_NODES` hash, keyed by a remote node's public IP: the nodes whose
+/// encapsulated traffic is accepted.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RemoteNode {
+    pub vtep_mac: [u8; 6],
+    pub backend: u8,
+    pub _pad0: u8,
+}
+
+/// One per-CPU counter of `FLANNEL_STATS`, indexed by [`reason`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Counter {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Key of the `FLANNEL_ROUTES` LPM trie as the kernel sees it: prefix length then address.
+#[repr(C, packed)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct RouteKey {
+    pub prefix_len: u32,
+    pub addr: [u8; 4],
+}
+
+/// Verdicts and drop reasons: the index into `FLANNEL_STATS`. Every path through every program
+/// ends in exactly one of these.
+pub mod reason {
+    // Forwarding verdicts.
+    pub const ENCAP_VXLAN: u32 = 0;
+    pub const DECAP_VXLAN: u32 = 1;
+    pub const DECAP_VXLAN_XDP: u32 = 2;
+    pub const DELIVER_LOCAL: u32 = 3;
+    // Traffic that is not ours and goes on untouched.
+    pub const PASS_NOT_IPV4: u32 = 4;
+    pub const PASS_NOT_OVERLAY: u32 = 5;
+    pub const PASS_LOCAL_SUBNET: u32 = 6;
+    pub const PASS_NOT_CONFIGURED: u32 = 7;
+    pub const PASS_FRAGMENT: u32 = 8;
+    pub const PASS_UNPARSED: u32 = 9;
+    // Drops.
+    pub const DROP_TRUNCATED: u32 = 10;
+    pub const DROP_BAD_IPV4: u32 = 11;
+    pub const DROP_NO_ROUTE: u32 = 12;
+    pub const DROP_TTL_EXCEEDED: u32 = 13;
+    pub const DROP_TOO_BIG: u32 = 14;
+    pub const DROP_VXLAN_FLAGS: u32 = 15;
+    pub const DROP_UNKNOWN_VNI: u32 = 16;
+    pub const DROP_UNKNOWN_SOURCE: u32 = 17;
+    pub const DROP_BAD_INNER_MAC: u32 = 18;
+    pub const DROP_INNER_NOT_IPV4: u32 = 19;
+    pub const DROP_INNER_NOT_LOCAL: u32 = 20;
+    pub const DROP_ADJUST_ROOM: u32 = 21;
+    pub const DROP_REDIRECT: u32 = 22;
+    pub const DROP_UNSUPPORTED_BACKEND: u32 = 23;
+    /// Number of reasons; the size of `FLANNEL_STATS`.
+    pub const COUNT: u32 = 24;
+
+    /// Human-readable names, indexed by reason.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "encap_vxlan",
+        "decap_vxlan",
+        "decap_vxlan_xdp",
+        "deliver_local",
+        "pass_not_ipv4",
+        "pass_not_overlay",
+        "pass_local_subnet",
+        "pass_not_configured",
+        "pass_fragment",
+        "pass_unparsed",
+        "drop_truncated",
+        "drop_bad_ipv4",
+        "drop_no_route",
+        "drop_ttl_exceeded",
+        "drop_too_big",
+        "drop_vxlan_flags",
+        "drop_unknown_vni",
+        "drop_unknown_source",
+        "drop_bad_inner_mac",
+        "drop_inner_not_ipv4",
+        "drop_inner_not_local",
+        "drop_adjust_room",
+        "drop_redirect",
+        "drop_unsupported_backend",
+    ];
+
+    /// True for the reasons that mean the packet was dropped.
+    #[must_use]
+    pub const fn is_drop(reason: u32) -> bool {
+        reason >= DROP_TRUNCATED
+    }
+}
+
+/// VXLAN wire constants (RFC 7348 and the Linux VXLAN device as flanneld configures it).
+pub mod vxlan {
+    /// Outer Ethernet + IPv4 + UDP + VXLAN + inner Ethernet.
+    pub const ENCAP_LEN: usize = 14 + 20 + 8 + 8 + 14;
+    /// What flannel subtracts from the uplink MTU for the pod MTU (outer headers without the outer
+    /// Ethernet header).
+    pub const MTU_OVERHEAD: u32 = 50;
+    /// The Linux kernel's default VXLAN port, which flannel uses when `Backend.Port` is 0.
+    pub const DEFAULT_PORT: u16 = 8472;
+    pub const DEFAULT_VNI: u32 = 1;
+    /// The I flag of the VXLAN header: the VNI is valid.
+    pub const FLAG_VNI: u8 = 0x08;
+    /// Outer TTL the kernel uses when the VXLAN device has `ttl 0` (ip4_dst_hoplimit default).
+    pub const OUTER_TTL: u8 = 64;
+}
+
+const _: () = assert!(size_of::<NodeConfig>() == 64);
+const _: () = assert!(size_of::<RemoteSubnet>() == 12);
+const _: () = assert!(size_of::<RemoteNode>() == 8);
+const _: () = assert!(size_of::<Counter>() == 16);
+const _: () = assert!(size_of::<RouteKey>() == 8);
+const _: () = assert!(reason::NAMES.len() == reason::COUNT as usize);
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: each type is `bytemuck::Pod` (derived above, which proves `repr(C)`, no padding and
+    // every bit pattern valid), which is exactly what `aya::Pod` requires.
+    unsafe impl aya::Pod for super::NodeConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RemoteSubnet {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::RemoteNode {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Counter {}
+}

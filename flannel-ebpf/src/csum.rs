@@ -1,0 +1,41 @@
+//! Internet checksums (RFC 1071, incremental update per RFC 1624).
+
+/// Folds a 32-bit one's complement sum into 16 bits.
+#[inline(always)]
+fn fold(mut sum: u32) -> u16 {
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The checksum of a 20-byte IPv4 header whose checksum field is zero.
+#[inline(always)]
+pub fn ipv4_header(hdr: &[u8; 20]) -> [u8; 2] {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
+        i += 2;
+    }
+    (!fold(sum)).to_be_bytes()
+}
+
+/// True if a 20-byte IPv4 header (checksum included) sums to all ones.
+#[inline(always)]
+pub fn ipv4_header_ok(hdr: &[u8; 20]) -> bool {
+    let mut sum = 0u32;
+    let mut i = 0;
+    while i < 20 {
+        sum += u32::from(u16::from_be_bytes([hdr[i], hdr[i + 1]]));
+        i += 2;
+    }
+    fold(sum) == 0xffff
+}
+
+/// Updates checksum `check` for one 16-bit word changing from `old` to `new`: HC' = ~(~HC + ~m + m').
+#[inline(always)]
+pub fn replace16(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
+    let hc = u16::from_be_bytes(check);
+    let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+    (!fold(sum)).to_be_bytes()
+}

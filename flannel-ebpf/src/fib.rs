@@ -1,0 +1,17 @@
+//! Forwarding out of a device with the kernel's neighbour resolution.
+use aya_ebpf::{bindings::TC_ACT_REDIRECT, helpers::bpf_redirect_neigh};
+use flannel_ebpf_common::reason;
+
+/// Redirects the packet to the egress of `ifindex`; the kernel looks up the route and neighbour
+/// of the IPv4 destination and writes the Ethernet header (ARP included), bypassing the routing
+/// decision, netfilter and any tunnel device of this node.
+#[inline(always)]
+pub fn redirect_neigh(ifindex: u32) -> Result<i32, u32> {
+    // SAFETY: a NULL `params` with size 0 asks the kernel to do the FIB lookup itself.
+    let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if action == TC_ACT_REDIRECT as i32 {
+        Ok(action)
+    } else {
+        Err(reason::DROP_REDIRECT)
+    }
+}

@@ -1,0 +1,214 @@
+//! The uplink's receive path.
+//!
+//! VXLAN addressed to this node (its public IP, the configured port and VNI) from a known node,
+//! carrying IPv4 for a local pod behind this node's VTEP MAC, is decapsulated: by XDP
+//! (`from_wire_xdp`) before the stack sees it, or by tc (`from_wire`) where XDP is not attached.
+//! tc then hands every IPv4 packet for a local pod straight to `cni0`. Everything else passes
+//! untouched; anything that claims to be our VXLAN but is malformed is dropped and counted.
+use aya_ebpf::{
+    bindings::{
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        xdp_action::{XDP_DROP, XDP_PASS},
+    },
+    helpers::bpf_xdp_adjust_head,
+    programs::{TcContext, XdpContext},
+};
+use flannel_ebpf_common::{NodeConfig, reason, vxlan};
+use network_types::eth::EthHdr;
+
+use crate::{
+    drop::count,
+    fib,
+    maps::{FLANNEL_NODES, config},
+    parse::{
+        ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN, VXLAN_HLEN, VxlanHdr,
+        decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment, is_ipv4, ptr_at, udp_at,
+    },
+};
+
+/// Offsets of the encapsulated headers.
+const VXLAN_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
+const INNER_ETH_OFF: usize = VXLAN_OFF + VXLAN_HLEN;
+const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
+/// Bytes that must be linear for classification.
+const PARSE_LEN: u32 = (INNER_IP_OFF + IPV4_HLEN) as u32;
+
+/// What arrived on the wire.
+enum Wire {
+    /// Not ours: let it go on, counted under this reason.
+    Pass(u32),
+    /// Valid VXLAN for a local pod: decapsulate.
+    Vxlan,
+    /// Plain IPv4 for a local pod (already decapsulated by XDP, or unencapsulated).
+    Local,
+}
+
+/// Classifies a packet; `Err` is a drop reason for our VXLAN that cannot be delivered.
+#[inline(always)]
+fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
+    let Ok(eth) = eth(pkt) else {
+        return Ok(Wire::Pass(reason::PASS_UNPARSED));
+    };
+    if !is_ipv4(eth) {
+        return Ok(Wire::Pass(reason::PASS_NOT_IPV4));
+    }
+    let Ok(ip) = ptr_at::<network_types::ip::Ipv4Hdr>(pkt, ETH_HLEN) else {
+        return Ok(Wire::Pass(reason::PASS_UNPARSED));
+    };
+    // SAFETY: `ip` came from `ptr_at`.
+    let (vihl, proto, src, dst) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+    if dst != cfg.public_ip {
+        if vihl >> 4 == 4 && in_subnet(dst, cfg.subnet_addr, cfg.subnet_mask) && dst != cfg.gateway_ip
+        {
+            return Ok(Wire::Local);
+        }
+        return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
+    }
+    // Addressed to this node. Headers we do not parse (IP options, fragments) go to the stack.
+    if vihl != IPV4_VIHL_NO_OPTIONS || proto != IPPROTO_UDP {
+        return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
+    }
+    if is_fragment(ip) {
+        return Ok(Wire::Pass(reason::PASS_FRAGMENT));
+    }
+    let Ok(udp) = udp_at(pkt, ETH_HLEN + IPV4_HLEN) else {
+        return Ok(Wire::Pass(reason::PASS_UNPARSED));
+    };
+    // SAFETY: `udp` came from `ptr_at`.
+    if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.port {
+        return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
+    }
+
+    // Our VXLAN from here on: whatever is wrong is a counted drop.
+    let vx = ptr_at::<VxlanHdr>(pkt, VXLAN_OFF)?;
+    // SAFETY: `vx` came from `ptr_at`.
+    let (flags, vni) = unsafe { ((*vx).flags, (*vx).vni) };
+    if flags & vxlan::FLAG_VNI == 0 {
+        return Err(reason::DROP_VXLAN_FLAGS);
+    }
+    if u32::from_be_bytes([0, vni[0], vni[1], vni[2]]) != cfg.vni {
+        return Err(reason::DROP_UNKNOWN_VNI);
+    }
+    if FLANNEL_NODES.get_ptr(src).is_none() {
+        return Err(reason::DROP_UNKNOWN_SOURCE);
+    }
+    let inner_eth = ptr_at::<EthHdr>(pkt, INNER_ETH_OFF)?;
+    // SAFETY: `inner_eth` came from `ptr_at`.
+    if unsafe { (*inner_eth).dst_addr } != cfg.vtep_mac {
+        return Err(reason::DROP_BAD_INNER_MAC);
+    }
+    if !is_ipv4(inner_eth) {
+        return Err(reason::DROP_INNER_NOT_IPV4);
+    }
+    let inner = ipv4_checked_at(pkt, INNER_IP_OFF)?;
+    // SAFETY: `inner` came from `ptr_at`.
+    let (inner_vihl, inner_len, inner_dst) =
+        unsafe { ((*inner).vihl, u16::from_be_bytes((*inner).tot_len), (*inner).dst_addr) };
+    let header_len = u32::from(inner_vihl & 0x0f) * 4;
+    let room = pkt.len().saturating_sub(INNER_IP_OFF as u32);
+    if u32::from(inner_len) < header_len || u32::from(inner_len) > room {
+        return Err(reason::DROP_BAD_IPV4);
+    }
+    if !in_subnet(inner_dst, cfg.subnet_addr, cfg.subnet_mask) {
+        return Err(reason::DROP_INNER_NOT_LOCAL);
+    }
+    Ok(Wire::Vxlan)
+}
+
+pub fn run_tc(ctx: &TcContext) -> i32 {
+    let len = ctx.len();
+    let Some(cfg) = config() else {
+        count(reason::PASS_NOT_CONFIGURED, len);
+        return TC_ACT_OK;
+    };
+    match try_from_wire_tc(ctx, cfg) {
+        Ok((action, why)) => {
+            count(why, len);
+            action
+        }
+        Err(why) => {
+            count(why, len);
+            TC_ACT_SHOT
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
+    // Headers of a non-linear skb may not all be in the linear area yet.
+    let want = if ctx.len() < PARSE_LEN { ctx.len() } else { PARSE_LEN };
+    if ((ctx.data_end() - ctx.data()) as u32) < want {
+        let _ = ctx.pull_data(want);
+    }
+    match classify(ctx, cfg)? {
+        Wire::Pass(why) => Ok((TC_ACT_OK, why)),
+        Wire::Local => {
+            // Not checked by classify (it may come from anywhere): check it as a router would.
+            ipv4_checked_at(ctx, ETH_HLEN)?;
+            deliver_local(ctx, cfg, reason::DELIVER_LOCAL)
+        }
+        Wire::Vxlan => {
+            ctx.adjust_room(
+                -(vxlan::MTU_OVERHEAD as i32),
+                BPF_ADJ_ROOM_MAC,
+                u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
+            )
+            .map_err(|_| reason::DROP_ADJUST_ROOM)?;
+            deliver_local(ctx, cfg, reason::DECAP_VXLAN)
+        }
+    }
+}
+
+/// Hands an IPv4 packet (behind an Ethernet header) for a local pod to `cni0`, as the kernel's
+/// forwarding would, minus the routing decision and netfilter of this hop.
+#[inline(always)]
+fn deliver_local(ctx: &TcContext, cfg: &NodeConfig, why: u32) -> Result<(i32, u32), u32> {
+    let ip = ipv4_at(ctx, ETH_HLEN)?;
+    // SAFETY: `ip` came from `ptr_at`.
+    let dst = unsafe { (*ip).dst_addr };
+    if dst == cfg.gateway_ip || cfg.cni_ifindex == 0 {
+        // For the node itself, or no bridge yet: the stack takes it from here.
+        return Ok((TC_ACT_OK, why));
+    }
+    decrement_ttl(ip)?;
+    fib::redirect_neigh(cfg.cni_ifindex).map(|action| (action, why))
+}
+
+pub fn run_xdp(ctx: &XdpContext) -> u32 {
+    let Some(cfg) = config() else {
+        // Counted once, by the tc program that sees the same packet.
+        return XDP_PASS;
+    };
+    let len = ctx.len();
+    match try_from_wire_xdp(ctx, cfg) {
+        // Passes are counted by tc, which sees every packet XDP passes.
+        Ok(None) => XDP_PASS,
+        Ok(Some(why)) => {
+            count(why, len);
+            XDP_PASS
+        }
+        Err(why) => {
+            count(why, len);
+            XDP_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn try_from_wire_xdp(ctx: &XdpContext, cfg: &NodeConfig) -> Result<Option<u32>, u32> {
+    match classify(ctx, cfg)? {
+        Wire::Pass(_) | Wire::Local => Ok(None),
+        Wire::Vxlan => {
+            // SAFETY: the program's own context; shrinking by headers we have bounds-checked.
+            if unsafe { bpf_xdp_adjust_head(ctx.ctx, vxlan::MTU_OVERHEAD as i32) } != 0 {
+                return Err(reason::DROP_ADJUST_ROOM);
+            }
+            // The inner Ethernet header is now the frame's: address it to the uplink so the stack
+            // takes it as PACKET_HOST; tc then delivers it to the pod.
+            let eth = eth(ctx)?;
+            // SAFETY: `eth` came from `ptr_at`.
+            unsafe { (*eth).dst_addr = cfg.uplink_mac };
+            Ok(Some(reason::DECAP_VXLAN_XDP))
+        }
+    }
+}

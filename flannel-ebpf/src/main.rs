@@ -1,0 +1,51 @@
+//! flannel-ebpf's programs, one per attach point:
+//! - `from_pods`: tc ingress on `cni0`, pod traffic towards other nodes is encapsulated and sent
+//!   out of the uplink;
+//! - `from_wire`: tc ingress on the uplink, VXLAN for this node is decapsulated and, like any
+//!   packet for a local pod, handed to `cni0`;
+//! - `from_wire_xdp`: XDP on the uplink, decapsulation before the stack allocates an skb.
+//!
+//! The entry points are thin; the work is in the `try_*` functions of the attach-point modules,
+//! built from the library modules (`parse`, `csum`, `encap`, `fib`, `drop`, `maps`).
+#![no_std]
+#![no_main]
+
+mod csum;
+mod drop;
+mod encap;
+mod fib;
+mod from_pods;
+mod from_wire;
+mod maps;
+mod parse;
+
+use aya_ebpf::{
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+#[classifier]
+pub fn from_pods(ctx: TcContext) -> i32 {
+    from_pods::run(&ctx)
+}
+
+#[classifier]
+pub fn from_wire(ctx: TcContext) -> i32 {
+    from_wire::run_tc(&ctx)
+}
+
+#[xdp]
+pub fn from_wire_xdp(ctx: XdpContext) -> u32 {
+    from_wire::run_xdp(&ctx)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // Unreachable in a verified program: the verifier rejects code that can reach a panic.
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
