@@ -121,9 +121,13 @@ pub struct RouteKey {
 /// ends in exactly one of these.
 pub mod reason {
     // Forwarding verdicts.
+    /// Encapsulated and redirected out of the uplink.
     pub const ENCAP_VXLAN: u32 = 0;
+    /// Decapsulated by tc and redirected to `cni0`.
     pub const DECAP_VXLAN: u32 = 1;
+    /// Decapsulated by XDP (then delivered by tc).
     pub const DECAP_VXLAN_XDP: u32 = 2;
+    /// Plain IPv4 for a local pod redirected to `cni0`.
     pub const DELIVER_LOCAL: u32 = 3;
     // Traffic that is not ours and goes on untouched.
     pub const PASS_NOT_IPV4: u32 = 4;

@@ -7,7 +7,7 @@
 //! untouched; anything that claims to be our VXLAN but is malformed is dropped and counted.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action::{XDP_DROP, XDP_PASS},
     },
     helpers::bpf_xdp_adjust_head,
@@ -151,7 +151,8 @@ fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32
             ctx.adjust_room(
                 -(vxlan::MTU_OVERHEAD as i32),
                 BPF_ADJ_ROOM_MAC,
-                u64::from(BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
+                // FIXED_GSO: segments keep the size the sender's pod chose (it fits the pod MTU).
+                u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
             )
             .map_err(|_| reason::DROP_ADJUST_ROOM)?;
             deliver_local(ctx, cfg, reason::DECAP_VXLAN)

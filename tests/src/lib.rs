@@ -1,1 +1,638 @@
+//! A flannel cluster made of network namespaces, for end-to-end tests, the demo and benchmarks.
+//!
+//! Layout (every name carries the per-run prefix `fe-<pid>-<tag>`):
+//! - `<prefix>-ul`: the underlay, a bridge `br0` with one veth port per node;
+//! - `<prefix>-n<i>`: node i, uplink `eth0` = 198.18.0.(10+i)/24, bridge `cni0` =
+//!   10.244.i.1/24 as the flannel CNI plugin makes it, and one veth per pod;
+//! - `<prefix>-n<i>p<j>`: pod j of node i, `eth0` = 10.244.i.(10+j)/24, default via the gateway.
+//!
+//! Links are created directly inside these namespaces, so nothing is ever added to the root
+//! namespace; deleting the namespaces deletes every link. [`Testbed`] cleans up on drop (also when a
+//! test panics), and [`sweep_stale`] removes what a killed run left behind.
+use std::{
+    fmt::Write as _,
+    fs,
+    io::{Read as _, Write as _},
+    net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
 
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+
+/// Prefix of every namespace and pin directory the testbed creates.
+pub const PREFIX: &str = "fe-";
+/// The flannel Network of every testbed.
+pub const NETWORK: &str = "10.244.0.0/16";
+/// Underlay MTU.
+pub const UNDERLAY_MTU: u32 = 1500;
+
+static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
+static PORT_COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How a node forwards pod traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NodeKind {
+    /// Runs flannel-agent (eBPF dataplane).
+    Ebpf,
+    /// Runs no agent: configured exactly as stock flanneld configures a vxlan node.
+    Stock,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub netns: String,
+    pub ip: Ipv4Addr,
+    pub node: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub index: usize,
+    pub netns: String,
+    pub kind: NodeKind,
+    pub public_ip: Ipv4Addr,
+    pub subnet: String,
+    pub vtep_mac: String,
+    pub pin_dir: PathBuf,
+    pub subnet_file: PathBuf,
+    pub log: PathBuf,
+    pub pods: Vec<Pod>,
+}
+
+impl Node {
+    /// The `cni0` gateway address.
+    #[must_use]
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 244, self.index as u8, 1)
+    }
+}
+
+/// Options for building a testbed.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub kinds: Vec<NodeKind>,
+    pub pods_per_node: usize,
+    /// Extra agent flags (e.g. `--decap xdp`).
+    pub agent_args: Vec<String>,
+    /// The net-conf.json every node reads.
+    pub net_conf: String,
+}
+
+impl Options {
+    #[must_use]
+    pub fn vxlan(kinds: &[NodeKind], pods_per_node: usize) -> Self {
+        Self {
+            kinds: kinds.to_vec(),
+            pods_per_node,
+            agent_args: Vec::new(),
+            net_conf: format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+        }
+    }
+}
+
+/// A running cluster of namespaces; everything is removed on drop.
+pub struct Testbed {
+    pub prefix: String,
+    pub dir: PathBuf,
+    pub nodes: Vec<Node>,
+    pub agent_bin: PathBuf,
+    pub options: Options,
+    agents: Vec<(usize, Child)>,
+    namespaces: Vec<String>,
+}
+
+/// The agent binary the tests drive: `FLANNEL_AGENT_BIN` (set by `cargo xtask test`).
+pub fn agent_bin() -> Result<PathBuf> {
+    let path = std::env::var_os("FLANNEL_AGENT_BIN")
+        .map(PathBuf::from)
+        .ok_or_else(|| anyhow!("FLANNEL_AGENT_BIN is not set: run the end-to-end tests through `cargo xtask test`"))?;
+    ensure!(path.exists(), "FLANNEL_AGENT_BIN={} does not exist", path.display());
+    Ok(path)
+}
+
+/// Runs a command, failing with its stderr.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("running {program} (is it installed? `cargo xtask test` installs it)"))?;
+    if !out.status.success() {
+        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// `ip` in a namespace.
+pub fn ip(netns: &str, args: &str) -> Result<String> {
+    let mut full = vec!["-n", netns];
+    full.extend(args.split_whitespace());
+    run("ip", &full)
+}
+
+/// A command in a namespace.
+pub fn in_ns(netns: &str, program: &str, args: &[&str]) -> Result<String> {
+    let mut full = vec!["netns", "exec", netns, program];
+    full.extend_from_slice(args);
+    run("ip", &full)
+}
+
+/// Removes namespaces and pin directories left by runs whose process is gone.
+pub fn sweep_stale() {
+    let Ok(list) = run("ip", &["netns", "list"]) else { return };
+    for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
+        if let Some(pid) = owner_pid(name) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = run("ip", &["netns", "delete", name]);
+            }
+        }
+    }
+    if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
+        for e in entries.filter_map(Result::ok) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = owner_pid(&name) {
+                if !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+}
+
+fn owner_pid(name: &str) -> Option<u32> {
+    name.strip_prefix(PREFIX)?.split('-').next()?.parse().ok()
+}
+
+impl Testbed {
+    /// Builds the cluster and starts an agent on every eBPF node.
+    pub fn start(tag: &str, options: Options) -> Result<Self> {
+        sweep_stale();
+        ensure!(nix::unistd::Uid::effective().is_root(), "the testbed needs root (network namespaces, BPF)");
+        let run_id = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{PREFIX}{}-{tag}{run_id}", std::process::id());
+        let dir = std::env::temp_dir().join(&prefix);
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir)?;
+        let mut tb = Self {
+            prefix: prefix.clone(),
+            dir,
+            nodes: Vec::new(),
+            agent_bin: if options.kinds.contains(&NodeKind::Ebpf) { agent_bin()? } else { PathBuf::new() },
+            options: options.clone(),
+            agents: Vec::new(),
+            namespaces: Vec::new(),
+        };
+        tb.build().with_context(|| format!("building testbed {prefix}"))?;
+        Ok(tb)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<()> {
+        run("ip", &["netns", "add", name])?;
+        self.namespaces.push(name.to_string());
+        ip(name, "link set lo up")?;
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn underlay(&self) -> String {
+        format!("{}-ul", self.prefix)
+    }
+
+    fn build(&mut self) -> Result<()> {
+        let ul = self.underlay();
+        self.add_netns(&ul)?;
+        ip(&ul, "link add br0 type bridge")?;
+        ip(&ul, "link set br0 up")?;
+        fs::write(self.dir.join("net-conf.json"), &self.options.net_conf)?;
+
+        for (i, kind) in self.options.kinds.clone().into_iter().enumerate() {
+            let index = i + 1;
+            let netns = format!("{}-n{index}", self.prefix);
+            self.add_netns(&netns)?;
+            let public_ip = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
+            ip(&ul, &format!("link add n{index} type veth peer name eth0 netns {netns}"))?;
+            ip(&ul, &format!("link set n{index} mtu {UNDERLAY_MTU} master br0 up"))?;
+            ip(&netns, &format!("link set eth0 mtu {UNDERLAY_MTU} up"))?;
+            ip(&netns, &format!("addr add {public_ip}/24 dev eth0"))?;
+            in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+            // cni0 as the flannel CNI plugin (bridge, isGateway) makes it.
+            ip(&netns, "link add cni0 type bridge")?;
+            ip(&netns, &format!("addr add 10.244.{index}.1/24 dev cni0"))?;
+            ip(&netns, "link set cni0 up")?;
+            let node_dir = self.dir.join(format!("n{index}"));
+            fs::create_dir_all(&node_dir)?;
+            let vtep_mac = match kind {
+                NodeKind::Ebpf => format!("0e:fe:00:00:00:{index:02x}"),
+                NodeKind::Stock => {
+                    // As flanneld: a VXLAN device with a kernel-chosen MAC that the lease advertises.
+                    ip(&netns, &format!(
+                        "link add flannel.1 type vxlan id 1 local {public_ip} dev eth0 dstport 8472 nolearning"
+                    ))?;
+                    ip(&netns, &format!("link set flannel.1 mtu {} up", UNDERLAY_MTU - 50))?;
+                    ip(&netns, &format!("addr add 10.244.{index}.0/32 dev flannel.1"))?;
+                    let json = ip(&netns, "-j link show flannel.1")?;
+                    let v: serde_json::Value = serde_json::from_str(&json)?;
+                    v[0]["address"].as_str().ok_or_else(|| anyhow!("flannel.1 has no MAC"))?.to_string()
+                }
+            };
+            self.nodes.push(Node {
+                index,
+                netns,
+                kind,
+                public_ip,
+                subnet: format!("10.244.{index}.0/24"),
+                vtep_mac,
+                pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{index}", self.prefix)),
+                subnet_file: node_dir.join("subnet.env"),
+                log: node_dir.join("agent.log"),
+                pods: Vec::new(),
+            });
+        }
+        self.write_leases(&self.nodes.iter().map(|n| n.index).collect::<Vec<_>>())?;
+        // Stock nodes: per remote lease, the route, neighbour and fdb entry flanneld adds.
+        for node in self.nodes.iter().filter(|n| n.kind == NodeKind::Stock) {
+            for peer in self.nodes.iter().filter(|p| p.index != node.index) {
+                let gw = format!("10.244.{}.0", peer.index);
+                ip(&node.netns, &format!("neigh add {gw} lladdr {} dev flannel.1 nud permanent", peer.vtep_mac))?;
+                in_ns(&node.netns, "bridge", &[
+                    "fdb", "append", &peer.vtep_mac, "dev", "flannel.1", "dst", &peer.public_ip.to_string(), "self", "permanent",
+                ])?;
+                ip(&node.netns, &format!("route add {} via {gw} dev flannel.1 onlink", peer.subnet))?;
+            }
+            fs::write(
+                &node.subnet_file,
+                format!(
+                    "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU={}\nFLANNEL_IPMASQ=false\n",
+                    node.index,
+                    UNDERLAY_MTU - 50
+                ),
+            )?;
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].kind == NodeKind::Ebpf {
+                self.start_agent(i)?;
+            }
+        }
+        // Pods, with the MTU from the subnet file, as the flannel CNI plugin does.
+        for i in 0..self.nodes.len() {
+            let mtu = self.subnet_env(i)?.get("FLANNEL_MTU").cloned().ok_or_else(|| anyhow!("no FLANNEL_MTU"))?;
+            for j in 1..=self.options.pods_per_node {
+                let node = &self.nodes[i];
+                let pod_ns = format!("{}p{j}", node.netns);
+                let node_ns = node.netns.clone();
+                let index = node.index;
+                self.add_netns(&pod_ns)?;
+                let pod_ip = Ipv4Addr::new(10, 244, index as u8, 10 + j as u8);
+                ip(&node_ns, &format!("link add veth{j} mtu {mtu} type veth peer name eth0 netns {pod_ns}"))?;
+                ip(&node_ns, &format!("link set veth{j} master cni0 up"))?;
+                ip(&pod_ns, &format!("link set eth0 mtu {mtu} up"))?;
+                ip(&pod_ns, &format!("addr add {pod_ip}/24 dev eth0"))?;
+                ip(&pod_ns, &format!("route add default via 10.244.{index}.1"))?;
+                self.nodes[i].pods.push(Pod { netns: pod_ns, ip: pod_ip, node: i });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the static lease file with the leases of the given nodes (1-based indexes).
+    pub fn write_leases(&self, indexes: &[usize]) -> Result<()> {
+        let leases: Vec<_> = self
+            .nodes
+            .iter()
+            .filter(|n| indexes.contains(&n.index))
+            .map(|n| {
+                serde_json::json!({
+                    "Subnet": n.subnet, "PublicIP": n.public_ip.to_string(), "BackendType": "vxlan",
+                    "BackendData": {"VNI": 1, "VtepMAC": n.vtep_mac},
+                })
+            })
+            .collect();
+        let text = serde_json::to_string_pretty(&serde_json::json!({ "leases": leases }))?;
+        let tmp = self.dir.join(".leases.json.tmp");
+        fs::write(&tmp, text)?;
+        fs::rename(tmp, self.leases_path())?;
+        Ok(())
+    }
+
+    #[must_use]
+    pub fn leases_path(&self) -> PathBuf {
+        self.dir.join("leases.json")
+    }
+
+    /// The agent command line for node `i` (0-based).
+    #[must_use]
+    pub fn agent_args(&self, i: usize) -> Vec<String> {
+        let node = &self.nodes[i];
+        let mut args: Vec<String> = [
+            "--iface", "eth0",
+            "--net-config-path", &self.dir.join("net-conf.json").to_string_lossy(),
+            "--subnet-mgr", "static",
+            "--leases", &self.leases_path().to_string_lossy(),
+            "--pin-dir", &node.pin_dir.to_string_lossy(),
+            "--subnet-file", &node.subnet_file.to_string_lossy(),
+        ]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+        args.extend(self.options.agent_args.iter().cloned());
+        args
+    }
+
+    /// A command that runs `program` inside node `i`'s network namespace (but the root mount
+    /// namespace, so that pins land on the machine's bpffs and outlive the process).
+    #[must_use]
+    pub fn command_in_node(&self, i: usize, program: &Path) -> Command {
+        let netns_path = format!("/run/netns/{}", self.nodes[i].netns);
+        let mut cmd = Command::new(program);
+        // SAFETY: only async-signal-safe calls (open, setns, close) between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let f = fs::File::open(&netns_path)?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Starts the agent of node `i` and waits until its dataplane is active.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let log = fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log)?;
+        let child = self
+            .command_in_node(i, &self.agent_bin.clone())
+            .args(self.agent_args(i))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning flannel-agent")?;
+        self.agents.push((i, child));
+        let marks_before = self.log(i).matches("eBPF dataplane active").count();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.log(i).matches("eBPF dataplane active").count() > marks_before {
+                return Ok(());
+            }
+            if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| *n == i) {
+                if let Some(status) = child.try_wait()? {
+                    bail!("agent of node {} exited ({status}):\n{}", i + 1, self.log(i));
+                }
+            }
+            ensure!(Instant::now() < deadline, "agent of node {} not ready in 30 s:\n{}", i + 1, self.log(i));
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Stops the agent of node `i` with `signal` and waits for it to exit.
+    pub fn stop_agent(&mut self, i: usize, signal: nix::sys::signal::Signal) -> Result<std::process::ExitStatus> {
+        let pos = self.agents.iter().position(|(n, _)| *n == i).ok_or_else(|| anyhow!("node {} has no agent", i + 1))?;
+        let (_, mut child) = self.agents.remove(pos);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("agent of node {} did not exit on {signal}", i + 1);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The agent log of node `i`.
+    #[must_use]
+    pub fn log(&self, i: usize) -> String {
+        fs::read_to_string(&self.nodes[i].log).unwrap_or_default()
+    }
+
+    /// Node `i`'s subnet file as key/value pairs.
+    pub fn subnet_env(&self, i: usize) -> Result<std::collections::BTreeMap<String, String>> {
+        let text = fs::read_to_string(&self.nodes[i].subnet_file)
+            .with_context(|| format!("reading {}", self.nodes[i].subnet_file.display()))?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    /// Runs the agent binary with extra arguments inside node `i` and returns (success, stdout, stderr).
+    pub fn agent_once(&self, i: usize, args: &[&str]) -> Result<(bool, String, String)> {
+        let out = self.command_in_node(i, &self.agent_bin).args(args).stdin(Stdio::null()).output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// The agent's `--stats` of node `i` as reason → packets.
+    pub fn stats(&self, i: usize) -> Result<std::collections::BTreeMap<String, u64>> {
+        let pin = self.nodes[i].pin_dir.to_string_lossy().into_owned();
+        let (ok, out, err) = self.agent_once(i, &["--stats", "--pin-dir", &pin])?;
+        ensure!(ok, "--stats failed: {err}");
+        Ok(out
+            .lines()
+            .filter_map(|l| {
+                let mut w = l.split_whitespace();
+                Some((w.next()?.to_string(), w.next()?.parse().ok()?))
+            })
+            .collect())
+    }
+
+    /// Every pod of the cluster.
+    #[must_use]
+    pub fn pods(&self) -> Vec<Pod> {
+        self.nodes.iter().flat_map(|n| n.pods.clone()).collect()
+    }
+
+    /// Removes everything: agents, pins, namespaces, files.
+    fn teardown(&mut self) {
+        for (_, mut child) in self.agents.drain(..) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = child.wait();
+        }
+        for node in &self.nodes {
+            let _ = fs::remove_dir_all(&node.pin_dir);
+        }
+        for ns in self.namespaces.drain(..).rev() {
+            let _ = run("ip", &["netns", "delete", &ns]);
+        }
+        if thread::panicking() {
+            for (i, node) in self.nodes.iter().enumerate() {
+                if node.kind == NodeKind::Ebpf {
+                    eprintln!("---- agent log of node {} ----\n{}", i + 1, self.log(i));
+                }
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Drop for Testbed {
+    fn drop(&mut self) {
+        self.teardown();
+    }
+}
+
+/// Runs `f` on a thread that has entered network namespace `netns`.
+pub fn with_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    let path = format!("/run/netns/{netns}");
+    thread::spawn(move || {
+        let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
+        f()
+    })
+    .join()
+    .map_err(|_| anyhow!("netns thread panicked"))?
+}
+
+/// Deterministic, position-dependent test data.
+#[must_use]
+pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed).collect()
+}
+
+/// Sends `bytes` from pod `from` to pod `to` over TCP; `to` echoes them back. Both directions are
+/// compared byte for byte. Bounded by a 30 s timeout. Returns the round-trip time.
+pub fn tcp_echo(from: &Pod, to: &Pod, bytes: usize) -> Result<Duration> {
+    let port = 20_000 + (PORT_COUNTER.fetch_add(1, Ordering::Relaxed) % 20_000) as u16;
+    let addr = SocketAddr::from((to.ip, port));
+    let listener = with_netns(&to.netns, move || Ok(TcpListener::bind(addr)?))?;
+    let server = thread::spawn(move || -> Result<Vec<u8>> {
+        listener.set_nonblocking(false)?;
+        let (mut conn, _) = listener.accept()?;
+        conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(30)))?;
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 65536];
+        loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            conn.write_all(&buf[..n])?;
+        }
+        conn.shutdown(std::net::Shutdown::Write)?;
+        Ok(got)
+    });
+    let start = Instant::now();
+    let stream = with_netns(&from.netns, move || {
+        let s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        Ok(s)
+    })
+    .with_context(|| format!("connecting {} → {addr}", from.ip))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let data = pattern(bytes, from.ip.octets()[3] ^ to.ip.octets()[2]);
+    let mut writer = stream.try_clone()?;
+    let to_send = data.clone();
+    let sender = thread::spawn(move || -> Result<()> {
+        writer.write_all(&to_send)?;
+        writer.shutdown(std::net::Shutdown::Write)?;
+        Ok(())
+    });
+    let mut echoed = Vec::with_capacity(bytes);
+    let mut reader = stream;
+    reader.read_to_end(&mut echoed).with_context(|| format!("reading the echo {} ← {}", from.ip, to.ip))?;
+    sender.join().map_err(|_| anyhow!("sender panicked"))??;
+    let received = server.join().map_err(|_| anyhow!("server panicked"))??;
+    let rtt = start.elapsed();
+    ensure!(received == data, "{} → {}: the server got {} bytes that differ from the {} sent", from.ip, to.ip, received.len(), data.len());
+    ensure!(echoed == data, "{} ← {}: the echo ({} bytes) differs from the {} sent", from.ip, to.ip, echoed.len(), data.len());
+    Ok(rtt)
+}
+
+/// Pings `dst` from pod `from` (3 echo requests, bounded to a few seconds).
+pub fn ping(from: &Pod, dst: Ipv4Addr) -> Result<()> {
+    in_ns(&from.netns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-q", &dst.to_string()])
+        .map(|_| ())
+        .with_context(|| format!("ping {} → {dst}", from.ip))
+}
+
+/// A one-line summary of counters, for logs.
+#[must_use]
+pub fn summarize(stats: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut s = String::new();
+    for (k, v) in stats.iter().filter(|(_, v)| **v > 0) {
+        let _ = write!(s, "{k}={v} ");
+    }
+    s
+}
+
+/// True if a TCP connection from pod `from` to pod `to` completes within `timeout`.
+pub fn can_connect(from: &Pod, to: &Pod, timeout: Duration) -> Result<bool> {
+    let port = 20_000 + (PORT_COUNTER.fetch_add(1, Ordering::Relaxed) % 20_000) as u16;
+    let addr = SocketAddr::from((to.ip, port));
+    let _listener = with_netns(&to.netns, move || Ok(TcpListener::bind(addr)?))?;
+    with_netns(&from.netns, move || Ok(TcpStream::connect_timeout(&addr, timeout).is_ok()))
+}
+
+/// Waits until `cond` holds, up to `timeout`.
+pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// RX and TX packet counts of a link in a namespace.
+pub fn link_packets(netns: &str, link: &str) -> Result<(u64, u64)> {
+    let json = ip(netns, &format!("-s -j link show {link}"))?;
+    let v: serde_json::Value = serde_json::from_str(&json)?;
+    let stats = &v[0]["stats64"];
+    Ok((
+        stats["rx"]["packets"].as_u64().unwrap_or(0),
+        stats["tx"]["packets"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// An `iperf3 -s` daemon in a namespace, killed on drop (deleting a namespace does not end the
+/// processes inside it).
+pub struct Iperf3Server {
+    pidfile: PathBuf,
+}
+
+impl Iperf3Server {
+    pub fn start(netns: &str, dir: &Path) -> Result<Self> {
+        let pidfile = dir.join(format!("iperf3-{netns}.pid"));
+        in_ns(netns, "iperf3", &["-s", "-D", "--pidfile", &pidfile.to_string_lossy()])?;
+        wait_for("iperf3 to start", Duration::from_secs(5), || pidfile.exists())?;
+        thread::sleep(Duration::from_millis(200));
+        Ok(Self { pidfile })
+    }
+}
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        if let Some(pid) = fs::read_to_string(&self.pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        let _ = fs::remove_file(&self.pidfile);
+    }
+}
+
+/// TCP throughput in Gbit/s from `netns` to `dst` (an `iperf3 -s` must listen there), bounded by
+/// `seconds` plus a margin.
+pub fn iperf3(netns: &str, dst: Ipv4Addr, seconds: u32, streams: u32) -> Result<f64> {
+    let out = in_ns(netns, "timeout", &[
+        &(seconds + 10).to_string(), "iperf3", "-c", &dst.to_string(), "-t", &seconds.to_string(),
+        "-P", &streams.to_string(), "-J",
+    ])?;
+    let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| anyhow!("iperf3 reported no throughput: {}", v["error"]))?;
+    Ok(bps / 1e9)
+}

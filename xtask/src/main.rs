@@ -1,1 +1,302 @@
-fn main() {}
+//! `cargo xtask run | test | bench`: each installs what it needs first and says what it does.
+mod bootstrap;
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use bootstrap::{say, sh};
+use clap::{Parser, Subcommand, ValueEnum};
+use flannel_tests::{Iperf3Server, NodeKind, Options, Testbed, iperf3, ping, summarize, tcp_echo};
+
+#[derive(Parser)]
+#[command(about = "flannel-ebpf developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum BackendArg {
+    Vxlan,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DecapArg {
+    Tc,
+    Xdp,
+    XdpGeneric,
+}
+
+impl DecapArg {
+    fn flag(self) -> &'static str {
+        match self {
+            Self::Tc => "tc",
+            Self::Xdp => "xdp",
+            Self::XdpGeneric => "xdp-generic",
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Build, start a demo cluster of network namespaces with an agent per node, show cross-node
+    /// pod traffic and counters, and keep it up until Ctrl-C (or --duration); then clean up.
+    Run {
+        #[arg(long, value_enum, default_value = "vxlan")]
+        backend: BackendArg,
+        /// Nodes running flannel-agent.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Extra nodes configured as stock flanneld configures them (kernel VXLAN device).
+        #[arg(long, default_value_t = 1)]
+        stock_nodes: usize,
+        #[arg(long, default_value_t = 2)]
+        pods: usize,
+        #[arg(long, value_enum, default_value = "tc")]
+        decap: DecapArg,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long)]
+        duration: Option<u64>,
+    },
+    /// Unit, BPF_PROG_TEST_RUN and end-to-end tests (as root).
+    Test,
+    /// Pod-to-pod TCP throughput through each datapath, interleaved, with ratios.
+    Bench {
+        /// A short run (fewer, shorter repetitions): a smoke test of the harness.
+        #[arg(long)]
+        quick: bool,
+        #[arg(long)]
+        reps: Option<usize>,
+    },
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: i32) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn install_stop_handlers() -> Result<()> {
+    use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
+    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic.
+        unsafe { sigaction(sig, &action) }?;
+    }
+    Ok(())
+}
+
+fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// Builds the agent (and with it the eBPF object) and returns the binary.
+fn build_agent(release: bool) -> Result<PathBuf> {
+    say(&format!("building flannel-agent ({}) and its eBPF programs", if release { "release" } else { "debug" }));
+    let mut cmd = cargo();
+    cmd.args(["build", "-p", "flannel-agent"]);
+    if release {
+        cmd.arg("--release");
+    }
+    sh(&mut cmd)?;
+    let bin = workspace_root().join("target").join(if release { "release" } else { "debug" }).join("flannel-agent");
+    ensure!(bin.exists(), "{} was not built", bin.display());
+    bin.canonicalize().context("agent path")
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    // rustc finds bpf-linker on PATH; make sure the bootstrap's location is on it.
+    if let Some(home) = std::env::var_os("HOME") {
+        let bin = PathBuf::from(home).join(".cargo/bin");
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        let mut parts: Vec<PathBuf> = std::env::split_paths(&path).collect();
+        if !parts.contains(&bin) {
+            parts.insert(0, bin);
+            // SAFETY: single-threaded at this point; nothing else reads the environment yet.
+            unsafe { std::env::set_var("PATH", std::env::join_paths(parts)?) };
+        }
+    }
+    match cli.task {
+        Task::Test => test(),
+        Task::Run { backend: BackendArg::Vxlan, nodes, stock_nodes, pods, decap, duration } => {
+            run(nodes, stock_nodes, pods, decap, duration)
+        }
+        Task::Bench { quick, reps } => bench(quick, reps),
+    }
+}
+
+fn test() -> Result<()> {
+    bootstrap::ensure_all()?;
+    let agent = build_agent(false)?;
+    flannel_tests::sweep_stale();
+    say("running unit, BPF_PROG_TEST_RUN and end-to-end tests (one at a time: each builds its own cluster)");
+    sh(cargo()
+        .args(["test", "-p", "flannel-ebpf-common", "-p", "flannel-agent", "-p", "flannel-tests", "--", "--test-threads=1"])
+        .env("FLANNEL_AGENT_BIN", &agent))
+}
+
+fn set_agent_env(agent: &std::path::Path) {
+    // SAFETY: called before any thread is spawned.
+    unsafe { std::env::set_var("FLANNEL_AGENT_BIN", agent) };
+}
+
+fn run(nodes: usize, stock: usize, pods: usize, decap: DecapArg, duration: Option<u64>) -> Result<()> {
+    ensure!(nodes + stock >= 2 && nodes + stock <= 200, "--nodes plus --stock-nodes must be between 2 and 200");
+    ensure!(pods >= 1 && pods <= 200, "--pods must be between 1 and 200");
+    bootstrap::ensure_all()?;
+    let agent = build_agent(true)?;
+    set_agent_env(&agent);
+    install_stop_handlers()?;
+    let mut kinds = vec![NodeKind::Ebpf; nodes];
+    kinds.extend(std::iter::repeat_n(NodeKind::Stock, stock));
+    let mut options = Options::vxlan(&kinds, pods);
+    options.agent_args = vec!["--decap".into(), decap.flag().into()];
+    say(&format!("creating the demo cluster: {nodes} eBPF node(s), {stock} stock-flannel node(s), {pods} pod(s) each"));
+    let tb = Testbed::start("demo", options)?;
+    println!("\nCluster {} (underlay bridge in netns {}):", tb.prefix, tb.underlay());
+    for node in &tb.nodes {
+        let kind = match node.kind {
+            NodeKind::Ebpf => "flannel-agent (eBPF)",
+            NodeKind::Stock => "stock flannel config (kernel flannel.1)",
+        };
+        println!("  {:<22} {:<14} {:<15} vtep {}  {kind}", node.netns, node.public_ip, node.subnet, node.vtep_mac);
+        for pod in &node.pods {
+            println!("    pod {:<26} {}", pod.netns, pod.ip);
+        }
+    }
+    let all = tb.pods();
+    let (first, last) = (&all[0], &all[all.len() - 1]);
+    println!("\nCross-node pod traffic:");
+    ping(first, last.ip)?;
+    println!("  ping {} -> {}: ok", first.ip, last.ip);
+    let rtt = tcp_echo(first, last, 8 << 20)?;
+    println!("  TCP 8 MiB each way {} <-> {}: verified byte for byte in {rtt:.2?}", first.ip, last.ip);
+    let second = tb.nodes[1].pods[0].clone();
+    {
+        let _server = Iperf3Server::start(&second.netns, &tb.dir)?;
+        let gbps = iperf3(&first.netns, second.ip, 3, 1)?;
+        println!("  iperf3 {} -> {} (3 s): {gbps:.2} Gbit/s", first.ip, second.ip);
+    }
+    print_counters(&tb)?;
+    println!("\nInspect the dataplane (BTF-described pinned maps):");
+    let pins = tb.nodes[0].pin_dir.join("v1");
+    println!("  bpftool map dump pinned {}/FLANNEL_CONFIG", pins.display());
+    println!("  bpftool map dump pinned {}/FLANNEL_ROUTES", pins.display());
+    println!("  bpftool map dump pinned {}/FLANNEL_STATS", pins.display());
+    println!("  ip netns exec {} bpftool net show dev eth0", tb.nodes[0].netns);
+    println!("  {} --stats --pin-dir {}", agent.display(), tb.nodes[0].pin_dir.display());
+    println!("  agent logs: {}/n*/agent.log", tb.dir.display());
+    let deadline = duration.map(|s| Instant::now() + Duration::from_secs(s));
+    match duration {
+        Some(s) => println!("\nRunning for {s} s (Ctrl-C stops earlier)..."),
+        None => println!("\nRunning until Ctrl-C..."),
+    }
+    let mut next_report = Instant::now() + Duration::from_secs(30);
+    while !STOP.load(Ordering::SeqCst) && deadline.is_none_or(|d| Instant::now() < d) {
+        std::thread::sleep(Duration::from_millis(200));
+        if Instant::now() >= next_report {
+            print_counters(&tb)?;
+            next_report = Instant::now() + Duration::from_secs(30);
+        }
+    }
+    say("stopping the agents and removing the cluster");
+    drop(tb);
+    say("cleaned up");
+    Ok(())
+}
+
+fn print_counters(tb: &Testbed) -> Result<()> {
+    println!("\nDataplane counters (flannel-agent --stats):");
+    for (i, node) in tb.nodes.iter().enumerate() {
+        if node.kind == NodeKind::Ebpf {
+            println!("  {}: {}", node.netns, summarize(&tb.stats(i)?));
+        }
+    }
+    Ok(())
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
+    bootstrap::ensure_all()?;
+    let agent = build_agent(true)?;
+    set_agent_env(&agent);
+    let reps = reps.unwrap_or(if quick { 2 } else { 10 });
+    let seconds = if quick { 2 } else { 5 };
+    say(&format!("cluster: 2 eBPF nodes, 2 stock-flannel nodes; {reps} interleaved repetitions of {seconds} s per path"));
+    let tb = Testbed::start("bench", Options::vxlan(&[NodeKind::Ebpf, NodeKind::Ebpf, NodeKind::Stock, NodeKind::Stock], 1))?;
+    let n = &tb.nodes;
+    // (name, client netns, server netns, server address)
+    let paths = [
+        ("baseline", n[0].netns.clone(), n[1].netns.clone(), n[1].public_ip),
+        ("kernel-vxlan", n[2].pods[0].netns.clone(), n[3].pods[0].netns.clone(), n[3].pods[0].ip),
+        ("ebpf-vxlan", n[0].pods[0].netns.clone(), n[1].pods[0].netns.clone(), n[1].pods[0].ip),
+    ];
+    let _servers: Vec<Iperf3Server> =
+        paths.iter().map(|(_, _, srv, _)| Iperf3Server::start(srv, &tb.dir)).collect::<Result<_>>()?;
+    let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
+    let total = reps * paths.len();
+    let started = Instant::now();
+    for rep in 0..reps {
+        for k in 0..paths.len() {
+            // Rotate the order each repetition so no path always runs first.
+            let idx = (k + rep) % paths.len();
+            let (name, client, _, dst) = &paths[idx];
+            let done = rep * paths.len() + k;
+            let left = (total - done) as u64 * u64::from(seconds + 1);
+            eprintln!("xtask: [{}/{total}] {name} (about {left} s left)", done + 1);
+            results[idx].push(iperf3(client, *dst, seconds, 1)?);
+        }
+    }
+    let ratio = |a: usize, b: usize| -> f64 {
+        let mut r: Vec<f64> = results[a].iter().zip(&results[b]).map(|(x, y)| x / y).collect();
+        median(&mut r)
+    };
+    let mut table = String::from("| path | TCP Gbit/s (median) | min | max |\n|---|---|---|---|\n");
+    let mut json = serde_json::Map::new();
+    for (i, (name, ..)) in paths.iter().enumerate() {
+        let mut v = results[i].clone();
+        let med = median(&mut v);
+        table.push_str(&format!("| {name} | {med:.2} | {:.2} | {:.2} |\n", v[0], v[v.len() - 1]));
+        json.insert((*name).into(), serde_json::json!({ "tcp_gbit_s": med, "samples": results[i] }));
+    }
+    let ebpf_vs_kernel = ratio(2, 1);
+    let ebpf_vs_base = ratio(2, 0);
+    let kernel_vs_base = ratio(1, 0);
+    table.push_str(&format!(
+        "\nMedian paired ratios: ebpf-vxlan / kernel-vxlan = {ebpf_vs_kernel:.2}, ebpf-vxlan / baseline = {ebpf_vs_base:.2}, kernel-vxlan / baseline = {kernel_vs_base:.2} ({reps} repetitions, {seconds} s each, {:.0} s total)\n",
+        started.elapsed().as_secs_f64()
+    ));
+    println!("{table}");
+    let out = workspace_root().join("target/bench");
+    std::fs::create_dir_all(&out)?;
+    std::fs::write(out.join("results.md"), &table)?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "paths": json,
+            "ratios": {"ebpf_vxlan_over_kernel_vxlan": ebpf_vs_kernel, "ebpf_vxlan_over_baseline": ebpf_vs_base},
+            "conditions": {"kernel": kernel.trim(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+                           "underlay_mtu": flannel_tests::UNDERLAY_MTU, "reps": reps, "seconds": seconds, "decap": "tc"},
+        }))?,
+    )?;
+    say(&format!("wrote {}/results.md and results.json", out.display()));
+    Ok(())
+}

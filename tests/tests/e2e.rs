@@ -1,0 +1,212 @@
+//! End-to-end tests on a cluster of network namespaces (see `flannel_tests`). They need root and
+//! the agent binary in `FLANNEL_AGENT_BIN`: `cargo xtask test` provides both.
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use flannel_tests::{
+    NodeKind::{Ebpf, Stock},
+    Options, Testbed, agent_bin, can_connect, link_packets, ping, run, summarize, tcp_echo, wait_for,
+};
+use nix::sys::signal::Signal;
+
+const KIB: usize = 1024;
+const MIB: usize = 1024 * KIB;
+
+fn no_drops(tb: &Testbed, i: usize) -> Result<()> {
+    let stats = tb.stats(i)?;
+    let drops: Vec<_> = stats.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0).collect();
+    ensure!(drops.is_empty(), "node {} dropped packets: {drops:?}", i + 1);
+    Ok(())
+}
+
+#[test]
+fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
+    let tb = Testbed::start("vx", Options::vxlan(&[Ebpf, Ebpf, Ebpf], 2))?;
+    for (i, node) in tb.nodes.iter().enumerate() {
+        let env = tb.subnet_env(i)?;
+        ensure!(env["FLANNEL_NETWORK"] == "10.244.0.0/16", "{env:?}");
+        ensure!(env["FLANNEL_SUBNET"] == format!("10.244.{}.1/24", node.index), "{env:?}");
+        ensure!(env["FLANNEL_MTU"] == "1450", "uplink 1500 - 50: {env:?}");
+        ensure!(env["FLANNEL_IPMASQ"] == "false", "{env:?}");
+    }
+    let pods = tb.pods();
+    // Every pod to every other pod, across nodes and on the same node, echoed both ways.
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.ip != a.ip) {
+            tcp_echo(a, b, 256 * KIB)?;
+            ping(a, b.ip)?;
+        }
+    }
+    // A large transfer: GSO segments must survive encapsulation.
+    tcp_echo(&pods[0], &pods[5], 32 * MIB)?;
+    for i in 0..tb.nodes.len() {
+        let stats = tb.stats(i)?;
+        eprintln!("node {}: {}", i + 1, summarize(&stats));
+        ensure!(stats["encap_vxlan"] > 0 && stats["decap_vxlan"] > 0, "node {} forwarded nothing", i + 1);
+        no_drops(&tb, i)?;
+    }
+    // Pinned maps carry BTF: bpftool prints field names.
+    let dump = run("bpftool", &["map", "dump", "pinned", &tb.nodes[0].pin_dir.join("v1/FLANNEL_CONFIG").to_string_lossy()])?;
+    ensure!(dump.contains("vtep_mac") && dump.contains("public_ip"), "no BTF field names in:\n{dump}");
+    let dump = run("bpftool", &["map", "dump", "pinned", &tb.nodes[0].pin_dir.join("v1/FLANNEL_ROUTES").to_string_lossy()])?;
+    ensure!(dump.matches("vtep_mac").count() == 2, "two remote subnets expected in:\n{dump}");
+    Ok(())
+}
+
+#[test]
+fn vxlan_interoperates_with_a_stock_flannel_node() -> Result<()> {
+    let tb = Testbed::start("mx", Options::vxlan(&[Ebpf, Ebpf, Stock], 2))?;
+    let stock = &tb.nodes[2];
+    let (rx0, tx0) = link_packets(&stock.netns, "flannel.1")?;
+    for s in &stock.pods {
+        for e in tb.nodes[..2].iter().flat_map(|n| &n.pods) {
+            tcp_echo(s, e, MIB)?;
+            tcp_echo(e, s, MIB)?;
+            ping(s, e.ip)?;
+            ping(e, s.ip)?;
+        }
+    }
+    tcp_echo(&tb.nodes[0].pods[0], &stock.pods[0], 16 * MIB)?;
+    tcp_echo(&stock.pods[1], &tb.nodes[1].pods[1], 16 * MIB)?;
+    let (rx1, tx1) = link_packets(&stock.netns, "flannel.1")?;
+    ensure!(rx1 > rx0 + 1000 && tx1 > tx0 + 1000, "traffic did not cross the kernel VXLAN device: rx {rx0}→{rx1} tx {tx0}→{tx1}");
+    for i in 0..2 {
+        let stats = tb.stats(i)?;
+        eprintln!("node {}: {}", i + 1, summarize(&stats));
+        ensure!(stats["encap_vxlan"] > 0 && stats["decap_vxlan"] > 0);
+        no_drops(&tb, i)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn xdp_decapsulation_carries_pod_traffic() -> Result<()> {
+    let mut options = Options::vxlan(&[Ebpf, Ebpf, Stock], 1);
+    options.agent_args = vec!["--decap".into(), "xdp".into()];
+    let tb = Testbed::start("xdp", options)?;
+    ensure!(tb.log(0).contains("attached XDP decapsulation"), "{}", tb.log(0));
+    let pods = tb.pods();
+    for a in &pods {
+        for b in pods.iter().filter(|b| b.node != a.node) {
+            tcp_echo(a, b, 4 * MIB)?;
+            ping(a, b.ip)?;
+        }
+    }
+    for i in 0..2 {
+        let stats = tb.stats(i)?;
+        eprintln!("node {}: {}", i + 1, summarize(&stats));
+        ensure!(stats["decap_vxlan_xdp"] > 0 && stats["deliver_local"] > 0, "XDP did not decapsulate");
+        no_drops(&tb, i)?;
+    }
+    Ok(())
+}
+
+#[test]
+fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<()> {
+    let mut tb = Testbed::start("rs", Options::vxlan(&[Ebpf, Ebpf], 1))?;
+    let (p1, p2) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone());
+    tcp_echo(&p1, &p2, MIB)?;
+    let routes = tb.nodes[0].pin_dir.join("v1/FLANNEL_ROUTES").to_string_lossy().into_owned();
+    let before = run("bpftool", &["map", "dump", "pinned", &routes])?;
+
+    let status = tb.stop_agent(0, Signal::SIGTERM)?;
+    ensure!(status.success(), "SIGTERM exit: {status}");
+    ensure!(tb.log(0).contains("stay and keep forwarding"), "{}", tb.log(0));
+    // No agent on node 1: the pinned programs keep forwarding.
+    tcp_echo(&p1, &p2, MIB)?;
+    tcp_echo(&p2, &p1, MIB)?;
+
+    tb.start_agent(0)?;
+    let log = tb.log(0);
+    ensure!(log.contains("adopting the pinned dataplane"), "{log}");
+    ensure!(log.contains("0 added, 0 updated, 0 removed"), "restart must not rewrite the maps:\n{log}");
+    ensure!(log.contains("replaced the program of the pinned tc link"), "{log}");
+    ensure!(run("bpftool", &["map", "dump", "pinned", &routes])? == before, "routes changed across the restart");
+    tcp_echo(&p1, &p2, MIB)?;
+
+    // --cleanup removes everything; then node 1 no longer forwards pod traffic.
+    tb.stop_agent(0, Signal::SIGTERM)?;
+    let pin = tb.nodes[0].pin_dir.to_string_lossy().into_owned();
+    let file = tb.nodes[0].subnet_file.to_string_lossy().into_owned();
+    let (ok, _, err) = tb.agent_once(0, &["--cleanup", "--pin-dir", &pin, "--subnet-file", &file])?;
+    ensure!(ok, "cleanup failed: {err}");
+    ensure!(!tb.nodes[0].pin_dir.exists() && !tb.nodes[0].subnet_file.exists(), "cleanup left pins or subnet.env");
+    ensure!(!can_connect(&p1, &p2, Duration::from_secs(2))?, "node 1 still forwards after --cleanup");
+    Ok(())
+}
+
+#[test]
+fn lease_file_changes_update_only_the_maps() -> Result<()> {
+    let tb = Testbed::start("ls", Options::vxlan(&[Ebpf, Ebpf, Ebpf], 1))?;
+    let (p1, p2, p3) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone(), tb.nodes[2].pods[0].clone());
+    tcp_echo(&p1, &p3, 256 * KIB)?;
+    let attached = tb.log(0).matches("attached at tc ingress").count();
+
+    // Node 3's lease disappears: its subnet leaves node 1's maps.
+    tb.write_leases(&[1, 2])?;
+    wait_for("node 1 to apply the change", Duration::from_secs(10), || tb.log(0).contains("leases changed"))?;
+    ensure!(tb.log(0).contains("0 added, 0 updated, 2 removed"), "{}", tb.log(0));
+    ensure!(!can_connect(&p1, &p3, Duration::from_secs(2))?, "removed lease still routed");
+    ensure!(tb.stats(0)?["drop_no_route"] > 0);
+    tcp_echo(&p1, &p2, 256 * KIB)?;
+
+    // A broken file is reported and ignored: the last good leases stay.
+    std::fs::write(tb.leases_path(), "{\"leases\": [")?;
+    wait_for("node 1 to reject the broken file", Duration::from_secs(10), || {
+        tb.log(0).contains("keeping the current leases")
+    })?;
+    tcp_echo(&p1, &p2, 256 * KIB)?;
+
+    // Back again.
+    tb.write_leases(&[1, 2, 3])?;
+    wait_for("node 1 to re-add node 3", Duration::from_secs(10), || tb.log(0).contains("2 added, 0 updated, 0 removed"))?;
+    tcp_echo(&p1, &p3, 256 * KIB)?;
+    ensure!(tb.log(0).matches("attached at tc ingress").count() == attached, "programs were re-attached");
+    Ok(())
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_programs_nothing() -> Result<()> {
+    let mut tb = Testbed::start("bad", Options::vxlan(&[Stock], 0))?;
+    tb.agent_bin = agent_bin()?;
+    let dir = tb.dir.clone();
+    let pin = dir.join("never").to_string_lossy().into_owned();
+    let pin_bpffs = format!("/sys/fs/bpf/{}-bad", tb.prefix);
+    let good_conf = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    let good_leases = r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"198.18.0.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:01"}}]}"#;
+    let cases: [(&str, &str, &[&str], &str); 7] = [
+        ("{nope", good_leases, &["--iface", "eth0"], "net-conf.json: invalid JSON"),
+        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#, good_leases, &["--iface", "eth0"], "Backend.Type: unknown backend type \"geneve\""),
+        (good_conf, good_leases, &["--iface", "eth9"], "no interface matches --iface eth9"),
+        // Regexes match whole names: "eth" is not "eth0".
+        (good_conf, good_leases, &["--iface-regex", "eth"], "no interface name or IPv4 address matches --iface-regex eth"),
+        (good_conf, r#"{"leases":[{"Subnet":"10.99.1.0/24","PublicIP":"198.18.0.11"}]}"#, &["--iface", "eth0"], "leases[0].Subnet: 10.99.1.0/24 is outside the Network"),
+        (good_conf, r#"{"leases":[{"Subnet":"10.244.2.0/24","PublicIP":"198.18.0.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:02"}}]}"#, &["--iface", "eth0"], "no lease has PublicIP 198.18.0.11"),
+        (good_conf, "{\"leases\": 3", &["--iface", "eth0"], "leases.json: invalid JSON"),
+    ];
+    for (conf, leases, extra, want) in cases {
+        std::fs::write(dir.join("net-conf.json"), conf)?;
+        std::fs::write(dir.join("leases.json"), leases)?;
+        let subnet_file = dir.join("subnet.env");
+        let mut args = vec![
+            "--net-config-path", dir.join("net-conf.json").to_str().unwrap_or_default(),
+            "--leases", dir.join("leases.json").to_str().unwrap_or_default(),
+            "--subnet-file", subnet_file.to_str().unwrap_or_default(),
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect::<Vec<_>>();
+        args.extend(["--pin-dir".to_string(), pin_bpffs.clone()]);
+        args.extend(extra.iter().map(ToString::to_string));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        let (ok, _, err) = tb.agent_once(0, &refs)?;
+        ensure!(!ok, "{want}: the agent should have failed");
+        let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        ensure!(lines.len() == 1, "{want}: expected one line on stderr, got:\n{err}");
+        ensure!(lines[0].starts_with("flannel-agent: error: ") && lines[0].contains(want), "expected {want:?} in:\n{err}");
+        ensure!(!std::path::Path::new(&pin_bpffs).exists(), "{want}: pins were created");
+        ensure!(!subnet_file.exists(), "{want}: subnet.env was written");
+    }
+    let _ = pin;
+    Ok(())
+}
