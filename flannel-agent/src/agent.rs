@@ -36,21 +36,40 @@ pub struct Plan {
 impl Plan {
     /// Finds this node's lease (the one with its public IP) and turns the others into map
     /// entries. Leases of another backend are skipped with a warning, as flanneld does.
-    pub fn new(leases: &[Lease], public_ip: Ipv4Addr, vx: &VxlanConfig, source: &Path) -> Result<Self, Error> {
-        let own = leases.iter().find(|l| l.public_ip == public_ip).ok_or_else(|| {
-            Error::config(source, "leases", format!("no lease has PublicIP {public_ip} (this node's public IP)"))
-        })?;
+    pub fn new(
+        leases: &[Lease],
+        public_ip: Ipv4Addr,
+        vx: &VxlanConfig,
+        source: &Path,
+    ) -> Result<Self, Error> {
+        let own = leases
+            .iter()
+            .find(|l| l.public_ip == public_ip)
+            .ok_or_else(|| {
+                Error::config(
+                    source,
+                    "leases",
+                    format!("no lease has PublicIP {public_ip} (this node's public IP)"),
+                )
+            })?;
         if own.backend_type != "vxlan" {
             return Err(Error::config(
                 source,
                 format!("lease of {public_ip}: BackendType"),
-                format!("{:?}, but net-conf.json's backend is vxlan", own.backend_type),
+                format!(
+                    "{:?}, but net-conf.json's backend is vxlan",
+                    own.backend_type
+                ),
             ));
         }
         let own_data = vxlan::lease_data(&own.backend_data)
             .map_err(|m| Error::config(source, format!("lease of {public_ip}"), m))?;
         if own_data.vni != vx.vni {
-            warn!(lease_vni = own_data.vni, vni = vx.vni, "this node's lease advertises another VNI than net-conf.json");
+            warn!(
+                lease_vni = own_data.vni,
+                vni = vx.vni,
+                "this node's lease advertises another VNI than net-conf.json"
+            );
         }
         let mut desired = Desired::default();
         for lease in leases.iter().filter(|l| l.public_ip != public_ip) {
@@ -63,13 +82,27 @@ impl Plan {
             let mac = data.vtep_mac.0;
             desired.routes.insert(
                 lease.subnet,
-                RemoteSubnet { public_ip: lease.public_ip.octets(), vtep_mac: mac, backend: backend::VXLAN, _pad0: 0 },
+                RemoteSubnet {
+                    public_ip: lease.public_ip.octets(),
+                    vtep_mac: mac,
+                    backend: backend::VXLAN,
+                    _pad0: 0,
+                },
             );
-            desired
-                .nodes
-                .insert(lease.public_ip, RemoteNode { vtep_mac: mac, backend: backend::VXLAN, _pad0: 0 });
+            desired.nodes.insert(
+                lease.public_ip,
+                RemoteNode {
+                    vtep_mac: mac,
+                    backend: backend::VXLAN,
+                    _pad0: 0,
+                },
+            );
         }
-        Ok(Self { own: own.clone(), vtep_mac: own_data.vtep_mac, desired })
+        Ok(Self {
+            own: own.clone(),
+            vtep_mac: own_data.vtep_mac,
+            desired,
+        })
     }
 }
 
@@ -111,6 +144,10 @@ pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
 }
 
 /// Runs the agent until SIGTERM/SIGINT (or performs `--cleanup` / `--stats`).
+#[expect(
+    clippy::too_many_lines,
+    reason = "one linear start-up sequence and its loop; splitting would only pass its locals around"
+)]
 pub async fn run(args: &Args) -> Result<(), Error> {
     if args.cleanup {
         return ebpf::cleanup(&args.pin_dir, &args.subnet_file);
@@ -171,13 +208,21 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let report = dp.sync(&plan.desired)?;
     info!(%report, leases = leases.len(), "synced remote subnets");
     let cni = nl.link_by_name(&args.cni_bridge).await?;
-    let mut cfg = node_config(&netconf, &vx, &plan, &ext, public_ip, cni.as_ref().map_or(0, |l| l.index));
+    let mut cfg = node_config(
+        &netconf,
+        &vx,
+        &plan,
+        &ext,
+        public_ip,
+        cni.as_ref().map_or(0, |l| l.index),
+    );
     dp.set_config(&cfg)?;
     dp.attach_tc(prog_name::FROM_WIRE, &ext.link)?;
     let xdp = dp.attach_xdp(&ext.link, args.decap)?;
-    match &cni {
-        Some(cni) => dp.attach_tc(prog_name::FROM_PODS, cni)?,
-        None => warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it"),
+    if let Some(cni) = &cni {
+        dp.attach_tc(prog_name::FROM_PODS, cni)?
+    } else {
+        warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it")
     }
     subnet_env(&plan).write(&args.subnet_file)?;
     info!(
@@ -185,10 +230,14 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         pins = %dp.pins().dir.display(), "eBPF dataplane active"
     );
 
-    let mut term = signal(SignalKind::terminate())
-        .map_err(|source| Error::NetlinkIo { context: "installing the SIGTERM handler".into(), source })?;
-    let mut interrupt = signal(SignalKind::interrupt())
-        .map_err(|source| Error::NetlinkIo { context: "installing the SIGINT handler".into(), source })?;
+    let mut term = signal(SignalKind::terminate()).map_err(|source| Error::NetlinkIo {
+        context: "installing the SIGTERM handler".into(),
+        source,
+    })?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(|source| Error::NetlinkIo {
+        context: "installing the SIGINT handler".into(),
+        source,
+    })?;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seen = fingerprint(&leases_path);
     loop {
@@ -240,7 +289,9 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             }
         }
     }
-    info!("stopping; the pinned programs and maps stay and keep forwarding (`flannel-agent --cleanup` removes them)");
+    info!(
+        "stopping; the pinned programs and maps stay and keep forwarding (`flannel-agent --cleanup` removes them)"
+    );
     Ok(())
 }
 
@@ -257,6 +308,11 @@ pub fn describe(desired: &Desired) -> BTreeMap<String, String> {
     desired
         .routes
         .iter()
-        .map(|(net, r)| (net.to_string(), format!("{} {}", Ipv4Addr::from(r.public_ip), Mac(r.vtep_mac))))
+        .map(|(net, r)| {
+            (
+                net.to_string(),
+                format!("{} {}", Ipv4Addr::from(r.public_ip), Mac(r.vtep_mac)),
+            )
+        })
         .collect()
 }

@@ -13,7 +13,11 @@ pub enum SubnetMgr {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "flannel-agent", version, about = "flanneld-compatible node agent with an eBPF dataplane")]
+#[command(
+    name = "flannel-agent",
+    version,
+    about = "flanneld-compatible node agent with an eBPF dataplane"
+)]
 pub struct Args {
     /// Interface (name or IPv4 address) for inter-host traffic; repeatable, the first that
     /// exists wins. Default: the interface of the default route.
@@ -21,7 +25,11 @@ pub struct Args {
     pub iface: Vec<String>,
 
     /// Regex matched against whole interface names and IPv4 addresses; repeatable.
-    #[arg(long = "iface-regex", env = "FLANNELD_IFACE_REGEX", value_delimiter = ',')]
+    #[arg(
+        long = "iface-regex",
+        env = "FLANNELD_IFACE_REGEX",
+        value_delimiter = ','
+    )]
     pub iface_regex: Vec<String>,
 
     /// IP address other nodes reach this node at (default: the interface's address).
@@ -29,14 +37,22 @@ pub struct Args {
     pub public_ip: Option<Ipv4Addr>,
 
     /// flannel's network configuration (net-conf.json).
-    #[arg(long = "net-config-path", env = "FLANNELD_NET_CONFIG_PATH", default_value = "/etc/kube-flannel/net-conf.json")]
+    #[arg(
+        long = "net-config-path",
+        env = "FLANNELD_NET_CONFIG_PATH",
+        default_value = "/etc/kube-flannel/net-conf.json"
+    )]
     pub net_config_path: PathBuf,
 
     /// Where to write the environment the flannel CNI plugin reads.
-    #[arg(long = "subnet-file", env = "FLANNELD_SUBNET_FILE", default_value = "/run/flannel/subnet.env")]
+    #[arg(
+        long = "subnet-file",
+        env = "FLANNELD_SUBNET_FILE",
+        default_value = "/run/flannel/subnet.env"
+    )]
     pub subnet_file: PathBuf,
 
-    /// Whether flannel masquerades traffic leaving the pod network (FLANNEL_IPMASQ).
+    /// Whether flannel masquerades traffic leaving the pod network (`FLANNEL_IPMASQ`).
     #[arg(long = "ip-masq", env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     pub ip_masq: bool,
 
@@ -50,7 +66,11 @@ pub struct Args {
 
     /// bpffs directory for this agent's pinned maps and links (one per node when several agents
     /// share a machine).
-    #[arg(long = "pin-dir", env = "FLANNELD_PIN_DIR", default_value = "/sys/fs/bpf/flannel")]
+    #[arg(
+        long = "pin-dir",
+        env = "FLANNELD_PIN_DIR",
+        default_value = "/sys/fs/bpf/flannel"
+    )]
     pub pin_dir: PathBuf,
 
     /// Where VXLAN is decapsulated on the uplink.

@@ -44,14 +44,19 @@ pub const KNOWN_BACKENDS: [&str; 6] = ["vxlan", "host-gw", "udp", "ipip", "wireg
 
 /// Reads and validates `net-conf.json`.
 pub fn load(path: &Path) -> Result<NetConf, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(path, &text)
 }
 
 /// Parses the text of `net-conf.json` (`path` only names it in errors).
 pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|source| Error::Json { path: path.into(), source })?;
+    let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })?;
     let obj = value
         .as_object()
         .ok_or_else(|| Error::config(path, "(top level)", "expected a JSON object"))?;
@@ -87,7 +92,9 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
                 network.prefix_len() + 2
             }
         }
-        Some(len) => u8::try_from(len).map_err(|_| Error::config(path, "SubnetLen", "out of range"))?,
+        Some(len) => {
+            u8::try_from(len).map_err(|_| Error::config(path, "SubnetLen", "out of range"))?
+        }
     };
     if subnet_len < network.prefix_len() {
         return Err(Error::config(
@@ -97,7 +104,11 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
         ));
     }
     if subnet_len > 30 {
-        return Err(Error::config(path, "SubnetLen", format!("/{subnet_len} is smaller than /30")));
+        return Err(Error::config(
+            path,
+            "SubnetLen",
+            format!("/{subnet_len} is smaller than /30"),
+        ));
     }
     let first = Ipv4Net::new(network.network(), subnet_len).expect("prefix checked above");
     let step = 1u32 << (32 - subnet_len);
@@ -108,11 +119,21 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
     let subnet_max = addr_field(path, obj, "SubnetMax")?.unwrap_or(default_max);
     for (name, addr) in [("SubnetMin", subnet_min), ("SubnetMax", subnet_max)] {
         if !network.contains(&addr) {
-            return Err(Error::config(path, name, format!("{addr} is not in Network {network}")));
+            return Err(Error::config(
+                path,
+                name,
+                format!("{addr} is not in Network {network}"),
+            ));
         }
     }
     let backend = parse_backend(path, field(obj, "Backend"))?;
-    Ok(NetConf { network, subnet_len, subnet_min, subnet_max, backend })
+    Ok(NetConf {
+        network,
+        subnet_len,
+        subnet_min,
+        subnet_max,
+        backend,
+    })
 }
 
 fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error> {
@@ -123,58 +144,95 @@ fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error>
     let obj = backend
         .as_object()
         .ok_or_else(|| Error::config(path, "Backend", "expected a JSON object"))?;
-    let kind = str_field(path, obj, "Type")?.unwrap_or_default().to_string();
+    let kind = str_field(path, obj, "Type")?
+        .unwrap_or_default()
+        .to_string();
     match kind.as_str() {
         "vxlan" => {
             let vni = u64_field(path, obj, "VNI")?.unwrap_or(1);
             let vni = u32::try_from(vni)
                 .ok()
                 .filter(|v| *v < 1 << 24)
-                .ok_or_else(|| Error::config(path, "Backend.VNI", format!("{vni} does not fit in 24 bits")))?;
+                .ok_or_else(|| {
+                    Error::config(
+                        path,
+                        "Backend.VNI",
+                        format!("{vni} does not fit in 24 bits"),
+                    )
+                })?;
             let port = u64_field(path, obj, "Port")?.unwrap_or(0);
-            let port = u16::try_from(port)
-                .map_err(|_| Error::config(path, "Backend.Port", format!("{port} is not a UDP port")))?;
+            let port = u16::try_from(port).map_err(|_| {
+                Error::config(path, "Backend.Port", format!("{port} is not a UDP port"))
+            })?;
             let mtu = u64_field(path, obj, "MTU")?.unwrap_or(0);
-            let mtu = u32::try_from(mtu).map_err(|_| Error::config(path, "Backend.MTU", "out of range"))?;
+            let mtu = u32::try_from(mtu)
+                .map_err(|_| Error::config(path, "Backend.MTU", "out of range"))?;
             Ok(Backend::Vxlan(VxlanConfig {
                 vni,
-                port: if port == 0 { flannel_ebpf_common::vxlan::DEFAULT_PORT } else { port },
+                port: if port == 0 {
+                    flannel_ebpf_common::vxlan::DEFAULT_PORT
+                } else {
+                    port
+                },
                 mtu,
                 gbp: bool_field(path, obj, "GBP")?.unwrap_or(false),
                 direct_routing: bool_field(path, obj, "DirectRouting")?.unwrap_or(false),
             }))
         }
-        "" => Err(Error::config(path, "Backend.Type", "missing (e.g. \"vxlan\")")),
+        "" => Err(Error::config(
+            path,
+            "Backend.Type",
+            "missing (e.g. \"vxlan\")",
+        )),
         other if KNOWN_BACKENDS.contains(&other) => Ok(Backend::Other(other.into())),
         other => Err(Error::config(
             path,
             "Backend.Type",
-            format!("unknown backend type {other:?} (flannel knows {})", KNOWN_BACKENDS.join(", ")),
+            format!(
+                "unknown backend type {other:?} (flannel knows {})",
+                KNOWN_BACKENDS.join(", ")
+            ),
         )),
     }
 }
 
-fn str_field<'a>(path: &Path, obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, Error> {
+fn str_field<'a>(
+    path: &Path,
+    obj: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a str>, Error> {
     field(obj, key)
-        .map(|v| v.as_str().ok_or_else(|| Error::config(path, key, "expected a string")))
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| Error::config(path, key, "expected a string"))
+        })
         .transpose()
 }
 
 fn u64_field(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
     field(obj, key)
-        .map(|v| v.as_u64().ok_or_else(|| Error::config(path, key, "expected a non-negative integer")))
+        .map(|v| {
+            v.as_u64()
+                .ok_or_else(|| Error::config(path, key, "expected a non-negative integer"))
+        })
         .transpose()
 }
 
 fn bool_field(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, Error> {
     field(obj, key)
-        .map(|v| v.as_bool().ok_or_else(|| Error::config(path, key, "expected true or false")))
+        .map(|v| {
+            v.as_bool()
+                .ok_or_else(|| Error::config(path, key, "expected true or false"))
+        })
         .transpose()
 }
 
 fn addr_field(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<Option<Ipv4Addr>, Error> {
     str_field(path, obj, key)?
-        .map(|s| s.parse().map_err(|_| Error::config(path, key, format!("{s:?} is not an IPv4 address"))))
+        .map(|s| {
+            s.parse()
+                .map_err(|_| Error::config(path, key, format!("{s:?} is not an IPv4 address")))
+        })
         .transpose()
 }
 
@@ -194,30 +252,53 @@ mod tests {
         assert_eq!(c.subnet_max, Ipv4Addr::new(10, 244, 255, 0));
         assert_eq!(
             c.backend,
-            Backend::Vxlan(VxlanConfig { vni: 1, port: 8472, mtu: 0, gbp: false, direct_routing: false })
+            Backend::Vxlan(VxlanConfig {
+                vni: 1,
+                port: 8472,
+                mtu: 0,
+                gbp: false,
+                direct_routing: false
+            })
         );
         // A small network is split into four.
-        assert_eq!(p(r#"{"Network":"10.0.0.0/24","Backend":{"Type":"vxlan"}}"#).unwrap().subnet_len, 26);
+        assert_eq!(
+            p(r#"{"Network":"10.0.0.0/24","Backend":{"Type":"vxlan"}}"#)
+                .unwrap()
+                .subnet_len,
+            26
+        );
     }
 
     #[test]
     fn missing_backend_is_udp_and_keys_are_case_insensitive() {
         let c = p(r#"{"network":"10.244.0.0/16"}"#).unwrap();
         assert_eq!(c.backend, Backend::Other("udp".into()));
-        let c = p(r#"{"Network":"10.244.0.0/16","backend":{"type":"vxlan","vni":42,"port":4789}}"#).unwrap();
-        let Backend::Vxlan(v) = c.backend else { panic!("not vxlan") };
+        let c = p(r#"{"Network":"10.244.0.0/16","backend":{"type":"vxlan","vni":42,"port":4789}}"#)
+            .unwrap();
+        let Backend::Vxlan(v) = c.backend else {
+            panic!("not vxlan")
+        };
         assert_eq!((v.vni, v.port), (42, 4789));
     }
 
     #[test]
     fn errors_name_the_field() {
-        let e = p(r#"{"Backend":{"Type":"vxlan"}}"#).unwrap_err().to_string();
+        let e = p(r#"{"Backend":{"Type":"vxlan"}}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("net-conf.json: Network: missing"), "{e}");
         let e = p(r#"{"Network":"10.244.0.0/30"}"#).unwrap_err().to_string();
         assert!(e.contains("Network") && e.contains("/28"), "{e}");
-        let e = p(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#).unwrap_err().to_string();
-        assert!(e.contains("Backend.Type: unknown backend type \"geneve\""), "{e}");
-        let e = p(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#).unwrap_err().to_string();
+        let e = p(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("Backend.Type: unknown backend type \"geneve\""),
+            "{e}"
+        );
+        let e = p(r#"{"Network":"10.244.0.0/16","SubnetLen":31}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("SubnetLen"), "{e}");
         let e = p(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan","VNI":16777216}}"#)
             .unwrap_err()

@@ -6,13 +6,23 @@ pub enum Error {
     #[error("{}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
     #[error("{}: invalid JSON: {source}", path.display())]
-    Json { path: PathBuf, source: serde_json::Error },
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
     #[error("{}: {field}: {message}", path.display())]
-    Config { path: PathBuf, field: String, message: String },
+    Config {
+        path: PathBuf,
+        field: String,
+        message: String,
+    },
     #[error("interface: {0}")]
     Interface(String),
     #[error("netlink: {context}: {source}")]
-    Netlink { context: String, source: rtnetlink::Error },
+    Netlink {
+        context: String,
+        source: rtnetlink::Error,
+    },
     #[error("netlink: {context}: {source}")]
     NetlinkIo { context: String, source: io::Error },
     #[error("{}: writing the subnet file: {source}", path.display())]
@@ -22,9 +32,17 @@ pub enum Error {
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {program}: {context}: {source}")]
-    Program { program: String, context: String, source: aya::programs::ProgramError },
+    Program {
+        program: String,
+        context: String,
+        source: Box<aya::programs::ProgramError>,
+    },
     #[error("map {map}: {context}: {source}")]
-    Map { map: String, context: String, source: aya::maps::MapError },
+    Map {
+        map: String,
+        context: String,
+        source: Box<aya::maps::MapError>,
+    },
     #[error("pinned state {}: {message}", path.display())]
     Pin { path: PathBuf, message: String },
     #[error("{0}")]
@@ -32,7 +50,15 @@ pub enum Error {
 }
 
 impl Error {
-    pub(crate) fn config(path: &std::path::Path, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Config { path: path.to_path_buf(), field: field.into(), message: message.into() }
+    pub(crate) fn config(
+        path: &std::path::Path,
+        field: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self::Config {
+            path: path.to_path_buf(),
+            field: field.into(),
+            message: message.into(),
+        }
     }
 }

@@ -41,8 +41,10 @@ pub struct Netlink {
 impl Netlink {
     /// Opens a connection; its driver task runs on the current tokio runtime.
     pub fn connect() -> Result<Self, Error> {
-        let (conn, handle, _) = rtnetlink::new_connection()
-            .map_err(|source| Error::NetlinkIo { context: "opening a socket".into(), source })?;
+        let (conn, handle, _) = rtnetlink::new_connection().map_err(|source| Error::NetlinkIo {
+            context: "opening a socket".into(),
+            source,
+        })?;
         tokio::spawn(conn);
         Ok(Self { handle })
     }
@@ -55,7 +57,10 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| Error::Netlink { context: "listing links".into(), source })?;
+            .map_err(|source| Error::Netlink {
+                context: "listing links".into(),
+                source,
+            })?;
         Ok(msgs
             .into_iter()
             .map(|m| {
@@ -92,11 +97,16 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| Error::Netlink { context: "listing addresses".into(), source })?;
+            .map_err(|source| Error::Netlink {
+                context: "listing addresses".into(),
+                source,
+            })?;
         let mut out = Vec::new();
         for m in msgs {
             for attr in &m.attributes {
-                if let AddressAttribute::Local(IpAddr::V4(a)) | AddressAttribute::Address(IpAddr::V4(a)) = attr {
+                if let AddressAttribute::Local(IpAddr::V4(a))
+                | AddressAttribute::Address(IpAddr::V4(a)) = attr
+                {
                     if !out.contains(&(m.header.index, *a)) {
                         out.push((m.header.index, *a));
                     }
@@ -116,7 +126,10 @@ impl Netlink {
             .execute()
             .try_collect()
             .await
-            .map_err(|source| Error::Netlink { context: "listing routes".into(), source })?;
+            .map_err(|source| Error::Netlink {
+                context: "listing routes".into(),
+                source,
+            })?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.destination_prefix_length == 0)
@@ -132,14 +145,21 @@ impl Netlink {
 /// Chooses the uplink as flanneld does: the first `--iface` (a name or an address) that exists;
 /// else the first interface whose address or whole name matches an `--iface-regex`; else the
 /// interface of the default route. Regexes are anchored: `eth1` never matches `veth1a2b`.
-pub async fn select(nl: &Netlink, ifaces: &[String], regexes: &[String]) -> Result<ExtIface, Error> {
+pub async fn select(
+    nl: &Netlink,
+    ifaces: &[String],
+    regexes: &[String],
+) -> Result<ExtIface, Error> {
     let links = nl.links().await?;
     let addrs = nl.ipv4_addrs().await?;
     let first_addr = |index: u32| addrs.iter().find(|(i, _)| *i == index).map(|(_, a)| *a);
     let with_addr = |link: &Link| -> Result<ExtIface, Error> {
         let addr = first_addr(link.index)
             .ok_or_else(|| Error::Interface(format!("{} has no IPv4 address", link.name)))?;
-        Ok(ExtIface { link: link.clone(), addr })
+        Ok(ExtIface {
+            link: link.clone(),
+            addr,
+        })
     };
 
     if !ifaces.is_empty() {
@@ -158,7 +178,11 @@ pub async fn select(nl: &Netlink, ifaces: &[String], regexes: &[String]) -> Resu
         return Err(Error::Interface(format!(
             "no interface matches --iface {} (interfaces here: {})",
             ifaces.join(", "),
-            links.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(", ")
+            links
+                .iter()
+                .map(|l| l.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         )));
     }
 
@@ -166,12 +190,17 @@ pub async fn select(nl: &Netlink, ifaces: &[String], regexes: &[String]) -> Resu
         for re in regexes {
             let anchored = Regex::new(&format!("^(?:{re})$"))
                 .map_err(|e| Error::Interface(format!("--iface-regex {re:?}: {e}")))?;
-            if let Some((index, _)) = addrs.iter().find(|(_, a)| anchored.is_match(&a.to_string())) {
-                if let Some(link) = links.iter().find(|l| l.index == *index) {
-                    return with_addr(link);
-                }
+            if let Some((index, _)) = addrs
+                .iter()
+                .find(|(_, a)| anchored.is_match(&a.to_string()))
+                && let Some(link) = links.iter().find(|l| l.index == *index)
+            {
+                return with_addr(link);
             }
-            if let Some(link) = links.iter().find(|l| anchored.is_match(&l.name) && first_addr(l.index).is_some()) {
+            if let Some(link) = links
+                .iter()
+                .find(|l| anchored.is_match(&l.name) && first_addr(l.index).is_some())
+            {
                 return with_addr(link);
             }
         }
@@ -181,10 +210,9 @@ pub async fn select(nl: &Netlink, ifaces: &[String], regexes: &[String]) -> Resu
         )));
     }
 
-    let oif = nl
-        .default_route_oif()
-        .await?
-        .ok_or_else(|| Error::Interface("no IPv4 default route to pick an interface from: use --iface".into()))?;
+    let oif = nl.default_route_oif().await?.ok_or_else(|| {
+        Error::Interface("no IPv4 default route to pick an interface from: use --iface".into())
+    })?;
     let link = links
         .iter()
         .find(|l| l.index == oif)

@@ -6,7 +6,11 @@ use serde_json::{Map, Value};
 #[must_use]
 pub fn field<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     obj.get(key)
-        .or_else(|| obj.iter().find(|(k, _)| k.eq_ignore_ascii_case(key)).map(|(_, v)| v))
+        .or_else(|| {
+            obj.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(key))
+                .map(|(_, v)| v)
+        })
         .filter(|v| !v.is_null())
 }
 

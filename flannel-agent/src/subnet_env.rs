@@ -1,10 +1,6 @@
 //! `/run/flannel/subnet.env`, read by the flannel CNI plugin, written as flanneld writes it
 //! (pkg/subnet/subnet.go `WriteSubnetFile`): atomically, through a temporary file and a rename.
-use std::{
-    io::Write as _,
-    net::Ipv4Addr,
-    path::Path,
-};
+use std::{io::Write as _, net::Ipv4Addr, path::Path};
 
 use ipnet::Ipv4Net;
 
@@ -37,10 +33,19 @@ impl SubnetEnv {
 
     /// Writes the file atomically, creating its directory if needed.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
-        let err = |source| Error::SubnetFile { path: path.to_path_buf(), source };
-        let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        let err = |source| Error::SubnetFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
         std::fs::create_dir_all(dir).map_err(err)?;
-        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = dir.join(format!(".{name}.{}", std::process::id()));
         let result = (|| {
             let mut f = std::fs::File::create(&tmp)?;
@@ -86,8 +91,15 @@ mod tests {
         env.write(&path).unwrap();
         env.mtu = 1400;
         env.write(&path).unwrap();
-        assert!(std::fs::read_to_string(&path).unwrap().contains("FLANNEL_MTU=1400\n"));
-        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("FLANNEL_MTU=1400\n")
+        );
+        let names: Vec<_> = std::fs::read_dir(path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
     }
 }

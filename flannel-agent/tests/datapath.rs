@@ -1,9 +1,10 @@
-//! BPF_PROG_TEST_RUN tests of every program: crafted packets checked byte for byte and field by
+//! `BPF_PROG_TEST_RUN` tests of every program: crafted packets checked byte for byte and field by
 //! field, drops checked against their counted reason, and fuzzing with malformed packets.
-//! Needs root (CAP_BPF and CAP_NET_ADMIN) and a kernel with BPF; `cargo xtask test` runs it so.
+//! Needs root (`CAP_BPF` and `CAP_NET_ADMIN`) and a kernel with BPF; `cargo xtask test` runs it so.
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
-use flannel_agent::{
-    dataplane::{Desired, ebpf::{EbpfDataplane, sum_stats}},
+use flannel_agent::dataplane::{
+    Desired,
+    ebpf::{EbpfDataplane, sum_stats},
 };
 use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name, reason};
 
@@ -83,13 +84,24 @@ fn payload(len: usize) -> Vec<u8> {
 
 /// A pod's frame to the gateway MAC, for a pod on node B.
 fn pod_frame(dst: [u8; 4], ttl: u8, len: usize) -> Vec<u8> {
-    eth(CNI_MAC, POD_MAC, 0x0800, &ipv4(POD_A, dst, ttl, 6, &payload(len)))
+    eth(
+        CNI_MAC,
+        POD_MAC,
+        0x0800,
+        &ipv4(POD_A, dst, ttl, 6, &payload(len)),
+    )
 }
 
 /// VXLAN as node A's kernel device (or our encap) sends it to node B.
 fn vxlan_frame(outer_src: [u8; 4], vni: u32, inner_dst_mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
     let inner_eth = eth(inner_dst_mac, VTEP_A, 0x0800, inner);
-    let outer = ipv4(outer_src, NODE_B, 64, 17, &udp(40000, PORT, &vxlan_hdr(0x08, vni, &inner_eth)));
+    let outer = ipv4(
+        outer_src,
+        NODE_B,
+        64,
+        17,
+        &udp(40000, PORT, &vxlan_hdr(0x08, vni, &inner_eth)),
+    );
     eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
 }
 
@@ -119,13 +131,31 @@ fn config(public_ip: [u8; 4], subnet: [u8; 4], vtep: [u8; 6], uplink_mac: [u8; 6
 /// Node A (10.244.1.0/24) with node B as its one peer.
 fn node_a() -> EbpfDataplane {
     let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
-    dp.set_config(&config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1])).unwrap();
+    dp.set_config(&config(
+        NODE_A,
+        [10, 244, 1, 0],
+        VTEP_A,
+        [0x02, 0, 0, 0, 0, 0xa1],
+    ))
+    .unwrap();
     let mut d = Desired::default();
     d.routes.insert(
         "10.244.2.0/24".parse().unwrap(),
-        RemoteSubnet { public_ip: NODE_B, vtep_mac: VTEP_B, backend: backend::VXLAN, _pad0: 0 },
+        RemoteSubnet {
+            public_ip: NODE_B,
+            vtep_mac: VTEP_B,
+            backend: backend::VXLAN,
+            _pad0: 0,
+        },
     );
-    d.nodes.insert(NODE_B.into(), RemoteNode { vtep_mac: VTEP_B, backend: backend::VXLAN, _pad0: 0 });
+    d.nodes.insert(
+        NODE_B.into(),
+        RemoteNode {
+            vtep_mac: VTEP_B,
+            backend: backend::VXLAN,
+            _pad0: 0,
+        },
+    );
     dp.sync(&d).unwrap();
     dp
 }
@@ -133,13 +163,26 @@ fn node_a() -> EbpfDataplane {
 /// Node B (10.244.2.0/24) with node A as its one peer.
 fn node_b() -> EbpfDataplane {
     let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
-    dp.set_config(&config(NODE_B, [10, 244, 2, 0], VTEP_B, UPLINK_MAC_B)).unwrap();
+    dp.set_config(&config(NODE_B, [10, 244, 2, 0], VTEP_B, UPLINK_MAC_B))
+        .unwrap();
     let mut d = Desired::default();
     d.routes.insert(
         "10.244.1.0/24".parse().unwrap(),
-        RemoteSubnet { public_ip: NODE_A, vtep_mac: VTEP_A, backend: backend::VXLAN, _pad0: 0 },
+        RemoteSubnet {
+            public_ip: NODE_A,
+            vtep_mac: VTEP_A,
+            backend: backend::VXLAN,
+            _pad0: 0,
+        },
     );
-    d.nodes.insert(NODE_A.into(), RemoteNode { vtep_mac: VTEP_A, backend: backend::VXLAN, _pad0: 0 });
+    d.nodes.insert(
+        NODE_A.into(),
+        RemoteNode {
+            vtep_mac: VTEP_A,
+            backend: backend::VXLAN,
+            _pad0: 0,
+        },
+    );
     dp.sync(&d).unwrap();
     dp
 }
@@ -148,17 +191,30 @@ fn run_tc(dp: &mut EbpfDataplane, prog: &str, input: &[u8]) -> (i32, Vec<u8>) {
     let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).unwrap().try_into().unwrap();
     let mut out = vec![0u8; input.len() + 256];
     let r = p
-        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
         .unwrap_or_else(|e| panic!("test_run {prog} on {} bytes: {e}", input.len()));
     out.truncate(r.data_size_out as usize);
-    (r.return_value as i32, out)
+    (r.return_value.cast_signed(), out)
 }
 
 fn run_xdp(dp: &mut EbpfDataplane, input: &[u8]) -> (u32, Vec<u8>) {
-    let p: &mut Xdp = dp.ebpf_mut().program_mut(prog_name::FROM_WIRE_XDP).unwrap().try_into().unwrap();
+    let p: &mut Xdp = dp
+        .ebpf_mut()
+        .program_mut(prog_name::FROM_WIRE_XDP)
+        .unwrap()
+        .try_into()
+        .unwrap();
     let mut out = vec![0u8; input.len() + 256];
     let r = p
-        .test_run(TestRunOptions { data_in: Some(input), data_out: Some(&mut out), ..Default::default() })
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ..Default::default()
+        })
         .unwrap_or_else(|e| panic!("test_run xdp on {} bytes: {e}", input.len()));
     out.truncate(r.data_size_out as usize);
     (r.return_value, out)
@@ -171,7 +227,11 @@ fn counted(dp: &EbpfDataplane, why: u32) -> u64 {
 }
 
 fn total_counted(dp: &EbpfDataplane) -> u64 {
-    sum_stats(dp_ref(dp)).unwrap().iter().map(|(_, c)| c.packets).sum()
+    sum_stats(dp_ref(dp))
+        .unwrap()
+        .iter()
+        .map(|(_, c)| c.packets)
+        .sum()
 }
 
 fn dp_ref(dp: &EbpfDataplane) -> &aya::Ebpf {
@@ -194,8 +254,16 @@ fn from_pods_encapsulates_like_the_kernel_vxlan_device() {
     let ip = &out[14..34];
     assert_eq!(ip[0], 0x45, "version 4, no options");
     assert_eq!(ip[1], 0, "TOS");
-    assert_eq!(u16::from_be_bytes([ip[2], ip[3]]) as usize, out.len() - 14, "total length");
-    assert_eq!(u16::from_be_bytes([ip[6], ip[7]]), 0, "DF clear, no fragment offset, as the kernel VXLAN device");
+    assert_eq!(
+        u16::from_be_bytes([ip[2], ip[3]]) as usize,
+        out.len() - 14,
+        "total length"
+    );
+    assert_eq!(
+        u16::from_be_bytes([ip[6], ip[7]]),
+        0,
+        "DF clear, no fragment offset, as the kernel VXLAN device"
+    );
     assert_eq!(ip[8], 64, "outer TTL");
     assert_eq!(ip[9], 17, "UDP");
     assert_eq!(csum(ip), 0, "outer header checksum valid");
@@ -204,10 +272,21 @@ fn from_pods_encapsulates_like_the_kernel_vxlan_device() {
     // UDP.
     let u = &out[34..42];
     let sport = u16::from_be_bytes([u[0], u[1]]);
-    assert!((32768..61000).contains(&sport), "source port {sport} in the ephemeral range");
+    assert!(
+        (32768..61000).contains(&sport),
+        "source port {sport} in the ephemeral range"
+    );
     assert_eq!(u16::from_be_bytes([u[2], u[3]]), PORT);
-    assert_eq!(u16::from_be_bytes([u[4], u[5]]) as usize, out.len() - 34, "UDP length");
-    assert_eq!(&u[6..8], &[0, 0], "no UDP checksum (legal for IPv4, the kernel's default)");
+    assert_eq!(
+        u16::from_be_bytes([u[4], u[5]]) as usize,
+        out.len() - 34,
+        "UDP length"
+    );
+    assert_eq!(
+        &u[6..8],
+        &[0, 0],
+        "no UDP checksum (legal for IPv4, the kernel's default)"
+    );
     // VXLAN.
     assert_eq!(&out[42..50], &[0x08, 0, 0, 0, 0, 0, 1, 0], "I flag, VNI 1");
     // Inner Ethernet: to the remote VTEP MAC, from ours.
@@ -218,7 +297,11 @@ fn from_pods_encapsulates_like_the_kernel_vxlan_device() {
     let inner = &out[64..];
     let mut expected = input[14..].to_vec();
     expected[8] = 63;
-    assert_eq!(csum(&inner[..20]), 0, "inner checksum valid after the TTL decrement");
+    assert_eq!(
+        csum(&inner[..20]),
+        0,
+        "inner checksum valid after the TTL decrement"
+    );
     expected[10..12].copy_from_slice(&inner[10..12]);
     assert_eq!(inner, &expected[..]);
     assert_eq!(counted(&a, reason::ENCAP_VXLAN), 1);
@@ -237,7 +320,10 @@ fn from_pods_source_port_follows_the_flow() {
         assert_eq!(out1[34..36], out2[34..36], "same flow, same source port");
         ports.insert(u16::from_be_bytes([out1[34], out1[35]]));
     }
-    assert!(ports.len() > 16, "flows spread over source ports: {ports:?}");
+    assert!(
+        ports.len() > 16,
+        "flows spread over source ports: {ports:?}"
+    );
 }
 
 #[test]
@@ -268,7 +354,10 @@ fn from_pods_drops_with_a_reason() {
     let cases = [
         (pod_frame([10, 244, 99, 1], 64, 100), reason::DROP_NO_ROUTE),
         (pod_frame(POD_B, 1, 100), reason::DROP_TTL_EXCEEDED),
-        (pod_frame(POD_B, 64, 1500 - 20 - 50 + 1), reason::DROP_TOO_BIG),
+        (
+            pod_frame(POD_B, 64, 1500 - 20 - 50 + 1),
+            reason::DROP_TOO_BIG,
+        ),
         (bad_ihl, reason::DROP_BAD_IPV4),
         (not_v4, reason::DROP_BAD_IPV4),
     ];
@@ -277,7 +366,11 @@ fn from_pods_drops_with_a_reason() {
     cases_push(&mut a, &cases);
     cases_push(&mut a, &[(bad_csum, reason::DROP_BAD_IPV4)]);
     // The largest packet that fits the uplink MTU once encapsulated goes through.
-    let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1500 - 20 - 50));
+    let (ret, _) = run_tc(
+        &mut a,
+        prog_name::FROM_PODS,
+        &pod_frame(POD_B, 64, 1500 - 20 - 50),
+    );
     assert_eq!(ret, TC_ACT_REDIRECT);
 }
 
@@ -286,7 +379,12 @@ fn cases_push(a: &mut EbpfDataplane, cases: &[(Vec<u8>, u32)]) {
         let before = counted(a, *why);
         let (ret, _) = run_tc(a, prog_name::FROM_PODS, input);
         assert_eq!(ret, TC_ACT_SHOT, "{}", reason::NAMES[*why as usize]);
-        assert_eq!(counted(a, *why), before + 1, "{}", reason::NAMES[*why as usize]);
+        assert_eq!(
+            counted(a, *why),
+            before + 1,
+            "{}",
+            reason::NAMES[*why as usize]
+        );
     }
 }
 
@@ -294,9 +392,20 @@ fn cases_push(a: &mut EbpfDataplane, cases: &[(Vec<u8>, u32)]) {
 fn unconfigured_programs_pass_everything() {
     let mut dp = EbpfDataplane::unpinned().unwrap();
     let input = pod_frame(POD_B, 64, 100);
-    assert_eq!(run_tc(&mut dp, prog_name::FROM_PODS, &input), (TC_ACT_OK, input.clone()));
-    let wire = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 64, 6, &payload(100)));
-    assert_eq!(run_tc(&mut dp, prog_name::FROM_WIRE, &wire), (TC_ACT_OK, wire.clone()));
+    assert_eq!(
+        run_tc(&mut dp, prog_name::FROM_PODS, &input),
+        (TC_ACT_OK, input.clone())
+    );
+    let wire = vxlan_frame(
+        NODE_A,
+        VNI,
+        VTEP_B,
+        &ipv4(POD_A, POD_B, 64, 6, &payload(100)),
+    );
+    assert_eq!(
+        run_tc(&mut dp, prog_name::FROM_WIRE, &wire),
+        (TC_ACT_OK, wire.clone())
+    );
     assert_eq!(run_xdp(&mut dp, &wire), (XDP_PASS, wire.clone()));
     assert_eq!(counted(&dp, reason::PASS_NOT_CONFIGURED), 2);
 }
@@ -311,7 +420,11 @@ fn from_wire_tc_decapsulates_and_delivers_to_cni0() {
     let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
     assert_eq!(ret, TC_ACT_REDIRECT, "redirected to cni0");
     assert_eq!(out.len(), input.len() - 50);
-    assert_eq!(&out[..14], &input[..14], "outer Ethernet kept for bpf_redirect_neigh");
+    assert_eq!(
+        &out[..14],
+        &input[..14],
+        "outer Ethernet kept for bpf_redirect_neigh"
+    );
     let mut expected = inner.clone();
     expected[8] = 62;
     assert_eq!(csum(&out[14..34]), 0);
@@ -329,7 +442,11 @@ fn our_encapsulation_is_accepted_by_our_decapsulation() {
     wire[0..6].copy_from_slice(&UPLINK_MAC_B); // what bpf_redirect_neigh writes
     let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &wire);
     assert_eq!(ret, TC_ACT_REDIRECT);
-    assert_eq!(out[14 + 8], 62, "two router hops, as with flannel's kernel path");
+    assert_eq!(
+        out[14 + 8],
+        62,
+        "two router hops, as with flannel's kernel path"
+    );
     assert_eq!(&out[14 + 20..], &input[14 + 20..], "payload intact");
 }
 
@@ -340,10 +457,18 @@ fn from_wire_xdp_decapsulates() {
     let input = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
     let (ret, out) = run_xdp(&mut b, &input);
     assert_eq!(ret, XDP_PASS);
-    assert_eq!(&out[0..6], &UPLINK_MAC_B, "addressed to the uplink so the stack takes it");
+    assert_eq!(
+        &out[0..6],
+        &UPLINK_MAC_B,
+        "addressed to the uplink so the stack takes it"
+    );
     assert_eq!(&out[6..12], &VTEP_A);
     assert_eq!(&out[12..14], &[0x08, 0x00]);
-    assert_eq!(&out[14..], &inner[..], "inner packet untouched (tc forwards it)");
+    assert_eq!(
+        &out[14..],
+        &inner[..],
+        "inner packet untouched (tc forwards it)"
+    );
     assert_eq!(counted(&b, reason::DECAP_VXLAN_XDP), 1);
     // tc then hands the decapsulated packet to cni0.
     let (ret, delivered) = run_tc(&mut b, prog_name::FROM_WIRE, &out);
@@ -364,11 +489,21 @@ fn from_wire_passes_what_is_not_our_vxlan() {
     let not_to_us = {
         let mut f = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
         f[30..34].copy_from_slice(&[198, 18, 0, 99]);
-        let c = csum(&{ let mut h = f[14..34].to_vec(); h[10] = 0; h[11] = 0; h });
+        let c = csum(&{
+            let mut h = f[14..34].to_vec();
+            h[10] = 0;
+            h[11] = 0;
+            h
+        });
         f[24..26].copy_from_slice(&c.to_be_bytes());
         f
     };
-    let tcp_to_node = eth(UPLINK_MAC_B, POD_MAC, 0x0800, &ipv4(NODE_A, NODE_B, 64, 6, &payload(100)));
+    let tcp_to_node = eth(
+        UPLINK_MAC_B,
+        POD_MAC,
+        0x0800,
+        &ipv4(NODE_A, NODE_B, 64, 6, &payload(100)),
+    );
     let arp = eth([0xff; 6], POD_MAC, 0x0806, &[0u8; 28]);
     let fragment = {
         let mut f = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
@@ -384,7 +519,12 @@ fn from_wire_passes_what_is_not_our_vxlan() {
     ] {
         let before = counted(&b, why);
         let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
-        assert_eq!((ret, &out), (TC_ACT_OK, &input), "{} untouched", reason::NAMES[why as usize]);
+        assert_eq!(
+            (ret, &out),
+            (TC_ACT_OK, &input),
+            "{} untouched",
+            reason::NAMES[why as usize]
+        );
         assert_eq!(counted(&b, why), before + 1);
         let (ret, out) = run_xdp(&mut b, &input);
         assert_eq!((ret, &out), (XDP_PASS, &input));
@@ -402,16 +542,36 @@ fn from_wire_drops_bad_vxlan_with_a_reason() {
     bad_inner_ihl[64] = 0x42;
     let mut inner_len_lies = good.clone();
     inner_len_lies[66..68].copy_from_slice(&2000u16.to_be_bytes());
-    let not_local = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, [10, 244, 3, 3], 63, 6, &payload(100)));
+    let not_local = vxlan_frame(
+        NODE_A,
+        VNI,
+        VTEP_B,
+        &ipv4(POD_A, [10, 244, 3, 3], 63, 6, &payload(100)),
+    );
     let inner_arp = {
         let inner_eth = eth(VTEP_B, VTEP_A, 0x0806, &[0u8; 28]);
-        let outer = ipv4(NODE_A, NODE_B, 64, 17, &udp(40000, PORT, &vxlan_hdr(0x08, VNI, &inner_eth)));
+        let outer = ipv4(
+            NODE_A,
+            NODE_B,
+            64,
+            17,
+            &udp(40000, PORT, &vxlan_hdr(0x08, VNI, &inner_eth)),
+        );
         eth(UPLINK_MAC_B, POD_MAC, 0x0800, &outer)
     };
     let cases = [
-        (vxlan_frame(NODE_A, 2, VTEP_B, &inner), reason::DROP_UNKNOWN_VNI),
-        (vxlan_frame([198, 18, 0, 66], VNI, VTEP_B, &inner), reason::DROP_UNKNOWN_SOURCE),
-        (vxlan_frame(NODE_A, VNI, [0xff; 6], &inner), reason::DROP_BAD_INNER_MAC),
+        (
+            vxlan_frame(NODE_A, 2, VTEP_B, &inner),
+            reason::DROP_UNKNOWN_VNI,
+        ),
+        (
+            vxlan_frame([198, 18, 0, 66], VNI, VTEP_B, &inner),
+            reason::DROP_UNKNOWN_SOURCE,
+        ),
+        (
+            vxlan_frame(NODE_A, VNI, [0xff; 6], &inner),
+            reason::DROP_BAD_INNER_MAC,
+        ),
         (no_i_flag, reason::DROP_VXLAN_FLAGS),
         (bad_inner_ihl, reason::DROP_BAD_IPV4),
         (inner_len_lies, reason::DROP_BAD_IPV4),
@@ -435,11 +595,20 @@ fn from_wire_drops_bad_vxlan_with_a_reason() {
 #[test]
 fn xdp_handles_runts_that_tc_test_run_rejects() {
     let mut b = node_b();
-    let good = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 63, 6, &payload(10)));
+    let good = vxlan_frame(
+        NODE_A,
+        VNI,
+        VTEP_B,
+        &ipv4(POD_A, POD_B, 63, 6, &payload(10)),
+    );
     for len in 14..good.len() {
         let (ret, _) = run_xdp(&mut b, &good[..len]);
         // Headers before the UDP port say nothing about us: pass; after it, truncation drops.
-        let expected = if len < 14 + 20 + 8 { XDP_PASS } else { XDP_DROP };
+        let expected = if len < 14 + 20 + 8 {
+            XDP_PASS
+        } else {
+            XDP_DROP
+        };
         assert_eq!(ret, expected, "length {len}");
     }
 }
@@ -494,18 +663,36 @@ fn ipv4_header_ok(h: &[u8]) -> bool {
 fn fuzz_from_wire_never_misdelivers_and_counts_every_packet() {
     let mut b = node_b();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
-    let seed = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 63, 6, &payload(200)));
+    let seed = vxlan_frame(
+        NODE_A,
+        VNI,
+        VTEP_B,
+        &ipv4(POD_A, POD_B, 63, 6, &payload(200)),
+    );
     for i in 0..3000u64 {
         let input = mutate(&mut rng, &seed);
         let before = total_counted(&b);
         let (ret, out) = run_tc(&mut b, prog_name::FROM_WIRE, &input);
-        assert_eq!(total_counted(&b), before + 1, "run {i}: every packet counted exactly once");
+        assert_eq!(
+            total_counted(&b),
+            before + 1,
+            "run {i}: every packet counted exactly once"
+        );
         match ret {
-            TC_ACT_OK => assert!(out == input || out.len() + 50 == input.len(), "run {i}: pass modifies nothing"),
+            TC_ACT_OK => assert!(
+                out == input || out.len() + 50 == input.len(),
+                "run {i}: pass modifies nothing"
+            ),
             TC_ACT_SHOT => {}
             TC_ACT_REDIRECT => {
-                assert!(out.len() == input.len() || out.len() + 50 == input.len(), "run {i}");
-                assert!(ipv4_header_ok(&out[14..]), "run {i}: only a valid IPv4 packet reaches a pod");
+                assert!(
+                    out.len() == input.len() || out.len() + 50 == input.len(),
+                    "run {i}"
+                );
+                assert!(
+                    ipv4_header_ok(&out[14..]),
+                    "run {i}: only a valid IPv4 packet reaches a pod"
+                );
             }
             other => panic!("run {i}: verdict {other}"),
         }
@@ -515,7 +702,10 @@ fn fuzz_from_wire_never_misdelivers_and_counts_every_packet() {
             XDP_PASS => {
                 assert_eq!(out.len() + 50, input.len(), "run {i}");
                 assert_eq!(&out[0..6], &UPLINK_MAC_B);
-                assert!(ipv4_header_ok(&out[14..]), "run {i}: decapsulated packet is valid IPv4");
+                assert!(
+                    ipv4_header_ok(&out[14..]),
+                    "run {i}: decapsulated packet is valid IPv4"
+                );
             }
             XDP_DROP => {}
             other => panic!("run {i}: xdp verdict {other}"),
@@ -532,7 +722,11 @@ fn fuzz_from_pods_encapsulates_only_valid_packets() {
         let input = mutate(&mut rng, &seed);
         let before = total_counted(&a);
         let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &input);
-        assert_eq!(total_counted(&a), before + 1, "run {i}: every packet counted exactly once");
+        assert_eq!(
+            total_counted(&a),
+            before + 1,
+            "run {i}: every packet counted exactly once"
+        );
         match ret {
             TC_ACT_OK => assert_eq!(out, input, "run {i}: pass modifies nothing"),
             TC_ACT_SHOT => {}

@@ -6,6 +6,11 @@
 //! dump` shows them as bytes and neither side needs to care about endianness. Changing any layout
 //! here requires bumping [`LAYOUT_VERSION`], which moves the pins to a new directory.
 #![no_std]
+// Padding fields are public so that both sides can build values with struct literals.
+#![allow(
+    clippy::pub_underscore_fields,
+    reason = "explicit padding, written as zero by both sides"
+)]
 
 use bytemuck::{Pod, Zeroable};
 
@@ -201,7 +206,7 @@ pub mod vxlan {
     pub const DEFAULT_VNI: u32 = 1;
     /// The I flag of the VXLAN header: the VNI is valid.
     pub const FLAG_VNI: u8 = 0x08;
-    /// Outer TTL the kernel uses when the VXLAN device has `ttl 0` (ip4_dst_hoplimit default).
+    /// Outer TTL the kernel uses when the VXLAN device has `ttl 0` (`ip4_dst_hoplimit` default).
     pub const OUTER_TTL: u8 = 64;
 }
 

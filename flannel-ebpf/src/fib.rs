@@ -9,7 +9,7 @@ use flannel_ebpf_common::reason;
 pub fn redirect_neigh(ifindex: u32) -> Result<i32, u32> {
     // SAFETY: a NULL `params` with size 0 asks the kernel to do the FIB lookup itself.
     let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
-    if action == TC_ACT_REDIRECT as i32 {
+    if action == TC_ACT_REDIRECT {
         Ok(action)
     } else {
         Err(reason::DROP_REDIRECT)

@@ -7,7 +7,8 @@
 //! untouched; anything that claims to be our VXLAN but is malformed is dropped and counted.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action::{XDP_DROP, XDP_PASS},
     },
     helpers::bpf_xdp_adjust_head,
@@ -21,8 +22,9 @@ use crate::{
     fib,
     maps::{FLANNEL_NODES, config},
     parse::{
-        ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN, VXLAN_HLEN, VxlanHdr,
-        decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment, is_ipv4, ptr_at, udp_at,
+        ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN, VXLAN_HLEN,
+        VxlanHdr, decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment, is_ipv4,
+        ptr_at, udp_at,
     },
 };
 
@@ -56,9 +58,12 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
         return Ok(Wire::Pass(reason::PASS_UNPARSED));
     };
     // SAFETY: `ip` came from `ptr_at`.
-    let (vihl, proto, src, dst) = unsafe { ((*ip).vihl, (*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+    let (vihl, proto, src, dst) =
+        unsafe { ((*ip).vihl, (*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
     if dst != cfg.public_ip {
-        if vihl >> 4 == 4 && in_subnet(dst, cfg.subnet_addr, cfg.subnet_mask) && dst != cfg.gateway_ip
+        if vihl >> 4 == 4
+            && in_subnet(dst, cfg.subnet_addr, cfg.subnet_mask)
+            && dst != cfg.gateway_ip
         {
             return Ok(Wire::Local);
         }
@@ -102,8 +107,13 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     }
     let inner = ipv4_checked_at(pkt, INNER_IP_OFF)?;
     // SAFETY: `inner` came from `ptr_at`.
-    let (inner_vihl, inner_len, inner_dst) =
-        unsafe { ((*inner).vihl, u16::from_be_bytes((*inner).tot_len), (*inner).dst_addr) };
+    let (inner_vihl, inner_len, inner_dst) = unsafe {
+        (
+            (*inner).vihl,
+            u16::from_be_bytes((*inner).tot_len),
+            (*inner).dst_addr,
+        )
+    };
     let header_len = u32::from(inner_vihl & 0x0f) * 4;
     let room = pkt.len().saturating_sub(INNER_IP_OFF as u32);
     if u32::from(inner_len) < header_len || u32::from(inner_len) > room {
@@ -136,7 +146,11 @@ pub fn run_tc(ctx: &TcContext) -> i32 {
 #[inline(always)]
 fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
     // Headers of a non-linear skb may not all be in the linear area yet.
-    let want = if ctx.len() < PARSE_LEN { ctx.len() } else { PARSE_LEN };
+    let want = if ctx.len() < PARSE_LEN {
+        ctx.len()
+    } else {
+        PARSE_LEN
+    };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }

@@ -13,8 +13,7 @@ pub static FLANNEL_CONFIG: Array<NodeConfig, 1> = Array::new();
 
 /// Remote pod subnet → remote node, longest-prefix match on the inner destination.
 #[btf_map]
-pub static FLANNEL_ROUTES: LpmTrie<[u8; 4], RemoteSubnet, { MAX_ROUTES as usize }> =
-    LpmTrie::new();
+pub static FLANNEL_ROUTES: LpmTrie<[u8; 4], RemoteSubnet, { MAX_ROUTES as usize }> = LpmTrie::new();
 
 /// Remote node public IP → node: encapsulated traffic is accepted only from these.
 #[btf_map]

@@ -88,7 +88,11 @@ pub fn eth(pkt: &impl Packet) -> Result<*mut EthHdr, u32> {
 #[inline(always)]
 pub fn is_ipv4(eth: *const EthHdr) -> bool {
     // SAFETY: `eth` came from `ptr_at`; the field is read unaligned as bytes.
-    let ether_type: [u8; 2] = unsafe { core::ptr::addr_of!((*eth).ether_type).cast::<[u8; 2]>().read() };
+    let ether_type: [u8; 2] = unsafe {
+        core::ptr::addr_of!((*eth).ether_type)
+            .cast::<[u8; 2]>()
+            .read()
+    };
     ether_type == ETH_P_IP
 }
 

@@ -110,8 +110,16 @@ pub struct Testbed {
 pub fn agent_bin() -> Result<PathBuf> {
     let path = std::env::var_os("FLANNEL_AGENT_BIN")
         .map(PathBuf::from)
-        .ok_or_else(|| anyhow!("FLANNEL_AGENT_BIN is not set: run the end-to-end tests through `cargo xtask test`"))?;
-    ensure!(path.exists(), "FLANNEL_AGENT_BIN={} does not exist", path.display());
+        .ok_or_else(|| {
+            anyhow!(
+                "FLANNEL_AGENT_BIN is not set: run the end-to-end tests through `cargo xtask test`"
+            )
+        })?;
+    ensure!(
+        path.exists(),
+        "FLANNEL_AGENT_BIN={} does not exist",
+        path.display()
+    );
     Ok(path)
 }
 
@@ -121,9 +129,15 @@ pub fn run(program: &str, args: &[&str]) -> Result<String> {
         .args(args)
         .stdin(Stdio::null())
         .output()
-        .with_context(|| format!("running {program} (is it installed? `cargo xtask test` installs it)"))?;
+        .with_context(|| {
+            format!("running {program} (is it installed? `cargo xtask test` installs it)")
+        })?;
     if !out.status.success() {
-        bail!("{program} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{program} {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -144,21 +158,23 @@ pub fn in_ns(netns: &str, program: &str, args: &[&str]) -> Result<String> {
 
 /// Removes namespaces and pin directories left by runs whose process is gone.
 pub fn sweep_stale() {
-    let Ok(list) = run("ip", &["netns", "list"]) else { return };
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
     for name in list.lines().filter_map(|l| l.split_whitespace().next()) {
-        if let Some(pid) = owner_pid(name) {
-            if !Path::new(&format!("/proc/{pid}")).exists() {
-                let _ = run("ip", &["netns", "delete", name]);
-            }
+        if let Some(pid) = owner_pid(name)
+            && !Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = run("ip", &["netns", "delete", name]);
         }
     }
     if let Ok(entries) = fs::read_dir("/sys/fs/bpf") {
         for e in entries.filter_map(Result::ok) {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = owner_pid(&name) {
-                if !Path::new(&format!("/proc/{pid}")).exists() {
-                    let _ = fs::remove_dir_all(e.path());
-                }
+            if let Some(pid) = owner_pid(&name)
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = fs::remove_dir_all(e.path());
             }
         }
     }
@@ -172,7 +188,10 @@ impl Testbed {
     /// Builds the cluster and starts an agent on every eBPF node.
     pub fn start(tag: &str, options: Options) -> Result<Self> {
         sweep_stale();
-        ensure!(nix::unistd::Uid::effective().is_root(), "the testbed needs root (network namespaces, BPF)");
+        ensure!(
+            nix::unistd::Uid::effective().is_root(),
+            "the testbed needs root (network namespaces, BPF)"
+        );
         let run_id = RUN_COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{PREFIX}{}-{tag}{run_id}", std::process::id());
         let dir = std::env::temp_dir().join(&prefix);
@@ -182,12 +201,17 @@ impl Testbed {
             prefix: prefix.clone(),
             dir,
             nodes: Vec::new(),
-            agent_bin: if options.kinds.contains(&NodeKind::Ebpf) { agent_bin()? } else { PathBuf::new() },
-            options: options.clone(),
+            agent_bin: if options.kinds.contains(&NodeKind::Ebpf) {
+                agent_bin()?
+            } else {
+                PathBuf::new()
+            },
+            options,
             agents: Vec::new(),
             namespaces: Vec::new(),
         };
-        tb.build().with_context(|| format!("building testbed {prefix}"))?;
+        tb.build()
+            .with_context(|| format!("building testbed {prefix}"))?;
         Ok(tb)
     }
 
@@ -215,8 +239,14 @@ impl Testbed {
             let netns = format!("{}-n{index}", self.prefix);
             self.add_netns(&netns)?;
             let public_ip = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
-            ip(&ul, &format!("link add n{index} type veth peer name eth0 netns {netns}"))?;
-            ip(&ul, &format!("link set n{index} mtu {UNDERLAY_MTU} master br0 up"))?;
+            ip(
+                &ul,
+                &format!("link add n{index} type veth peer name eth0 netns {netns}"),
+            )?;
+            ip(
+                &ul,
+                &format!("link set n{index} mtu {UNDERLAY_MTU} master br0 up"),
+            )?;
             ip(&netns, &format!("link set eth0 mtu {UNDERLAY_MTU} up"))?;
             ip(&netns, &format!("addr add {public_ip}/24 dev eth0"))?;
             in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
@@ -230,14 +260,26 @@ impl Testbed {
                 NodeKind::Ebpf => format!("0e:fe:00:00:00:{index:02x}"),
                 NodeKind::Stock => {
                     // As flanneld: a VXLAN device with a kernel-chosen MAC that the lease advertises.
-                    ip(&netns, &format!(
-                        "link add flannel.1 type vxlan id 1 local {public_ip} dev eth0 dstport 8472 nolearning"
-                    ))?;
-                    ip(&netns, &format!("link set flannel.1 mtu {} up", UNDERLAY_MTU - 50))?;
-                    ip(&netns, &format!("addr add 10.244.{index}.0/32 dev flannel.1"))?;
+                    ip(
+                        &netns,
+                        &format!(
+                            "link add flannel.1 type vxlan id 1 local {public_ip} dev eth0 dstport 8472 nolearning"
+                        ),
+                    )?;
+                    ip(
+                        &netns,
+                        &format!("link set flannel.1 mtu {} up", UNDERLAY_MTU - 50),
+                    )?;
+                    ip(
+                        &netns,
+                        &format!("addr add 10.244.{index}.0/32 dev flannel.1"),
+                    )?;
                     let json = ip(&netns, "-j link show flannel.1")?;
                     let v: serde_json::Value = serde_json::from_str(&json)?;
-                    v[0]["address"].as_str().ok_or_else(|| anyhow!("flannel.1 has no MAC"))?.to_string()
+                    v[0]["address"]
+                        .as_str()
+                        .ok_or_else(|| anyhow!("flannel.1 has no MAC"))?
+                        .to_string()
                 }
             };
             self.nodes.push(Node {
@@ -258,11 +300,32 @@ impl Testbed {
         for node in self.nodes.iter().filter(|n| n.kind == NodeKind::Stock) {
             for peer in self.nodes.iter().filter(|p| p.index != node.index) {
                 let gw = format!("10.244.{}.0", peer.index);
-                ip(&node.netns, &format!("neigh add {gw} lladdr {} dev flannel.1 nud permanent", peer.vtep_mac))?;
-                in_ns(&node.netns, "bridge", &[
-                    "fdb", "append", &peer.vtep_mac, "dev", "flannel.1", "dst", &peer.public_ip.to_string(), "self", "permanent",
-                ])?;
-                ip(&node.netns, &format!("route add {} via {gw} dev flannel.1 onlink", peer.subnet))?;
+                ip(
+                    &node.netns,
+                    &format!(
+                        "neigh add {gw} lladdr {} dev flannel.1 nud permanent",
+                        peer.vtep_mac
+                    ),
+                )?;
+                in_ns(
+                    &node.netns,
+                    "bridge",
+                    &[
+                        "fdb",
+                        "append",
+                        &peer.vtep_mac,
+                        "dev",
+                        "flannel.1",
+                        "dst",
+                        &peer.public_ip.to_string(),
+                        "self",
+                        "permanent",
+                    ],
+                )?;
+                ip(
+                    &node.netns,
+                    &format!("route add {} via {gw} dev flannel.1 onlink", peer.subnet),
+                )?;
             }
             fs::write(
                 &node.subnet_file,
@@ -280,7 +343,11 @@ impl Testbed {
         }
         // Pods, with the MTU from the subnet file, as the flannel CNI plugin does.
         for i in 0..self.nodes.len() {
-            let mtu = self.subnet_env(i)?.get("FLANNEL_MTU").cloned().ok_or_else(|| anyhow!("no FLANNEL_MTU"))?;
+            let mtu = self
+                .subnet_env(i)?
+                .get("FLANNEL_MTU")
+                .cloned()
+                .ok_or_else(|| anyhow!("no FLANNEL_MTU"))?;
             for j in 1..=self.options.pods_per_node {
                 let node = &self.nodes[i];
                 let pod_ns = format!("{}p{j}", node.netns);
@@ -288,12 +355,19 @@ impl Testbed {
                 let index = node.index;
                 self.add_netns(&pod_ns)?;
                 let pod_ip = Ipv4Addr::new(10, 244, index as u8, 10 + j as u8);
-                ip(&node_ns, &format!("link add veth{j} mtu {mtu} type veth peer name eth0 netns {pod_ns}"))?;
+                ip(
+                    &node_ns,
+                    &format!("link add veth{j} mtu {mtu} type veth peer name eth0 netns {pod_ns}"),
+                )?;
                 ip(&node_ns, &format!("link set veth{j} master cni0 up"))?;
                 ip(&pod_ns, &format!("link set eth0 mtu {mtu} up"))?;
                 ip(&pod_ns, &format!("addr add {pod_ip}/24 dev eth0"))?;
                 ip(&pod_ns, &format!("route add default via 10.244.{index}.1"))?;
-                self.nodes[i].pods.push(Pod { netns: pod_ns, ip: pod_ip, node: i });
+                self.nodes[i].pods.push(Pod {
+                    netns: pod_ns,
+                    ip: pod_ip,
+                    node: i,
+                });
             }
         }
         Ok(())
@@ -329,12 +403,18 @@ impl Testbed {
     pub fn agent_args(&self, i: usize) -> Vec<String> {
         let node = &self.nodes[i];
         let mut args: Vec<String> = [
-            "--iface", "eth0",
-            "--net-config-path", &self.dir.join("net-conf.json").to_string_lossy(),
-            "--subnet-mgr", "static",
-            "--leases", &self.leases_path().to_string_lossy(),
-            "--pin-dir", &node.pin_dir.to_string_lossy(),
-            "--subnet-file", &node.subnet_file.to_string_lossy(),
+            "--iface",
+            "eth0",
+            "--net-config-path",
+            &self.dir.join("net-conf.json").to_string_lossy(),
+            "--subnet-mgr",
+            "static",
+            "--leases",
+            &self.leases_path().to_string_lossy(),
+            "--pin-dir",
+            &node.pin_dir.to_string_lossy(),
+            "--subnet-file",
+            &node.subnet_file.to_string_lossy(),
         ]
         .iter()
         .map(ToString::to_string)
@@ -353,7 +433,8 @@ impl Testbed {
         unsafe {
             cmd.pre_exec(move || {
                 let f = fs::File::open(&netns_path)?;
-                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(std::io::Error::from)?;
+                nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
                 Ok(())
             });
         }
@@ -362,7 +443,10 @@ impl Testbed {
 
     /// Starts the agent of node `i` and waits until its dataplane is active.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let log = fs::OpenOptions::new().create(true).append(true).open(&self.nodes[i].log)?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.nodes[i].log)?;
         let child = self
             .command_in_node(i, &self.agent_bin.clone())
             .args(self.agent_args(i))
@@ -379,21 +463,38 @@ impl Testbed {
             if self.log(i).matches("eBPF dataplane active").count() > marks_before {
                 return Ok(());
             }
-            if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| *n == i) {
-                if let Some(status) = child.try_wait()? {
-                    bail!("agent of node {} exited ({status}):\n{}", i + 1, self.log(i));
-                }
+            if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| *n == i)
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "agent of node {} exited ({status}):\n{}",
+                    i + 1,
+                    self.log(i)
+                );
             }
-            ensure!(Instant::now() < deadline, "agent of node {} not ready in 30 s:\n{}", i + 1, self.log(i));
+            ensure!(
+                Instant::now() < deadline,
+                "agent of node {} not ready in 30 s:\n{}",
+                i + 1,
+                self.log(i)
+            );
             thread::sleep(Duration::from_millis(50));
         }
     }
 
     /// Stops the agent of node `i` with `signal` and waits for it to exit.
-    pub fn stop_agent(&mut self, i: usize, signal: nix::sys::signal::Signal) -> Result<std::process::ExitStatus> {
-        let pos = self.agents.iter().position(|(n, _)| *n == i).ok_or_else(|| anyhow!("node {} has no agent", i + 1))?;
+    pub fn stop_agent(
+        &mut self,
+        i: usize,
+        signal: nix::sys::signal::Signal,
+    ) -> Result<std::process::ExitStatus> {
+        let pos = self
+            .agents
+            .iter()
+            .position(|(n, _)| *n == i)
+            .ok_or_else(|| anyhow!("node {} has no agent", i + 1))?;
         let (_, mut child) = self.agents.remove(pos);
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal)?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().cast_signed()), signal)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             if let Some(status) = child.try_wait()? {
@@ -426,7 +527,11 @@ impl Testbed {
 
     /// Runs the agent binary with extra arguments inside node `i` and returns (success, stdout, stderr).
     pub fn agent_once(&self, i: usize, args: &[&str]) -> Result<(bool, String, String)> {
-        let out = self.command_in_node(i, &self.agent_bin).args(args).stdin(Stdio::null()).output()?;
+        let out = self
+            .command_in_node(i, &self.agent_bin)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -457,7 +562,10 @@ impl Testbed {
     /// Removes everything: agents, pins, namespaces, files.
     fn teardown(&mut self) {
         for (_, mut child) in self.agents.drain(..) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(child.id().cast_signed()),
+                nix::sys::signal::Signal::SIGKILL,
+            );
             let _ = child.wait();
         }
         for node in &self.nodes {
@@ -484,7 +592,10 @@ impl Drop for Testbed {
 }
 
 /// Runs `f` on a thread that has entered network namespace `netns`.
-pub fn with_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub fn with_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let path = format!("/run/netns/{netns}");
     thread::spawn(move || {
         let file = fs::File::open(&path).with_context(|| format!("opening {path}"))?;
@@ -498,7 +609,9 @@ pub fn with_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> Result<T> 
 /// Deterministic, position-dependent test data.
 #[must_use]
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
-    (0..len).map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed).collect()
+    (0..len)
+        .map(|i| (i as u32).wrapping_mul(2_654_435_761).to_be_bytes()[0] ^ seed)
+        .collect()
 }
 
 /// Sends `bytes` from pod `from` to pod `to` over TCP; `to` echoes them back. Both directions are
@@ -543,20 +656,40 @@ pub fn tcp_echo(from: &Pod, to: &Pod, bytes: usize) -> Result<Duration> {
     });
     let mut echoed = Vec::with_capacity(bytes);
     let mut reader = stream;
-    reader.read_to_end(&mut echoed).with_context(|| format!("reading the echo {} ← {}", from.ip, to.ip))?;
+    reader
+        .read_to_end(&mut echoed)
+        .with_context(|| format!("reading the echo {} ← {}", from.ip, to.ip))?;
     sender.join().map_err(|_| anyhow!("sender panicked"))??;
     let received = server.join().map_err(|_| anyhow!("server panicked"))??;
     let rtt = start.elapsed();
-    ensure!(received == data, "{} → {}: the server got {} bytes that differ from the {} sent", from.ip, to.ip, received.len(), data.len());
-    ensure!(echoed == data, "{} ← {}: the echo ({} bytes) differs from the {} sent", from.ip, to.ip, echoed.len(), data.len());
+    ensure!(
+        received == data,
+        "{} → {}: the server got {} bytes that differ from the {} sent",
+        from.ip,
+        to.ip,
+        received.len(),
+        data.len()
+    );
+    ensure!(
+        echoed == data,
+        "{} ← {}: the echo ({} bytes) differs from the {} sent",
+        from.ip,
+        to.ip,
+        echoed.len(),
+        data.len()
+    );
     Ok(rtt)
 }
 
 /// Pings `dst` from pod `from` (3 echo requests, bounded to a few seconds).
 pub fn ping(from: &Pod, dst: Ipv4Addr) -> Result<()> {
-    in_ns(&from.netns, "ping", &["-c", "3", "-i", "0.2", "-W", "2", "-q", &dst.to_string()])
-        .map(|_| ())
-        .with_context(|| format!("ping {} → {dst}", from.ip))
+    in_ns(
+        &from.netns,
+        "ping",
+        &["-c", "3", "-i", "0.2", "-W", "2", "-q", &dst.to_string()],
+    )
+    .map(|_| ())
+    .with_context(|| format!("ping {} → {dst}", from.ip))
 }
 
 /// A one-line summary of counters, for logs.
@@ -574,14 +707,19 @@ pub fn can_connect(from: &Pod, to: &Pod, timeout: Duration) -> Result<bool> {
     let port = 20_000 + (PORT_COUNTER.fetch_add(1, Ordering::Relaxed) % 20_000) as u16;
     let addr = SocketAddr::from((to.ip, port));
     let _listener = with_netns(&to.netns, move || Ok(TcpListener::bind(addr)?))?;
-    with_netns(&from.netns, move || Ok(TcpStream::connect_timeout(&addr, timeout).is_ok()))
+    with_netns(&from.netns, move || {
+        Ok(TcpStream::connect_timeout(&addr, timeout).is_ok())
+    })
 }
 
 /// Waits until `cond` holds, up to `timeout`.
 pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     while !cond() {
-        ensure!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        ensure!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         thread::sleep(Duration::from_millis(50));
     }
     Ok(())
@@ -607,8 +745,14 @@ pub struct Iperf3Server {
 impl Iperf3Server {
     pub fn start(netns: &str, dir: &Path) -> Result<Self> {
         let pidfile = dir.join(format!("iperf3-{netns}.pid"));
-        in_ns(netns, "iperf3", &["-s", "-D", "--pidfile", &pidfile.to_string_lossy()])?;
-        wait_for("iperf3 to start", Duration::from_secs(5), || pidfile.exists())?;
+        in_ns(
+            netns,
+            "iperf3",
+            &["-s", "-D", "--pidfile", &pidfile.to_string_lossy()],
+        )?;
+        wait_for("iperf3 to start", Duration::from_secs(5), || {
+            pidfile.exists()
+        })?;
         thread::sleep(Duration::from_millis(200));
         Ok(Self { pidfile })
     }
@@ -616,8 +760,14 @@ impl Iperf3Server {
 
 impl Drop for Iperf3Server {
     fn drop(&mut self) {
-        if let Some(pid) = fs::read_to_string(&self.pidfile).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        if let Some(pid) = fs::read_to_string(&self.pidfile)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
         let _ = fs::remove_file(&self.pidfile);
     }
@@ -626,10 +776,21 @@ impl Drop for Iperf3Server {
 /// TCP throughput in Gbit/s from `netns` to `dst` (an `iperf3 -s` must listen there), bounded by
 /// `seconds` plus a margin.
 pub fn iperf3(netns: &str, dst: Ipv4Addr, seconds: u32, streams: u32) -> Result<f64> {
-    let out = in_ns(netns, "timeout", &[
-        &(seconds + 10).to_string(), "iperf3", "-c", &dst.to_string(), "-t", &seconds.to_string(),
-        "-P", &streams.to_string(), "-J",
-    ])?;
+    let out = in_ns(
+        netns,
+        "timeout",
+        &[
+            &(seconds + 10).to_string(),
+            "iperf3",
+            "-c",
+            &dst.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-P",
+            &streams.to_string(),
+            "-J",
+        ],
+    )?;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()

@@ -5,7 +5,8 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use flannel_tests::{
     NodeKind::{Ebpf, Stock},
-    Options, Testbed, agent_bin, can_connect, link_packets, ping, run, summarize, tcp_echo, wait_for,
+    Options, Testbed, agent_bin, can_connect, link_packets, ping, run, summarize, tcp_echo,
+    wait_for,
 };
 use nix::sys::signal::Signal;
 
@@ -14,8 +15,15 @@ const MIB: usize = 1024 * KIB;
 
 fn no_drops(tb: &Testbed, i: usize) -> Result<()> {
     let stats = tb.stats(i)?;
-    let drops: Vec<_> = stats.iter().filter(|(k, v)| k.starts_with("drop_") && **v > 0).collect();
-    ensure!(drops.is_empty(), "node {} dropped packets: {drops:?}", i + 1);
+    let drops: Vec<_> = stats
+        .iter()
+        .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
+        .collect();
+    ensure!(
+        drops.is_empty(),
+        "node {} dropped packets: {drops:?}",
+        i + 1
+    );
     Ok(())
 }
 
@@ -25,7 +33,10 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
     for (i, node) in tb.nodes.iter().enumerate() {
         let env = tb.subnet_env(i)?;
         ensure!(env["FLANNEL_NETWORK"] == "10.244.0.0/16", "{env:?}");
-        ensure!(env["FLANNEL_SUBNET"] == format!("10.244.{}.1/24", node.index), "{env:?}");
+        ensure!(
+            env["FLANNEL_SUBNET"] == format!("10.244.{}.1/24", node.index),
+            "{env:?}"
+        );
         ensure!(env["FLANNEL_MTU"] == "1450", "uplink 1500 - 50: {env:?}");
         ensure!(env["FLANNEL_IPMASQ"] == "false", "{env:?}");
     }
@@ -42,14 +53,46 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
     for i in 0..tb.nodes.len() {
         let stats = tb.stats(i)?;
         eprintln!("node {}: {}", i + 1, summarize(&stats));
-        ensure!(stats["encap_vxlan"] > 0 && stats["decap_vxlan"] > 0, "node {} forwarded nothing", i + 1);
+        ensure!(
+            stats["encap_vxlan"] > 0 && stats["decap_vxlan"] > 0,
+            "node {} forwarded nothing",
+            i + 1
+        );
         no_drops(&tb, i)?;
     }
     // Pinned maps carry BTF: bpftool prints field names.
-    let dump = run("bpftool", &["map", "dump", "pinned", &tb.nodes[0].pin_dir.join("v1/FLANNEL_CONFIG").to_string_lossy()])?;
-    ensure!(dump.contains("vtep_mac") && dump.contains("public_ip"), "no BTF field names in:\n{dump}");
-    let dump = run("bpftool", &["map", "dump", "pinned", &tb.nodes[0].pin_dir.join("v1/FLANNEL_ROUTES").to_string_lossy()])?;
-    ensure!(dump.matches("vtep_mac").count() == 2, "two remote subnets expected in:\n{dump}");
+    let dump = run(
+        "bpftool",
+        &[
+            "map",
+            "dump",
+            "pinned",
+            &tb.nodes[0]
+                .pin_dir
+                .join("v1/FLANNEL_CONFIG")
+                .to_string_lossy(),
+        ],
+    )?;
+    ensure!(
+        dump.contains("vtep_mac") && dump.contains("public_ip"),
+        "no BTF field names in:\n{dump}"
+    );
+    let dump = run(
+        "bpftool",
+        &[
+            "map",
+            "dump",
+            "pinned",
+            &tb.nodes[0]
+                .pin_dir
+                .join("v1/FLANNEL_ROUTES")
+                .to_string_lossy(),
+        ],
+    )?;
+    ensure!(
+        dump.matches("vtep_mac").count() == 2,
+        "two remote subnets expected in:\n{dump}"
+    );
     Ok(())
 }
 
@@ -69,7 +112,10 @@ fn vxlan_interoperates_with_a_stock_flannel_node() -> Result<()> {
     tcp_echo(&tb.nodes[0].pods[0], &stock.pods[0], 16 * MIB)?;
     tcp_echo(&stock.pods[1], &tb.nodes[1].pods[1], 16 * MIB)?;
     let (rx1, tx1) = link_packets(&stock.netns, "flannel.1")?;
-    ensure!(rx1 > rx0 + 1000 && tx1 > tx0 + 1000, "traffic did not cross the kernel VXLAN device: rx {rx0}→{rx1} tx {tx0}→{tx1}");
+    ensure!(
+        rx1 > rx0 + 1000 && tx1 > tx0 + 1000,
+        "traffic did not cross the kernel VXLAN device: rx {rx0}→{rx1} tx {tx0}→{tx1}"
+    );
     for i in 0..2 {
         let stats = tb.stats(i)?;
         eprintln!("node {}: {}", i + 1, summarize(&stats));
@@ -84,7 +130,11 @@ fn xdp_decapsulation_carries_pod_traffic() -> Result<()> {
     let mut options = Options::vxlan(&[Ebpf, Ebpf, Stock], 1);
     options.agent_args = vec!["--decap".into(), "xdp".into()];
     let tb = Testbed::start("xdp", options)?;
-    ensure!(tb.log(0).contains("attached XDP decapsulation"), "{}", tb.log(0));
+    ensure!(
+        tb.log(0).contains("attached XDP decapsulation"),
+        "{}",
+        tb.log(0)
+    );
     let pods = tb.pods();
     for a in &pods {
         for b in pods.iter().filter(|b| b.node != a.node) {
@@ -95,7 +145,10 @@ fn xdp_decapsulation_carries_pod_traffic() -> Result<()> {
     for i in 0..2 {
         let stats = tb.stats(i)?;
         eprintln!("node {}: {}", i + 1, summarize(&stats));
-        ensure!(stats["decap_vxlan_xdp"] > 0 && stats["deliver_local"] > 0, "XDP did not decapsulate");
+        ensure!(
+            stats["decap_vxlan_xdp"] > 0 && stats["deliver_local"] > 0,
+            "XDP did not decapsulate"
+        );
         no_drops(&tb, i)?;
     }
     Ok(())
@@ -106,12 +159,20 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
     let mut tb = Testbed::start("rs", Options::vxlan(&[Ebpf, Ebpf], 1))?;
     let (p1, p2) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone());
     tcp_echo(&p1, &p2, MIB)?;
-    let routes = tb.nodes[0].pin_dir.join("v1/FLANNEL_ROUTES").to_string_lossy().into_owned();
+    let routes = tb.nodes[0]
+        .pin_dir
+        .join("v1/FLANNEL_ROUTES")
+        .to_string_lossy()
+        .into_owned();
     let before = run("bpftool", &["map", "dump", "pinned", &routes])?;
 
     let status = tb.stop_agent(0, Signal::SIGTERM)?;
     ensure!(status.success(), "SIGTERM exit: {status}");
-    ensure!(tb.log(0).contains("stay and keep forwarding"), "{}", tb.log(0));
+    ensure!(
+        tb.log(0).contains("stay and keep forwarding"),
+        "{}",
+        tb.log(0)
+    );
     // No agent on node 1: the pinned programs keep forwarding.
     tcp_echo(&p1, &p2, MIB)?;
     tcp_echo(&p2, &p1, MIB)?;
@@ -119,49 +180,87 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
     tb.start_agent(0)?;
     let log = tb.log(0);
     ensure!(log.contains("adopting the pinned dataplane"), "{log}");
-    ensure!(log.contains("0 added, 0 updated, 0 removed"), "restart must not rewrite the maps:\n{log}");
-    ensure!(log.contains("replaced the program of the pinned tc link"), "{log}");
-    ensure!(run("bpftool", &["map", "dump", "pinned", &routes])? == before, "routes changed across the restart");
+    ensure!(
+        log.contains("0 added, 0 updated, 0 removed"),
+        "restart must not rewrite the maps:\n{log}"
+    );
+    ensure!(
+        log.contains("replaced the program of the pinned tc link"),
+        "{log}"
+    );
+    ensure!(
+        run("bpftool", &["map", "dump", "pinned", &routes])? == before,
+        "routes changed across the restart"
+    );
     tcp_echo(&p1, &p2, MIB)?;
 
     // --cleanup removes everything; then node 1 no longer forwards pod traffic.
     tb.stop_agent(0, Signal::SIGTERM)?;
     let pin = tb.nodes[0].pin_dir.to_string_lossy().into_owned();
     let file = tb.nodes[0].subnet_file.to_string_lossy().into_owned();
-    let (ok, _, err) = tb.agent_once(0, &["--cleanup", "--pin-dir", &pin, "--subnet-file", &file])?;
+    let (ok, _, err) =
+        tb.agent_once(0, &["--cleanup", "--pin-dir", &pin, "--subnet-file", &file])?;
     ensure!(ok, "cleanup failed: {err}");
-    ensure!(!tb.nodes[0].pin_dir.exists() && !tb.nodes[0].subnet_file.exists(), "cleanup left pins or subnet.env");
-    ensure!(!can_connect(&p1, &p2, Duration::from_secs(2))?, "node 1 still forwards after --cleanup");
+    ensure!(
+        !tb.nodes[0].pin_dir.exists() && !tb.nodes[0].subnet_file.exists(),
+        "cleanup left pins or subnet.env"
+    );
+    ensure!(
+        !can_connect(&p1, &p2, Duration::from_secs(2))?,
+        "node 1 still forwards after --cleanup"
+    );
     Ok(())
 }
 
 #[test]
 fn lease_file_changes_update_only_the_maps() -> Result<()> {
     let tb = Testbed::start("ls", Options::vxlan(&[Ebpf, Ebpf, Ebpf], 1))?;
-    let (p1, p2, p3) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone(), tb.nodes[2].pods[0].clone());
+    let (p1, p2, p3) = (
+        tb.nodes[0].pods[0].clone(),
+        tb.nodes[1].pods[0].clone(),
+        tb.nodes[2].pods[0].clone(),
+    );
     tcp_echo(&p1, &p3, 256 * KIB)?;
     let attached = tb.log(0).matches("attached at tc ingress").count();
 
     // Node 3's lease disappears: its subnet leaves node 1's maps.
     tb.write_leases(&[1, 2])?;
-    wait_for("node 1 to apply the change", Duration::from_secs(10), || tb.log(0).contains("leases changed"))?;
-    ensure!(tb.log(0).contains("0 added, 0 updated, 2 removed"), "{}", tb.log(0));
-    ensure!(!can_connect(&p1, &p3, Duration::from_secs(2))?, "removed lease still routed");
+    wait_for(
+        "node 1 to apply the change",
+        Duration::from_secs(10),
+        || tb.log(0).contains("leases changed"),
+    )?;
+    ensure!(
+        tb.log(0).contains("0 added, 0 updated, 2 removed"),
+        "{}",
+        tb.log(0)
+    );
+    ensure!(
+        !can_connect(&p1, &p3, Duration::from_secs(2))?,
+        "removed lease still routed"
+    );
     ensure!(tb.stats(0)?["drop_no_route"] > 0);
     tcp_echo(&p1, &p2, 256 * KIB)?;
 
     // A broken file is reported and ignored: the last good leases stay.
     std::fs::write(tb.leases_path(), "{\"leases\": [")?;
-    wait_for("node 1 to reject the broken file", Duration::from_secs(10), || {
-        tb.log(0).contains("keeping the current leases")
-    })?;
+    wait_for(
+        "node 1 to reject the broken file",
+        Duration::from_secs(10),
+        || tb.log(0).contains("keeping the current leases"),
+    )?;
     tcp_echo(&p1, &p2, 256 * KIB)?;
 
     // Back again.
     tb.write_leases(&[1, 2, 3])?;
-    wait_for("node 1 to re-add node 3", Duration::from_secs(10), || tb.log(0).contains("2 added, 0 updated, 0 removed"))?;
+    wait_for("node 1 to re-add node 3", Duration::from_secs(10), || {
+        tb.log(0).contains("2 added, 0 updated, 0 removed")
+    })?;
     tcp_echo(&p1, &p3, 256 * KIB)?;
-    ensure!(tb.log(0).matches("attached at tc ingress").count() == attached, "programs were re-attached");
+    ensure!(
+        tb.log(0).matches("attached at tc ingress").count() == attached,
+        "programs were re-attached"
+    );
     Ok(())
 }
 
@@ -175,23 +274,61 @@ fn bad_input_is_one_clear_line_and_programs_nothing() -> Result<()> {
     let good_conf = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
     let good_leases = r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"198.18.0.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:01"}}]}"#;
     let cases: [(&str, &str, &[&str], &str); 7] = [
-        ("{nope", good_leases, &["--iface", "eth0"], "net-conf.json: invalid JSON"),
-        (r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#, good_leases, &["--iface", "eth0"], "Backend.Type: unknown backend type \"geneve\""),
-        (good_conf, good_leases, &["--iface", "eth9"], "no interface matches --iface eth9"),
+        (
+            "{nope",
+            good_leases,
+            &["--iface", "eth0"],
+            "net-conf.json: invalid JSON",
+        ),
+        (
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#,
+            good_leases,
+            &["--iface", "eth0"],
+            "Backend.Type: unknown backend type \"geneve\"",
+        ),
+        (
+            good_conf,
+            good_leases,
+            &["--iface", "eth9"],
+            "no interface matches --iface eth9",
+        ),
         // Regexes match whole names: "eth" is not "eth0".
-        (good_conf, good_leases, &["--iface-regex", "eth"], "no interface name or IPv4 address matches --iface-regex eth"),
-        (good_conf, r#"{"leases":[{"Subnet":"10.99.1.0/24","PublicIP":"198.18.0.11"}]}"#, &["--iface", "eth0"], "leases[0].Subnet: 10.99.1.0/24 is outside the Network"),
-        (good_conf, r#"{"leases":[{"Subnet":"10.244.2.0/24","PublicIP":"198.18.0.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:02"}}]}"#, &["--iface", "eth0"], "no lease has PublicIP 198.18.0.11"),
-        (good_conf, "{\"leases\": 3", &["--iface", "eth0"], "leases.json: invalid JSON"),
+        (
+            good_conf,
+            good_leases,
+            &["--iface-regex", "eth"],
+            "no interface name or IPv4 address matches --iface-regex eth",
+        ),
+        (
+            good_conf,
+            r#"{"leases":[{"Subnet":"10.99.1.0/24","PublicIP":"198.18.0.11"}]}"#,
+            &["--iface", "eth0"],
+            "leases[0].Subnet: 10.99.1.0/24 is outside the Network",
+        ),
+        (
+            good_conf,
+            r#"{"leases":[{"Subnet":"10.244.2.0/24","PublicIP":"198.18.0.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:02"}}]}"#,
+            &["--iface", "eth0"],
+            "no lease has PublicIP 198.18.0.11",
+        ),
+        (
+            good_conf,
+            "{\"leases\": 3",
+            &["--iface", "eth0"],
+            "leases.json: invalid JSON",
+        ),
     ];
     for (conf, leases, extra, want) in cases {
         std::fs::write(dir.join("net-conf.json"), conf)?;
         std::fs::write(dir.join("leases.json"), leases)?;
         let subnet_file = dir.join("subnet.env");
         let mut args = vec![
-            "--net-config-path", dir.join("net-conf.json").to_str().unwrap_or_default(),
-            "--leases", dir.join("leases.json").to_str().unwrap_or_default(),
-            "--subnet-file", subnet_file.to_str().unwrap_or_default(),
+            "--net-config-path",
+            dir.join("net-conf.json").to_str().unwrap_or_default(),
+            "--leases",
+            dir.join("leases.json").to_str().unwrap_or_default(),
+            "--subnet-file",
+            subnet_file.to_str().unwrap_or_default(),
         ]
         .into_iter()
         .map(String::from)
@@ -202,9 +339,18 @@ fn bad_input_is_one_clear_line_and_programs_nothing() -> Result<()> {
         let (ok, _, err) = tb.agent_once(0, &refs)?;
         ensure!(!ok, "{want}: the agent should have failed");
         let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-        ensure!(lines.len() == 1, "{want}: expected one line on stderr, got:\n{err}");
-        ensure!(lines[0].starts_with("flannel-agent: error: ") && lines[0].contains(want), "expected {want:?} in:\n{err}");
-        ensure!(!std::path::Path::new(&pin_bpffs).exists(), "{want}: pins were created");
+        ensure!(
+            lines.len() == 1,
+            "{want}: expected one line on stderr, got:\n{err}"
+        );
+        ensure!(
+            lines[0].starts_with("flannel-agent: error: ") && lines[0].contains(want),
+            "expected {want:?} in:\n{err}"
+        );
+        ensure!(
+            !std::path::Path::new(&pin_bpffs).exists(),
+            "{want}: pins were created"
+        );
         ensure!(!subnet_file.exists(), "{want}: subnet.env was written");
     }
     let _ = pin;

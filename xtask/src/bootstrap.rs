@@ -17,7 +17,9 @@ pub fn say(msg: &str) {
 /// Runs a command, echoing it, failing on a non-zero exit.
 pub fn sh(cmd: &mut Command) -> Result<()> {
     say(&format!("$ {}", describe(cmd)));
-    let status = cmd.status().with_context(|| format!("running {}", describe(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {}", describe(cmd)))?;
     ensure!(status.success(), "{} failed ({status})", describe(cmd));
     Ok(())
 }
@@ -31,8 +33,15 @@ fn describe(cmd: &Command) -> String {
 }
 
 fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("running {}", describe(cmd)))?;
-    ensure!(out.status.success(), "{} failed: {}", describe(cmd), String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .with_context(|| format!("running {}", describe(cmd)))?;
+    ensure!(
+        out.status.success(),
+        "{} failed: {}",
+        describe(cmd),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
@@ -62,7 +71,10 @@ fn ensure_debian_packages() -> Result<()> {
     if missing.is_empty() {
         return Ok(());
     }
-    say(&format!("installing Debian packages: {}", missing.join(" ")));
+    say(&format!(
+        "installing Debian packages: {}",
+        missing.join(" ")
+    ));
     sh(Command::new("apt-get").args(["update", "-qq"]))?;
     sh(Command::new("apt-get")
         .args(["install", "-y", "-qq", "--no-install-recommends"])
@@ -74,12 +86,30 @@ fn ensure_nightly() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
         say("installing the nightly toolchain (the eBPF programs build with -Z build-std)");
-        sh(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))?;
+        sh(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"]))?;
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))?;
     if !components.lines().any(|l| l.starts_with("rust-src")) {
         say("adding rust-src to nightly (to build core for bpfel-unknown-none)");
-        sh(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        sh(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     Ok(())
 }
@@ -98,7 +128,10 @@ fn nightly_llvm() -> Result<(PathBuf, u32)> {
     let lib = std::fs::read_dir(&lib_dir)?
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so."))
+        })
         .with_context(|| format!("no libLLVM.so.* in {}", lib_dir.display()))?;
     Ok((lib, major))
 }
@@ -109,20 +142,35 @@ fn home() -> PathBuf {
 
 fn ensure_bpf_linker() -> Result<()> {
     let (lib, major) = nightly_llvm()?;
-    let lib_name = lib.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let lib_name = lib
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // One prefix per nightly libLLVM: a new nightly gets a freshly built linker.
-    let prefix = home().join(".cache/flannel-ebpf").join(format!("bpf-linker-{lib_name}"));
+    let prefix = home()
+        .join(".cache/flannel-ebpf")
+        .join(format!("bpf-linker-{lib_name}"));
     let built = prefix.join("bin/bpf-linker");
     let link = home().join(".cargo/bin/bpf-linker");
-    if let Ok(meta) = std::fs::symlink_metadata(&link) {
-        if !meta.file_type().is_symlink() {
-            say(&format!("using the bpf-linker installed at {}", link.display()));
-            return Ok(());
-        }
+    if let Ok(meta) = std::fs::symlink_metadata(&link)
+        && !meta.file_type().is_symlink()
+    {
+        say(&format!(
+            "using the bpf-linker installed at {}",
+            link.display()
+        ));
+        return Ok(());
     }
-    let works = |p: &Path| Command::new(p).arg("--version").output().is_ok_and(|o| o.status.success());
+    let works = |p: &Path| {
+        Command::new(p)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
     if !works(&built) {
-        say(&format!("building bpf-linker against the nightly's LLVM {major} ({lib_name}); this takes a few minutes once"));
+        say(&format!(
+            "building bpf-linker against the nightly's LLVM {major} ({lib_name}); this takes a few minutes once"
+        ));
         let lib_dir = prefix.join("lib");
         std::fs::create_dir_all(&lib_dir)?;
         for name in ["libLLVM.so", lib_name.as_str()] {
@@ -131,7 +179,15 @@ fn ensure_bpf_linker() -> Result<()> {
             std::os::unix::fs::symlink(&lib, &l)?;
         }
         sh(Command::new("cargo")
-            .args(["+stable", "install", "bpf-linker", "--version", "=0.13.0", "--locked", "--no-default-features"])
+            .args([
+                "+stable",
+                "install",
+                "bpf-linker",
+                "--version",
+                "=0.13.0",
+                "--locked",
+                "--no-default-features",
+            ])
             .args(["--features", &format!("llvm-{major}")])
             .arg("--root")
             .arg(&prefix)
@@ -141,7 +197,11 @@ fn ensure_bpf_linker() -> Result<()> {
         }
     }
     if std::fs::read_link(&link).ok().as_deref() != Some(built.as_path()) {
-        say(&format!("linking {} -> {}", link.display(), built.display()));
+        say(&format!(
+            "linking {} -> {}",
+            link.display(),
+            built.display()
+        ));
         std::fs::create_dir_all(link.parent().unwrap_or(Path::new("/")))?;
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&built, &link)?;

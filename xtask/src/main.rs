@@ -2,6 +2,7 @@
 mod bootstrap;
 
 use std::{
+    fmt::Write as _,
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -63,7 +64,7 @@ enum Task {
         #[arg(long)]
         duration: Option<u64>,
     },
-    /// Unit, BPF_PROG_TEST_RUN and end-to-end tests (as root).
+    /// Unit, `BPF_PROG_TEST_RUN` and end-to-end tests (as root).
     Test,
     /// Pod-to-pod TCP throughput through each datapath, interleaved, with ratios.
     Bench {
@@ -83,7 +84,11 @@ extern "C" fn on_signal(_: i32) {
 
 fn install_stop_handlers() -> Result<()> {
     use nix::sys::signal::{SaFlags, SigAction, SigHandler, SigSet, Signal, sigaction};
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::empty(), SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &action) }?;
@@ -103,14 +108,20 @@ fn cargo() -> Command {
 
 /// Builds the agent (and with it the eBPF object) and returns the binary.
 fn build_agent(release: bool) -> Result<PathBuf> {
-    say(&format!("building flannel-agent ({}) and its eBPF programs", if release { "release" } else { "debug" }));
+    say(&format!(
+        "building flannel-agent ({}) and its eBPF programs",
+        if release { "release" } else { "debug" }
+    ));
     let mut cmd = cargo();
     cmd.args(["build", "-p", "flannel-agent"]);
     if release {
         cmd.arg("--release");
     }
     sh(&mut cmd)?;
-    let bin = workspace_root().join("target").join(if release { "release" } else { "debug" }).join("flannel-agent");
+    let bin = workspace_root()
+        .join("target")
+        .join(if release { "release" } else { "debug" })
+        .join("flannel-agent");
     ensure!(bin.exists(), "{} was not built", bin.display());
     bin.canonicalize().context("agent path")
 }
@@ -130,9 +141,14 @@ fn main() -> Result<()> {
     }
     match cli.task {
         Task::Test => test(),
-        Task::Run { backend: BackendArg::Vxlan, nodes, stock_nodes, pods, decap, duration } => {
-            run(nodes, stock_nodes, pods, decap, duration)
-        }
+        Task::Run {
+            backend: BackendArg::Vxlan,
+            nodes,
+            stock_nodes,
+            pods,
+            decap,
+            duration,
+        } => run(nodes, stock_nodes, pods, decap, duration),
         Task::Bench { quick, reps } => bench(quick, reps),
     }
 }
@@ -141,10 +157,57 @@ fn test() -> Result<()> {
     bootstrap::ensure_all()?;
     let agent = build_agent(false)?;
     flannel_tests::sweep_stale();
-    say("running unit, BPF_PROG_TEST_RUN and end-to-end tests (one at a time: each builds its own cluster)");
-    sh(cargo()
-        .args(["test", "-p", "flannel-ebpf-common", "-p", "flannel-agent", "-p", "flannel-tests", "--", "--test-threads=1"])
-        .env("FLANNEL_AGENT_BIN", &agent))
+    say(
+        "running unit, BPF_PROG_TEST_RUN and end-to-end tests (one at a time: each builds its own cluster)",
+    );
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "flannel-ebpf-common",
+        "-p",
+        "flannel-agent",
+        "-p",
+        "flannel-tests",
+        "--",
+        "--test-threads=1",
+    ])
+    .env("FLANNEL_AGENT_BIN", &agent)
+    .stdout(std::process::Stdio::piped());
+    say(
+        "$ cargo test -p flannel-ebpf-common -p flannel-agent -p flannel-tests -- --test-threads=1",
+    );
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .strip_suffix(word)
+                            .and_then(|n| n.trim().parse().ok())
+                    })
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+            ignored += count(" ignored");
+        }
+    }
+    let status = child.wait()?;
+    // One closing line for the whole run (cargo's last line is that of an arbitrary test binary).
+    if ignored > 0 {
+        println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
+    } else {
+        println!("tests: {passed} passed, {failed} failed");
+    }
+    ensure!(status.success() && failed == 0, "tests failed");
+    ensure!(passed > 0, "no test ran");
+    Ok(())
 }
 
 fn set_agent_env(agent: &std::path::Path) {
@@ -152,9 +215,21 @@ fn set_agent_env(agent: &std::path::Path) {
     unsafe { std::env::set_var("FLANNEL_AGENT_BIN", agent) };
 }
 
-fn run(nodes: usize, stock: usize, pods: usize, decap: DecapArg, duration: Option<u64>) -> Result<()> {
-    ensure!(nodes + stock >= 2 && nodes + stock <= 200, "--nodes plus --stock-nodes must be between 2 and 200");
-    ensure!(pods >= 1 && pods <= 200, "--pods must be between 1 and 200");
+fn run(
+    nodes: usize,
+    stock: usize,
+    pods: usize,
+    decap: DecapArg,
+    duration: Option<u64>,
+) -> Result<()> {
+    ensure!(
+        nodes + stock >= 2 && nodes + stock <= 200,
+        "--nodes plus --stock-nodes must be between 2 and 200"
+    );
+    ensure!(
+        (1..=200).contains(&pods),
+        "--pods must be between 1 and 200"
+    );
     bootstrap::ensure_all()?;
     let agent = build_agent(true)?;
     set_agent_env(&agent);
@@ -163,15 +238,24 @@ fn run(nodes: usize, stock: usize, pods: usize, decap: DecapArg, duration: Optio
     kinds.extend(std::iter::repeat_n(NodeKind::Stock, stock));
     let mut options = Options::vxlan(&kinds, pods);
     options.agent_args = vec!["--decap".into(), decap.flag().into()];
-    say(&format!("creating the demo cluster: {nodes} eBPF node(s), {stock} stock-flannel node(s), {pods} pod(s) each"));
+    say(&format!(
+        "creating the demo cluster: {nodes} eBPF node(s), {stock} stock-flannel node(s), {pods} pod(s) each"
+    ));
     let tb = Testbed::start("demo", options)?;
-    println!("\nCluster {} (underlay bridge in netns {}):", tb.prefix, tb.underlay());
+    println!(
+        "\nCluster {} (underlay bridge in netns {}):",
+        tb.prefix,
+        tb.underlay()
+    );
     for node in &tb.nodes {
         let kind = match node.kind {
             NodeKind::Ebpf => "flannel-agent (eBPF)",
             NodeKind::Stock => "stock flannel config (kernel flannel.1)",
         };
-        println!("  {:<22} {:<14} {:<15} vtep {}  {kind}", node.netns, node.public_ip, node.subnet, node.vtep_mac);
+        println!(
+            "  {:<22} {:<14} {:<15} vtep {}  {kind}",
+            node.netns, node.public_ip, node.subnet, node.vtep_mac
+        );
         for pod in &node.pods {
             println!("    pod {:<26} {}", pod.netns, pod.ip);
         }
@@ -182,21 +266,40 @@ fn run(nodes: usize, stock: usize, pods: usize, decap: DecapArg, duration: Optio
     ping(first, last.ip)?;
     println!("  ping {} -> {}: ok", first.ip, last.ip);
     let rtt = tcp_echo(first, last, 8 << 20)?;
-    println!("  TCP 8 MiB each way {} <-> {}: verified byte for byte in {rtt:.2?}", first.ip, last.ip);
+    println!(
+        "  TCP 8 MiB each way {} <-> {}: verified byte for byte in {rtt:.2?}",
+        first.ip, last.ip
+    );
     let second = tb.nodes[1].pods[0].clone();
     {
         let _server = Iperf3Server::start(&second.netns, &tb.dir)?;
         let gbps = iperf3(&first.netns, second.ip, 3, 1)?;
-        println!("  iperf3 {} -> {} (3 s): {gbps:.2} Gbit/s", first.ip, second.ip);
+        println!(
+            "  iperf3 {} -> {} (3 s): {gbps:.2} Gbit/s",
+            first.ip, second.ip
+        );
     }
     print_counters(&tb)?;
     println!("\nInspect the dataplane (BTF-described pinned maps):");
     let pins = tb.nodes[0].pin_dir.join("v1");
-    println!("  bpftool map dump pinned {}/FLANNEL_CONFIG", pins.display());
-    println!("  bpftool map dump pinned {}/FLANNEL_ROUTES", pins.display());
+    println!(
+        "  bpftool map dump pinned {}/FLANNEL_CONFIG",
+        pins.display()
+    );
+    println!(
+        "  bpftool map dump pinned {}/FLANNEL_ROUTES",
+        pins.display()
+    );
     println!("  bpftool map dump pinned {}/FLANNEL_STATS", pins.display());
-    println!("  ip netns exec {} bpftool net show dev eth0", tb.nodes[0].netns);
-    println!("  {} --stats --pin-dir {}", agent.display(), tb.nodes[0].pin_dir.display());
+    println!(
+        "  ip netns exec {} bpftool net show dev eth0",
+        tb.nodes[0].netns
+    );
+    println!(
+        "  {} --stats --pin-dir {}",
+        agent.display(),
+        tb.nodes[0].pin_dir.display()
+    );
     println!("  agent logs: {}/n*/agent.log", tb.dir.display());
     let deadline = duration.map(|s| Instant::now() + Duration::from_secs(s));
     match duration {
@@ -230,7 +333,11 @@ fn print_counters(tb: &Testbed) -> Result<()> {
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
     let n = v.len();
-    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        f64::midpoint(v[n / 2 - 1], v[n / 2])
+    }
 }
 
 fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
@@ -239,17 +346,47 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
     set_agent_env(&agent);
     let reps = reps.unwrap_or(if quick { 2 } else { 10 });
     let seconds = if quick { 2 } else { 5 };
-    say(&format!("cluster: 2 eBPF nodes, 2 stock-flannel nodes; {reps} interleaved repetitions of {seconds} s per path"));
-    let tb = Testbed::start("bench", Options::vxlan(&[NodeKind::Ebpf, NodeKind::Ebpf, NodeKind::Stock, NodeKind::Stock], 1))?;
+    say(&format!(
+        "cluster: 2 eBPF nodes, 2 stock-flannel nodes; {reps} interleaved repetitions of {seconds} s per path"
+    ));
+    let tb = Testbed::start(
+        "bench",
+        Options::vxlan(
+            &[
+                NodeKind::Ebpf,
+                NodeKind::Ebpf,
+                NodeKind::Stock,
+                NodeKind::Stock,
+            ],
+            1,
+        ),
+    )?;
     let n = &tb.nodes;
     // (name, client netns, server netns, server address)
     let paths = [
-        ("baseline", n[0].netns.clone(), n[1].netns.clone(), n[1].public_ip),
-        ("kernel-vxlan", n[2].pods[0].netns.clone(), n[3].pods[0].netns.clone(), n[3].pods[0].ip),
-        ("ebpf-vxlan", n[0].pods[0].netns.clone(), n[1].pods[0].netns.clone(), n[1].pods[0].ip),
+        (
+            "baseline",
+            n[0].netns.clone(),
+            n[1].netns.clone(),
+            n[1].public_ip,
+        ),
+        (
+            "kernel-vxlan",
+            n[2].pods[0].netns.clone(),
+            n[3].pods[0].netns.clone(),
+            n[3].pods[0].ip,
+        ),
+        (
+            "ebpf-vxlan",
+            n[0].pods[0].netns.clone(),
+            n[1].pods[0].netns.clone(),
+            n[1].pods[0].ip,
+        ),
     ];
-    let _servers: Vec<Iperf3Server> =
-        paths.iter().map(|(_, _, srv, _)| Iperf3Server::start(srv, &tb.dir)).collect::<Result<_>>()?;
+    let _servers: Vec<Iperf3Server> = paths
+        .iter()
+        .map(|(_, _, srv, _)| Iperf3Server::start(srv, &tb.dir))
+        .collect::<Result<_>>()?;
     let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
     let total = reps * paths.len();
     let started = Instant::now();
@@ -265,7 +402,11 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
         }
     }
     let ratio = |a: usize, b: usize| -> f64 {
-        let mut r: Vec<f64> = results[a].iter().zip(&results[b]).map(|(x, y)| x / y).collect();
+        let mut r: Vec<f64> = results[a]
+            .iter()
+            .zip(&results[b])
+            .map(|(x, y)| x / y)
+            .collect();
         median(&mut r)
     };
     let mut table = String::from("| path | TCP Gbit/s (median) | min | max |\n|---|---|---|---|\n");
@@ -273,16 +414,25 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
     for (i, (name, ..)) in paths.iter().enumerate() {
         let mut v = results[i].clone();
         let med = median(&mut v);
-        table.push_str(&format!("| {name} | {med:.2} | {:.2} | {:.2} |\n", v[0], v[v.len() - 1]));
-        json.insert((*name).into(), serde_json::json!({ "tcp_gbit_s": med, "samples": results[i] }));
+        let _ = writeln!(
+            table,
+            "| {name} | {med:.2} | {:.2} | {:.2} |",
+            v[0],
+            v[v.len() - 1]
+        );
+        json.insert(
+            (*name).into(),
+            serde_json::json!({ "tcp_gbit_s": med, "samples": results[i] }),
+        );
     }
     let ebpf_vs_kernel = ratio(2, 1);
     let ebpf_vs_base = ratio(2, 0);
     let kernel_vs_base = ratio(1, 0);
-    table.push_str(&format!(
+    let _ = write!(
+        table,
         "\nMedian paired ratios: ebpf-vxlan / kernel-vxlan = {ebpf_vs_kernel:.2}, ebpf-vxlan / baseline = {ebpf_vs_base:.2}, kernel-vxlan / baseline = {kernel_vs_base:.2} ({reps} repetitions, {seconds} s each, {:.0} s total)\n",
         started.elapsed().as_secs_f64()
-    ));
+    );
     println!("{table}");
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -293,10 +443,13 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
         serde_json::to_string_pretty(&serde_json::json!({
             "paths": json,
             "ratios": {"ebpf_vxlan_over_kernel_vxlan": ebpf_vs_kernel, "ebpf_vxlan_over_baseline": ebpf_vs_base},
-            "conditions": {"kernel": kernel.trim(), "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+            "conditions": {"kernel": kernel.trim(), "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
                            "underlay_mtu": flannel_tests::UNDERLAY_MTU, "reps": reps, "seconds": seconds, "decap": "tc"},
         }))?,
     )?;
-    say(&format!("wrote {}/results.md and results.json", out.display()));
+    say(&format!(
+        "wrote {}/results.md and results.json",
+        out.display()
+    ));
     Ok(())
 }

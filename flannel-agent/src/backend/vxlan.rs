@@ -13,7 +13,9 @@ pub struct LeaseData {
 
 /// Parses a vxlan lease's `BackendData`.
 pub fn lease_data(data: &Value) -> Result<LeaseData, String> {
-    let obj = data.as_object().ok_or("BackendData: expected {\"VNI\":…,\"VtepMAC\":…}")?;
+    let obj = data
+        .as_object()
+        .ok_or("BackendData: expected {\"VNI\":…,\"VtepMAC\":…}")?;
     let vni = field(obj, "VNI").and_then(Value::as_u64).unwrap_or(0);
     let vni = u32::try_from(vni).map_err(|_| "BackendData.VNI: out of range".to_string())?;
     let mac = field(obj, "VtepMAC")
@@ -44,14 +46,28 @@ mod tests {
         let d = lease_data(&serde_json::json!({"VNI": 1, "VtepMAC": "c6:d2:00:11:22:ff"})).unwrap();
         assert_eq!(d.vni, 1);
         assert_eq!(d.vtep_mac.to_string(), "c6:d2:00:11:22:ff");
-        assert!(lease_data(&serde_json::json!({"VNI": 1})).unwrap_err().contains("VtepMAC"));
-        assert!(lease_data(&serde_json::json!({"VtepMAC": "zz"})).unwrap_err().contains("VtepMAC"));
+        assert!(
+            lease_data(&serde_json::json!({"VNI": 1}))
+                .unwrap_err()
+                .contains("VtepMAC")
+        );
+        assert!(
+            lease_data(&serde_json::json!({"VtepMAC": "zz"}))
+                .unwrap_err()
+                .contains("VtepMAC")
+        );
         assert!(lease_data(&Value::Null).is_err());
     }
 
     #[test]
     fn mtu_is_uplink_minus_50_unless_set() {
-        let mut cfg = VxlanConfig { vni: 1, port: 8472, mtu: 0, gbp: false, direct_routing: false };
+        let mut cfg = VxlanConfig {
+            vni: 1,
+            port: 8472,
+            mtu: 0,
+            gbp: false,
+            direct_routing: false,
+        };
         assert_eq!(mtu(&cfg, 1500), 1450);
         cfg.mtu = 1400;
         assert_eq!(mtu(&cfg, 1500), 1400);

@@ -53,7 +53,10 @@ pub struct PinDir {
 impl PinDir {
     #[must_use]
     pub fn new(root: &Path) -> Self {
-        Self { root: root.to_path_buf(), dir: root.join(format!("v{LAYOUT_VERSION}")) }
+        Self {
+            root: root.to_path_buf(),
+            dir: root.join(format!("v{LAYOUT_VERSION}")),
+        }
     }
 
     #[must_use]
@@ -66,17 +69,23 @@ impl PinDir {
     }
 
     fn link(&self, prog: &str, ifindex: u32, suffix: &str) -> PathBuf {
-        self.dir.join(format!("{}if{ifindex}{suffix}", Self::link_prefix(prog)))
+        self.dir
+            .join(format!("{}if{ifindex}{suffix}", Self::link_prefix(prog)))
     }
 
     /// Pinned links of `prog` other than `keep`.
     fn other_links(&self, prog: &str, keep: Option<&Path>) -> Vec<PathBuf> {
         let prefix = Self::link_prefix(prog);
-        let Ok(entries) = fs::read_dir(&self.dir) else { return Vec::new() };
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
         entries
             .filter_map(Result::ok)
             .map(|e| e.path())
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)))
+            .filter(|p| {
+                p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(&prefix))
+            })
             .filter(|p| Some(p.as_path()) != keep)
             .collect()
     }
@@ -85,10 +94,34 @@ impl PinDir {
 /// Expected shape of each pinned map: (name, type, key size, value size, max entries).
 fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 4] {
     [
-        (map_name::CONFIG, MapType::Array, 4, size_of::<NodeConfig>() as u32, 1),
-        (map_name::ROUTES, MapType::LpmTrie, 8, size_of::<RemoteSubnet>() as u32, MAX_ROUTES),
-        (map_name::NODES, MapType::Hash, 4, size_of::<RemoteNode>() as u32, MAX_NODES),
-        (map_name::STATS, MapType::PerCpuArray, 4, size_of::<Counter>() as u32, reason::COUNT),
+        (
+            map_name::CONFIG,
+            MapType::Array,
+            4,
+            size_of::<NodeConfig>() as u32,
+            1,
+        ),
+        (
+            map_name::ROUTES,
+            MapType::LpmTrie,
+            8,
+            size_of::<RemoteSubnet>() as u32,
+            MAX_ROUTES,
+        ),
+        (
+            map_name::NODES,
+            MapType::Hash,
+            4,
+            size_of::<RemoteNode>() as u32,
+            MAX_NODES,
+        ),
+        (
+            map_name::STATS,
+            MapType::PerCpuArray,
+            4,
+            size_of::<Counter>() as u32,
+            reason::COUNT,
+        ),
     ]
 }
 
@@ -104,8 +137,10 @@ impl EbpfDataplane {
         ensure_bpffs(root)?;
         let pins = PinDir::new(root);
         check_other_layouts(&pins)?;
-        fs::create_dir_all(&pins.dir)
-            .map_err(|e| Error::Bpffs { path: pins.dir.clone(), message: e.to_string() })?;
+        fs::create_dir_all(&pins.dir).map_err(|e| Error::Bpffs {
+            path: pins.dir.clone(),
+            message: e.to_string(),
+        })?;
         check_pinned_maps(&pins)?;
         let mut loader = EbpfLoader::new();
         for name in map_name::ALL {
@@ -117,20 +152,23 @@ impl EbpfDataplane {
     }
 
     /// Loads and verifies the programs with private, unpinned maps and attaches nothing: for
-    /// BPF_PROG_TEST_RUN tests and micro-benchmarks. Pin and link methods must not be used.
+    /// `BPF_PROG_TEST_RUN` tests and micro-benchmarks. Pin and link methods must not be used.
     pub fn unpinned() -> Result<Self, Error> {
         let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         load_programs(&mut ebpf)?;
-        Ok(Self { ebpf, pins: PinDir::new(Path::new("/nonexistent")) })
+        Ok(Self {
+            ebpf,
+            pins: PinDir::new(Path::new("/nonexistent")),
+        })
     }
 
-    /// The loaded object, for tests that drive the programs with BPF_PROG_TEST_RUN.
+    /// The loaded object, for tests that drive the programs with `BPF_PROG_TEST_RUN`.
     #[must_use]
     pub fn ebpf(&self) -> &Ebpf {
         &self.ebpf
     }
 
-    /// The loaded object, for tests that drive the programs with BPF_PROG_TEST_RUN.
+    /// The loaded object, for tests that drive the programs with `BPF_PROG_TEST_RUN`.
     pub fn ebpf_mut(&mut self) -> &mut Ebpf {
         &mut self.ebpf
     }
@@ -142,23 +180,36 @@ impl EbpfDataplane {
 
     /// The configuration currently in the map (what a previous agent left, after a restart).
     pub fn config(&self) -> Result<NodeConfig, Error> {
-        let map = self.ebpf.map(map_name::CONFIG).ok_or_else(|| missing_map(map_name::CONFIG))?;
-        let array: Array<_, NodeConfig> = Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
-        array.get(&0, 0).map_err(|e| map_err(map_name::CONFIG, "reading", e))
+        let map = self
+            .ebpf
+            .map(map_name::CONFIG)
+            .ok_or_else(|| missing_map(map_name::CONFIG))?;
+        let array: Array<_, NodeConfig> =
+            Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
+        array
+            .get(&0, 0)
+            .map_err(|e| map_err(map_name::CONFIG, "reading", e))
     }
 
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), Error> {
-        let map = self.ebpf.map_mut(map_name::CONFIG).ok_or_else(|| missing_map(map_name::CONFIG))?;
+        let map = self
+            .ebpf
+            .map_mut(map_name::CONFIG)
+            .ok_or_else(|| missing_map(map_name::CONFIG))?;
         let mut array: Array<_, NodeConfig> =
             Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
-        array.set(0, cfg, 0).map_err(|e| map_err(map_name::CONFIG, "writing", e))
+        array
+            .set(0, cfg, 0)
+            .map_err(|e| map_err(map_name::CONFIG, "writing", e))
     }
 
     /// Makes the maps hold exactly `desired`, touching only what differs. New nodes are accepted
     /// before routes point at them, and forgotten only after their routes are gone.
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncReport, Error> {
         let mut report = SyncReport::default();
-        let [routes_map, nodes_map] = self.ebpf.maps_disjoint_mut([map_name::ROUTES, map_name::NODES]);
+        let [routes_map, nodes_map] = self
+            .ebpf
+            .maps_disjoint_mut([map_name::ROUTES, map_name::NODES]);
         let mut nodes: HashMap<_, [u8; 4], RemoteNode> =
             HashMap::try_from(nodes_map.ok_or_else(|| missing_map(map_name::NODES))?)
                 .map_err(|e| map_err(map_name::NODES, "opening", e))?;
@@ -166,10 +217,11 @@ impl EbpfDataplane {
             LpmTrie::try_from(routes_map.ok_or_else(|| missing_map(map_name::ROUTES))?)
                 .map_err(|e| map_err(map_name::ROUTES, "opening", e))?;
 
-        let current_nodes: BTreeMap<[u8; 4], RemoteNode> = nodes
-            .iter()
-            .collect::<Result<_, _>>()
-            .map_err(|e| map_err(map_name::NODES, "listing", e))?;
+        let current_nodes: BTreeMap<[u8; 4], RemoteNode> =
+            nodes
+                .iter()
+                .collect::<Result<_, _>>()
+                .map_err(|e| map_err(map_name::NODES, "listing", e))?;
         for (ip, node) in &desired.nodes {
             let key = ip.octets();
             match current_nodes.get(&key) {
@@ -177,7 +229,9 @@ impl EbpfDataplane {
                 Some(_) => report.updated += 1,
                 None => report.added += 1,
             }
-            nodes.insert(key, node, 0).map_err(|e| map_err(map_name::NODES, &format!("inserting {ip}"), e))?;
+            nodes
+                .insert(key, node, 0)
+                .map_err(|e| map_err(map_name::NODES, &format!("inserting {ip}"), e))?;
         }
 
         let current_routes: BTreeMap<(u32, [u8; 4]), RemoteSubnet> = routes
@@ -198,7 +252,13 @@ impl EbpfDataplane {
             }
             routes
                 .insert(&Key::new(len, addr), *value, 0)
-                .map_err(|e| map_err(map_name::ROUTES, &format!("inserting {}/{len}", Ipv4Addr::from(addr)), e))?;
+                .map_err(|e| {
+                    map_err(
+                        map_name::ROUTES,
+                        &format!("inserting {}/{len}", Ipv4Addr::from(addr)),
+                        e,
+                    )
+                })?;
         }
         for &(len, addr) in current_routes.keys() {
             if !want.contains_key(&(len, addr)) {
@@ -210,7 +270,9 @@ impl EbpfDataplane {
         }
         for key in current_nodes.keys() {
             if !desired.nodes.contains_key(&Ipv4Addr::from(*key)) {
-                nodes.remove(key).map_err(|e| map_err(map_name::NODES, "removing", e))?;
+                nodes
+                    .remove(key)
+                    .map_err(|e| map_err(map_name::NODES, "removing", e))?;
                 report.removed += 1;
             }
         }
@@ -227,7 +289,9 @@ impl EbpfDataplane {
         if pin.exists() {
             let adopted = PinnedLink::from_pin(&pin)
                 .map_err(|e| e.to_string())
-                .and_then(|p| SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
+                .and_then(|p| {
+                    SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string())
+                })
                 .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
             match adopted {
                 Ok(id) => {
@@ -238,25 +302,47 @@ impl EbpfDataplane {
                 }
                 Err(e) => {
                     warn!(program = name, interface = %link.name, "pinned tc link unusable ({e}); attaching anew");
-                    remove_pins(&[pin.clone()]);
+                    remove_pins(std::slice::from_ref(&pin));
                 }
             }
         }
         let id = prog
-            .attach_with_options(&link.name, TcAttachType::Ingress, TcAttachOptions::TcxOrder(LinkOrder::default()))
-            .map_err(|source| prog_err(name, &format!("attaching to {} ingress (tcx)", link.name), source))?;
-        let taken = prog.take_link(id).map_err(|source| prog_err(name, "taking the link", source))?;
+            .attach_with_options(
+                &link.name,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(|source| {
+                prog_err(
+                    name,
+                    &format!("attaching to {} ingress (tcx)", link.name),
+                    source,
+                )
+            })?;
+        let taken = prog
+            .take_link(id)
+            .map_err(|source| prog_err(name, "taking the link", source))?;
         FdLink::try_from(taken)
-            .map_err(|e| Error::Pin { path: pin.clone(), message: format!("not a bpf_link: {e}") })?
+            .map_err(|e| Error::Pin {
+                path: pin.clone(),
+                message: format!("not a bpf_link: {e}"),
+            })?
             .pin(&pin)
-            .map_err(|e| Error::Pin { path: pin.clone(), message: e.to_string() })?;
+            .map_err(|e| Error::Pin {
+                path: pin.clone(),
+                message: e.to_string(),
+            })?;
         info!(program = name, interface = %link.name, "attached at tc ingress");
         Ok(())
     }
 
     /// Attaches (or adopts) the XDP decapsulation program on the uplink per `mode`; returns the
     /// XDP mode in use, or `None` when decapsulation is left to tc.
-    pub fn attach_xdp(&mut self, link: &Link, mode: DecapMode) -> Result<Option<&'static str>, Error> {
+    pub fn attach_xdp(
+        &mut self,
+        link: &Link,
+        mode: DecapMode,
+    ) -> Result<Option<&'static str>, Error> {
         let name = prog_name::FROM_WIRE_XDP;
         let attempts: &[(XdpMode, &'static str)] = match mode {
             DecapMode::Tc => {
@@ -283,7 +369,7 @@ impl EbpfDataplane {
                     }
                     Err(e) => {
                         warn!(interface = %link.name, "pinned XDP link unusable ({e}); attaching anew");
-                        remove_pins(&[pin.clone()]);
+                        remove_pins(std::slice::from_ref(&pin));
                     }
                 }
             }
@@ -291,11 +377,19 @@ impl EbpfDataplane {
             remove_pins(&self.pins.other_links(name, None));
             match prog.attach_to_if_index(link.index, xdp_mode) {
                 Ok(id) => {
-                    let taken = prog.take_link(id).map_err(|source| prog_err(name, "taking the link", source))?;
+                    let taken = prog
+                        .take_link(id)
+                        .map_err(|source| prog_err(name, "taking the link", source))?;
                     FdLink::try_from(taken)
-                        .map_err(|e| Error::Pin { path: pin.clone(), message: format!("not a bpf_link: {e}") })?
+                        .map_err(|e| Error::Pin {
+                            path: pin.clone(),
+                            message: format!("not a bpf_link: {e}"),
+                        })?
                         .pin(&pin)
-                        .map_err(|e| Error::Pin { path: pin.clone(), message: e.to_string() })?;
+                        .map_err(|e| Error::Pin {
+                            path: pin.clone(),
+                            message: e.to_string(),
+                        })?;
                     info!(interface = %link.name, mode = label, "attached XDP decapsulation");
                     return Ok(Some(label));
                 }
@@ -310,16 +404,21 @@ impl EbpfDataplane {
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
     for name in [prog_name::FROM_PODS, prog_name::FROM_WIRE] {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
-        prog.load().map_err(|source| prog_err(name, "verifying", source))?;
+        prog.load()
+            .map_err(|source| prog_err(name, "verifying", source))?;
     }
     let prog: &mut Xdp = program(ebpf, prog_name::FROM_WIRE_XDP)?;
-    prog.load().map_err(|source| prog_err(prog_name::FROM_WIRE_XDP, "verifying", source))
+    prog.load()
+        .map_err(|source| prog_err(prog_name::FROM_WIRE_XDP, "verifying", source))
 }
 
 /// Per-reason counters summed over CPUs.
 pub fn sum_stats(ebpf: &Ebpf) -> Result<Vec<(&'static str, Counter)>, Error> {
-    let map = ebpf.map(map_name::STATS).ok_or_else(|| missing_map(map_name::STATS))?;
-    let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(map).map_err(|e| map_err(map_name::STATS, "opening", e))?;
+    let map = ebpf
+        .map(map_name::STATS)
+        .ok_or_else(|| missing_map(map_name::STATS))?;
+    let array: PerCpuArray<_, Counter> =
+        PerCpuArray::try_from(map).map_err(|e| map_err(map_name::STATS, "opening", e))?;
     collect_stats(&array)
 }
 
@@ -328,7 +427,9 @@ fn collect_stats<T: std::borrow::Borrow<MapData>>(
 ) -> Result<Vec<(&'static str, Counter)>, Error> {
     let mut out = Vec::new();
     for (i, name) in reason::NAMES.iter().enumerate() {
-        let values = array.get(&(i as u32), 0).map_err(|e| map_err(map_name::STATS, "reading", e))?;
+        let values = array
+            .get(&(i as u32), 0)
+            .map_err(|e| map_err(map_name::STATS, "reading", e))?;
         let total = values.iter().fold(Counter::default(), |acc, c| Counter {
             packets: acc.packets + c.packets,
             bytes: acc.bytes + c.bytes,
@@ -349,11 +450,19 @@ where
 }
 
 fn prog_err(name: &str, context: &str, source: aya::programs::ProgramError) -> Error {
-    Error::Program { program: name.into(), context: context.into(), source }
+    Error::Program {
+        program: name.into(),
+        context: context.into(),
+        source: Box::new(source),
+    }
 }
 
 fn map_err(name: &str, context: &str, source: aya::maps::MapError) -> Error {
-    Error::Map { map: name.into(), context: context.into(), source }
+    Error::Map {
+        map: name.into(),
+        context: context.into(),
+        source: Box::new(source),
+    }
 }
 
 fn missing_map(name: &str) -> Error {
@@ -371,16 +480,29 @@ fn remove_pins(paths: &[PathBuf]) {
 
 /// Makes sure `root` is on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
 fn ensure_bpffs(root: &Path) -> Result<(), Error> {
-    let bpffs = |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC);
-    let existing = root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
+    let bpffs =
+        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let existing = root
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(Path::new("/"));
     if bpffs(existing) {
         return Ok(());
     }
     let default = Path::new("/sys/fs/bpf");
     if root.starts_with(default) && !bpffs(default) {
         info!("mounting bpffs at /sys/fs/bpf");
-        nix::mount::mount(Some("bpf"), default, Some("bpf"), nix::mount::MsFlags::empty(), None::<&str>)
-            .map_err(|e| Error::Bpffs { path: default.into(), message: format!("mount -t bpf failed: {e}") })?;
+        nix::mount::mount(
+            Some("bpf"),
+            default,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| Error::Bpffs {
+            path: default.into(),
+            message: format!("mount -t bpf failed: {e}"),
+        })?;
         return Ok(());
     }
     Err(Error::Bpffs {
@@ -392,7 +514,9 @@ fn ensure_bpffs(root: &Path) -> Result<(), Error> {
 /// A different layout version's pins mean an agent of another version is (or was) in charge:
 /// its programs would keep running beside ours, so refuse rather than guess.
 fn check_other_layouts(pins: &PinDir) -> Result<(), Error> {
-    let Ok(entries) = fs::read_dir(&pins.root) else { return Ok(()) };
+    let Ok(entries) = fs::read_dir(&pins.root) else {
+        return Ok(());
+    };
     for entry in entries.filter_map(Result::ok) {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
@@ -418,14 +542,26 @@ fn check_pinned_maps(pins: &PinDir) -> Result<(), Error> {
         }
         let info = MapData::from_pin(&path)
             .and_then(|m| m.info())
-            .map_err(|e| Error::Pin { path: path.clone(), message: format!("cannot open: {e}") })?;
-        let got = (info.map_type().ok(), info.key_size(), info.value_size(), info.max_entries());
+            .map_err(|e| Error::Pin {
+                path: path.clone(),
+                message: format!("cannot open: {e}"),
+            })?;
+        let got = (
+            info.map_type().ok(),
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+        );
         if got != (Some(kind), key, value, max) {
             return Err(Error::Pin {
                 path,
                 message: format!(
                     "incompatible map (type {:?}, key {} B, value {} B, {} entries; expected {kind:?}, {key} B, {value} B, {max}): run `flannel-agent --cleanup --pin-dir {}`",
-                    got.0, got.1, got.2, got.3, pins.root.display()
+                    got.0,
+                    got.1,
+                    got.2,
+                    got.3,
+                    pins.root.display()
                 ),
             });
         }
@@ -437,16 +573,22 @@ fn check_pinned_maps(pins: &PinDir) -> Result<(), Error> {
 pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, Counter)>, Error> {
     let pins = PinDir::new(root);
     let path = pins.map(map_name::STATS);
-    let data = MapData::from_pin(&path).map_err(|e| Error::Pin { path: path.clone(), message: e.to_string() })?;
-    let array: PerCpuArray<_, Counter> =
-        PerCpuArray::try_from(Map::PerCpuArray(data)).map_err(|e| map_err(map_name::STATS, "opening", e))?;
+    let data = MapData::from_pin(&path).map_err(|e| Error::Pin {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    let array: PerCpuArray<_, Counter> = PerCpuArray::try_from(Map::PerCpuArray(data))
+        .map_err(|e| map_err(map_name::STATS, "opening", e))?;
     collect_stats(&array)
 }
 
 /// Removes every pin under `root` (which detaches the programs) and the subnet file.
 pub fn cleanup(root: &Path, subnet_file: &Path) -> Result<(), Error> {
     if root.exists() {
-        fs::remove_dir_all(root).map_err(|e| Error::Pin { path: root.into(), message: format!("removing: {e}") })?;
+        fs::remove_dir_all(root).map_err(|e| Error::Pin {
+            path: root.into(),
+            message: format!("removing: {e}"),
+        })?;
         info!(pins = %root.display(), "removed pinned programs, links and maps");
     } else {
         info!(pins = %root.display(), "no pins to remove");
@@ -454,7 +596,12 @@ pub fn cleanup(root: &Path, subnet_file: &Path) -> Result<(), Error> {
     match fs::remove_file(subnet_file) {
         Ok(()) => info!(file = %subnet_file.display(), "removed the subnet file"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::SubnetFile { path: subnet_file.into(), source: e }),
+        Err(e) => {
+            return Err(Error::SubnetFile {
+                path: subnet_file.into(),
+                source: e,
+            });
+        }
     }
     Ok(())
 }

@@ -32,6 +32,10 @@ impl SyncReport {
 
 impl std::fmt::Display for SyncReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} added, {} updated, {} removed", self.added, self.updated, self.removed)
+        write!(
+            f,
+            "{} added, {} updated, {} removed",
+            self.added, self.updated, self.removed
+        )
     }
 }

@@ -11,14 +11,19 @@ use crate::{Error, config::NetConf, json::field};
 
 /// Reads and validates the lease file against the network configuration.
 pub fn read(path: &Path, netconf: &NetConf) -> Result<Vec<Lease>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        path: path.into(),
+        source,
+    })?;
     parse(path, &text, netconf)
 }
 
 /// Parses the text of a lease file (`path` only names it in errors).
 pub fn parse(path: &Path, text: &str, netconf: &NetConf) -> Result<Vec<Lease>, Error> {
-    let value: Value =
-        serde_json::from_str(text).map_err(|source| Error::Json { path: path.into(), source })?;
+    let value: Value = serde_json::from_str(text).map_err(|source| Error::Json {
+        path: path.into(),
+        source,
+    })?;
     let list = value
         .as_object()
         .and_then(|o| field(o, "leases"))
@@ -41,7 +46,11 @@ pub fn parse(path: &Path, text: &str, netconf: &NetConf) -> Result<Vec<Lease>, E
             .parse()
             .map_err(|e| Error::config(path, at("Subnet"), format!("not an IPv4 CIDR: {e}")))?;
         if subnet != subnet.trunc() {
-            return Err(Error::config(path, at("Subnet"), format!("{subnet} has host bits set")));
+            return Err(Error::config(
+                path,
+                at("Subnet"),
+                format!("{subnet} has host bits set"),
+            ));
         }
         if !netconf.network.contains(&subnet) {
             return Err(Error::config(
@@ -68,17 +77,32 @@ pub fn parse(path: &Path, text: &str, netconf: &NetConf) -> Result<Vec<Lease>, E
                 .to_string(),
         };
         let backend_data = field(obj, "BackendData").cloned().unwrap_or(Value::Null);
-        if let Some(other) = leases.iter().find(|l: &&Lease| l.subnet.contains(&subnet) || subnet.contains(&l.subnet)) {
+        if let Some(other) = leases
+            .iter()
+            .find(|l: &&Lease| l.subnet.contains(&subnet) || subnet.contains(&l.subnet))
+        {
             return Err(Error::config(
                 path,
                 at("Subnet"),
-                format!("{subnet} overlaps the lease of {} ({})", other.public_ip, other.subnet),
+                format!(
+                    "{subnet} overlaps the lease of {} ({})",
+                    other.public_ip, other.subnet
+                ),
             ));
         }
         if let Some(j) = by_ip.insert(public_ip, i) {
-            return Err(Error::config(path, at("PublicIP"), format!("{public_ip} already holds leases[{j}]")));
+            return Err(Error::config(
+                path,
+                at("PublicIP"),
+                format!("{public_ip} already holds leases[{j}]"),
+            ));
         }
-        leases.push(Lease { subnet, public_ip, backend_type, backend_data });
+        leases.push(Lease {
+            subnet,
+            public_ip,
+            backend_type,
+            backend_data,
+        });
     }
     Ok(leases)
 }
@@ -89,7 +113,11 @@ mod tests {
     use crate::config;
 
     fn netconf() -> NetConf {
-        config::parse(Path::new("n"), r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#).unwrap()
+        config::parse(
+            Path::new("n"),
+            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap()
     }
 
     #[test]
@@ -106,15 +134,32 @@ mod tests {
     #[test]
     fn rejects_bad_leases_naming_the_field() {
         let cases = [
-            (r#"{"leases":[{"Subnet":"10.245.1.0/24","PublicIP":"1.2.3.4"}]}"#, "leases[0].Subnet: 10.245.1.0/24 is outside the Network"),
-            (r#"{"leases":[{"Subnet":"10.244.1.0/25","PublicIP":"1.2.3.4"}]}"#, "is not a /24"),
-            (r#"{"leases":[{"Subnet":"10.244.1.0/24"}]}"#, "leases[0].PublicIP: missing"),
-            (r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"1.2.3.4"},{"Subnet":"10.244.1.0/24","PublicIP":"1.2.3.5"}]}"#, "overlaps"),
-            (r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"1.2.3.4"},{"Subnet":"10.244.2.0/24","PublicIP":"1.2.3.4"}]}"#, "already holds"),
+            (
+                r#"{"leases":[{"Subnet":"10.245.1.0/24","PublicIP":"1.2.3.4"}]}"#,
+                "leases[0].Subnet: 10.245.1.0/24 is outside the Network",
+            ),
+            (
+                r#"{"leases":[{"Subnet":"10.244.1.0/25","PublicIP":"1.2.3.4"}]}"#,
+                "is not a /24",
+            ),
+            (
+                r#"{"leases":[{"Subnet":"10.244.1.0/24"}]}"#,
+                "leases[0].PublicIP: missing",
+            ),
+            (
+                r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"1.2.3.4"},{"Subnet":"10.244.1.0/24","PublicIP":"1.2.3.5"}]}"#,
+                "overlaps",
+            ),
+            (
+                r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"1.2.3.4"},{"Subnet":"10.244.2.0/24","PublicIP":"1.2.3.4"}]}"#,
+                "already holds",
+            ),
             (r#"{"nope":1}"#, "leases: expected"),
         ];
         for (text, want) in cases {
-            let e = parse(Path::new("l"), text, &netconf()).unwrap_err().to_string();
+            let e = parse(Path::new("l"), text, &netconf())
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{e} should contain {want}");
         }
     }
