@@ -189,7 +189,7 @@ fn test() -> Result<()> {
                     .find_map(|part| {
                         part.trim()
                             .strip_suffix(word)
-                            .and_then(|n| n.trim().parse().ok())
+                            .and_then(|n| n.split_whitespace().last()?.parse().ok())
                     })
                     .unwrap_or(0)
             };
