@@ -9,7 +9,7 @@ use std::{
 use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name};
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
     Error,
@@ -20,7 +20,7 @@ use crate::{
         Desired,
         ebpf::{self, EbpfDataplane},
     },
-    iface::{self, ExtIface, Netlink},
+    iface::{self, ExtIface, Link, Netlink},
     lease::{Lease, static_file},
     subnet_env::SubnetEnv,
 };
@@ -114,8 +114,9 @@ pub fn node_config(
     plan: &Plan,
     ext: &ExtIface,
     public_ip: Ipv4Addr,
-    cni_ifindex: u32,
+    cni: Option<&Link>,
 ) -> NodeConfig {
+    let cni_ifindex = cni.map_or(0, |l| l.index);
     let subnet = plan.own.subnet;
     NodeConfig {
         enabled: 1,
@@ -134,6 +135,8 @@ pub fn node_config(
         cni_ifindex,
         vtep_mac: plan.vtep_mac.0,
         uplink_mac: ext.link.mac,
+        cni_mac: cni.map_or([0; 6], |l| l.mac),
+        _pad1: [0; 2],
     }
 }
 
@@ -208,14 +211,8 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let report = dp.sync(&plan.desired)?;
     info!(%report, leases = leases.len(), "synced remote subnets");
     let cni = nl.link_by_name(&args.cni_bridge).await?;
-    let mut cfg = node_config(
-        &netconf,
-        &vx,
-        &plan,
-        &ext,
-        public_ip,
-        cni.as_ref().map_or(0, |l| l.index),
-    );
+    let mut cni = cni;
+    let mut cfg = node_config(&netconf, &vx, &plan, &ext, public_ip, cni.as_ref());
     dp.set_config(&cfg)?;
     dp.attach_tc(prog_name::FROM_WIRE, &ext.link)?;
     let xdp = dp.attach_xdp(&ext.link, args.decap)?;
@@ -248,22 +245,35 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         }
         // The bridge appears with the first pod and may be recreated.
         match nl.link_by_name(&args.cni_bridge).await {
-            Ok(Some(link)) if link.index != cfg.cni_ifindex => {
+            Ok(Some(link)) if cni.as_ref() != Some(&link) => {
                 match dp.attach_tc(prog_name::FROM_PODS, &link) {
                     Ok(()) => {
                         cfg.cni_ifindex = link.index;
+                        cfg.cni_mac = link.mac;
                         dp.set_config(&cfg)?;
+                        cni = Some(link);
                     }
                     Err(e) => warn!("attaching to {}: {e}", link.name),
                 }
             }
-            Ok(None) if cfg.cni_ifindex != 0 => {
+            Ok(None) if cni.is_some() => {
                 warn!(bridge = %args.cni_bridge, "bridge disappeared; decapsulated packets go to the stack until it is back");
                 cfg.cni_ifindex = 0;
                 dp.set_config(&cfg)?;
+                cni = None;
             }
             Ok(_) => {}
             Err(e) => warn!("{e}"),
+        }
+        // Local pods behind the bridge: learnt so that their packets skip it.
+        let endpoints = match &cni {
+            Some(link) => nl.endpoints(link.index, plan.own.subnet).await,
+            None => Ok(BTreeMap::new()),
+        };
+        match endpoints.and_then(|e| dp.sync_endpoints(&e)) {
+            Ok(report) if !report.is_empty() => debug!(%report, "local endpoints"),
+            Ok(_) => {}
+            Err(e) => warn!("learning local endpoints: {e}"),
         }
         // The lease file changed: re-read, validate, apply only the difference.
         let now = fingerprint(&leases_path);
@@ -280,7 +290,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 let report = dp.sync(&next.desired)?;
                 if next.own != plan.own || next.vtep_mac != plan.vtep_mac {
                     info!(subnet = %next.own.subnet, vtep_mac = %next.vtep_mac, "this node's lease changed");
-                    cfg = node_config(&netconf, &vx, &next, &ext, public_ip, cfg.cni_ifindex);
+                    cfg = node_config(&netconf, &vx, &next, &ext, public_ip, cni.as_ref());
                     dp.set_config(&cfg)?;
                     subnet_env(&next).write(&args.subnet_file)?;
                 }

@@ -2,13 +2,17 @@
 //! the default route), through rtnetlink.
 use std::net::{IpAddr, Ipv4Addr};
 
+use flannel_ebpf_common::Endpoint;
 use futures::TryStreamExt as _;
+use ipnet::Ipv4Net;
 use regex::Regex;
 use rtnetlink::{
     Handle, RouteMessageBuilder,
     packet_route::{
+        AddressFamily,
         address::AddressAttribute,
         link::{LinkAttribute, LinkFlags},
+        neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::RouteAttribute,
     },
 };
@@ -139,6 +143,92 @@ impl Netlink {
                     _ => None,
                 })
             }))
+    }
+}
+
+impl Netlink {
+    /// Local pods behind bridge `bridge`: each IPv4 neighbour of the bridge within `subnet` whose
+    /// MAC the bridge's forwarding database places on one of its ports.
+    pub async fn endpoints(
+        &self,
+        bridge: u32,
+        subnet: Ipv4Net,
+    ) -> Result<std::collections::BTreeMap<Ipv4Addr, Endpoint>, Error> {
+        let neighbours: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink {
+                context: "listing neighbours".into(),
+                source,
+            })?;
+        let fdb: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink {
+                context: "listing the bridge fdb".into(),
+                source,
+            })?;
+        let mac_of = |attrs: &[NeighbourAttribute]| {
+            attrs.iter().find_map(|a| match a {
+                NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(m);
+                    Some(mac)
+                }
+                _ => None,
+            })
+        };
+        // Learnt (not permanent) entries of ports whose controller is the bridge: MAC → port.
+        let ports: std::collections::HashMap<[u8; 6], u32> = fdb
+            .iter()
+            .filter(|m| m.header.state != NeighbourState::Permanent)
+            .filter(|m| {
+                m.attributes
+                    .iter()
+                    .any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge))
+            })
+            .filter_map(|m| Some((mac_of(&m.attributes)?, m.header.ifindex)))
+            .collect();
+        let mut out = std::collections::BTreeMap::new();
+        for m in neighbours.iter().filter(|m| m.header.ifindex == bridge) {
+            if matches!(
+                m.header.state,
+                NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+            ) {
+                continue;
+            }
+            let ip = m.attributes.iter().find_map(|a| match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
+                _ => None,
+            });
+            let (Some(ip), Some(mac)) = (ip, mac_of(&m.attributes)) else {
+                continue;
+            };
+            if !subnet.contains(&ip) {
+                continue;
+            }
+            if let Some(&ifindex) = ports.get(&mac) {
+                out.insert(
+                    ip,
+                    Endpoint {
+                        ifindex,
+                        mac,
+                        _pad0: [0; 2],
+                    },
+                );
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -6,7 +6,9 @@ use flannel_agent::dataplane::{
     Desired,
     ebpf::{EbpfDataplane, sum_stats},
 };
-use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name, reason};
+use flannel_ebpf_common::{
+    Endpoint, NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name, reason,
+};
 
 const TC_ACT_OK: i32 = 0;
 const TC_ACT_SHOT: i32 = 2;
@@ -125,66 +127,56 @@ fn config(public_ip: [u8; 4], subnet: [u8; 4], vtep: [u8; 6], uplink_mac: [u8; 6
         cni_ifindex: 5,
         vtep_mac: vtep,
         uplink_mac,
+        cni_mac: CNI_MAC,
+        _pad1: [0; 2],
     }
+}
+
+/// A node with one peer, programmed through the agent's own map code.
+fn node(
+    cfg: &NodeConfig,
+    peer_subnet: &str,
+    peer_ip: [u8; 4],
+    peer_vtep: [u8; 6],
+) -> EbpfDataplane {
+    let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
+    dp.set_config(cfg).unwrap();
+    let mut d = Desired::default();
+    d.routes.insert(
+        peer_subnet.parse().unwrap(),
+        RemoteSubnet {
+            public_ip: peer_ip,
+            vtep_mac: peer_vtep,
+            backend: backend::VXLAN,
+            _pad0: 0,
+        },
+    );
+    d.nodes.insert(
+        peer_ip.into(),
+        RemoteNode {
+            vtep_mac: peer_vtep,
+            backend: backend::VXLAN,
+            _pad0: 0,
+        },
+    );
+    dp.sync(&d).unwrap();
+    dp
 }
 
 /// Node A (10.244.1.0/24) with node B as its one peer.
 fn node_a() -> EbpfDataplane {
-    let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
-    dp.set_config(&config(
-        NODE_A,
-        [10, 244, 1, 0],
-        VTEP_A,
-        [0x02, 0, 0, 0, 0, 0xa1],
-    ))
-    .unwrap();
-    let mut d = Desired::default();
-    d.routes.insert(
-        "10.244.2.0/24".parse().unwrap(),
-        RemoteSubnet {
-            public_ip: NODE_B,
-            vtep_mac: VTEP_B,
-            backend: backend::VXLAN,
-            _pad0: 0,
-        },
-    );
-    d.nodes.insert(
-        NODE_B.into(),
-        RemoteNode {
-            vtep_mac: VTEP_B,
-            backend: backend::VXLAN,
-            _pad0: 0,
-        },
-    );
-    dp.sync(&d).unwrap();
-    dp
+    let cfg = config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1]);
+    node(&cfg, "10.244.2.0/24", NODE_B, VTEP_B)
 }
 
 /// Node B (10.244.2.0/24) with node A as its one peer.
 fn node_b() -> EbpfDataplane {
-    let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
-    dp.set_config(&config(NODE_B, [10, 244, 2, 0], VTEP_B, UPLINK_MAC_B))
-        .unwrap();
-    let mut d = Desired::default();
-    d.routes.insert(
-        "10.244.1.0/24".parse().unwrap(),
-        RemoteSubnet {
-            public_ip: NODE_A,
-            vtep_mac: VTEP_A,
-            backend: backend::VXLAN,
-            _pad0: 0,
-        },
-    );
-    d.nodes.insert(
-        NODE_A.into(),
-        RemoteNode {
-            vtep_mac: VTEP_A,
-            backend: backend::VXLAN,
-            _pad0: 0,
-        },
-    );
-    dp.sync(&d).unwrap();
-    dp
+    node(
+        &config(NODE_B, [10, 244, 2, 0], VTEP_B, UPLINK_MAC_B),
+        "10.244.1.0/24",
+        NODE_A,
+        VTEP_A,
+    )
 }
 
 fn run_tc(dp: &mut EbpfDataplane, prog: &str, input: &[u8]) -> (i32, Vec<u8>) {
@@ -430,7 +422,57 @@ fn from_wire_tc_decapsulates_and_delivers_to_cni0() {
     assert_eq!(csum(&out[14..34]), 0);
     expected[10..12].copy_from_slice(&out[24..26]);
     assert_eq!(&out[14..], &expected[..], "inner packet, TTL decremented");
+    assert_eq!(
+        counted(&b, reason::DECAP_VXLAN_BRIDGE),
+        1,
+        "pod not learnt: via cni0"
+    );
+}
+
+#[test]
+fn from_wire_delivers_learnt_pods_straight_to_their_veth() {
+    let mut b = node_b();
+    let pod_mac = [0x02, 0, 0, 0, 0, 0x22];
+    let endpoints = [(
+        POD_B.into(),
+        Endpoint {
+            ifindex: 42,
+            mac: pod_mac,
+            _pad0: [0; 2],
+        },
+    )]
+    .into();
+    b.sync_endpoints(&endpoints).unwrap();
+    let inner = ipv4(POD_A, POD_B, 63, 6, &payload(1000));
+    let (ret, out) = run_tc(
+        &mut b,
+        prog_name::FROM_WIRE,
+        &vxlan_frame(NODE_A, VNI, VTEP_B, &inner),
+    );
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(&out[0..6], &pod_mac, "to the pod's MAC");
+    assert_eq!(
+        &out[6..12],
+        &CNI_MAC,
+        "from the gateway's MAC, as the bridge would deliver it"
+    );
+    assert_eq!(&out[12..14], &[0x08, 0x00]);
+    assert_eq!(out[14 + 8], 62);
+    assert_eq!(&out[34..], &inner[20..]);
     assert_eq!(counted(&b, reason::DECAP_VXLAN), 1);
+    // Other local addresses still go through the bridge; the sync removes what is gone.
+    let other = ipv4(POD_A, [10, 244, 2, 99], 63, 6, &payload(10));
+    let (ret, _) = run_tc(
+        &mut b,
+        prog_name::FROM_WIRE,
+        &vxlan_frame(NODE_A, VNI, VTEP_B, &other),
+    );
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(counted(&b, reason::DECAP_VXLAN_BRIDGE), 1);
+    let report = b
+        .sync_endpoints(&std::collections::BTreeMap::new())
+        .unwrap();
+    assert_eq!(report.removed, 1);
 }
 
 #[test]
@@ -474,7 +516,7 @@ fn from_wire_xdp_decapsulates() {
     let (ret, delivered) = run_tc(&mut b, prog_name::FROM_WIRE, &out);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(delivered[14 + 8], 62);
-    assert_eq!(counted(&b, reason::DELIVER_LOCAL), 1);
+    assert_eq!(counted(&b, reason::DELIVER_LOCAL_BRIDGE), 1);
 }
 
 #[test]

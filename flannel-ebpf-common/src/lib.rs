@@ -24,7 +24,8 @@ pub mod map_name {
     pub const ROUTES: &str = "FLANNEL_ROUTES";
     pub const NODES: &str = "FLANNEL_NODES";
     pub const STATS: &str = "FLANNEL_STATS";
-    pub const ALL: [&str; 4] = [CONFIG, ROUTES, NODES, STATS];
+    pub const ENDPOINTS: &str = "FLANNEL_ENDPTS";
+    pub const ALL: [&str; 5] = [CONFIG, ROUTES, NODES, STATS, ENDPOINTS];
 }
 
 /// Names of the programs in the object file.
@@ -41,6 +42,8 @@ pub mod prog_name {
 pub const MAX_ROUTES: u32 = 16_384;
 /// Maximum number of known nodes (public IPs).
 pub const MAX_NODES: u32 = 16_384;
+/// Maximum number of local pods the agent has learnt.
+pub const MAX_ENDPOINTS: u32 = 4_096;
 
 /// Backend types, as stored in [`NodeConfig::backend`] and [`RemoteSubnet::backend`].
 pub mod backend {
@@ -81,6 +84,9 @@ pub struct NodeConfig {
     pub vtep_mac: [u8; 6],
     /// The uplink's own MAC (destination of packets passed up after XDP decapsulation).
     pub uplink_mac: [u8; 6],
+    /// `cni0`'s MAC: the source of frames delivered straight to a pod's veth.
+    pub cni_mac: [u8; 6],
+    pub _pad1: [u8; 2],
 }
 
 /// Value of the `FLANNEL_ROUTES` LPM trie, keyed by a remote node's pod subnet.
@@ -106,6 +112,19 @@ pub struct RemoteNode {
     pub _pad0: u8,
 }
 
+/// Value of the `FLANNEL_ENDPTS` hash, keyed by a local pod's IPv4 address: where to deliver
+/// its packets without going through the `cni0` bridge. Learnt by the agent from `cni0`'s
+/// neighbour table and the bridge's forwarding database.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Endpoint {
+    /// The host-side veth of the pod (a `cni0` port).
+    pub ifindex: u32,
+    /// The pod's MAC.
+    pub mac: [u8; 6],
+    pub _pad0: [u8; 2],
+}
+
 /// One per-CPU counter of `FLANNEL_STATS`, indexed by [`reason`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
@@ -128,43 +147,49 @@ pub mod reason {
     // Forwarding verdicts.
     /// Encapsulated and redirected out of the uplink.
     pub const ENCAP_VXLAN: u32 = 0;
-    /// Decapsulated by tc and redirected to `cni0`.
+    /// Decapsulated by tc and delivered straight to the pod's veth.
     pub const DECAP_VXLAN: u32 = 1;
+    /// Decapsulated by tc and handed to `cni0` (pod not learnt yet, or the node itself).
+    pub const DECAP_VXLAN_BRIDGE: u32 = 2;
     /// Decapsulated by XDP (then delivered by tc).
-    pub const DECAP_VXLAN_XDP: u32 = 2;
-    /// Plain IPv4 for a local pod redirected to `cni0`.
-    pub const DELIVER_LOCAL: u32 = 3;
+    pub const DECAP_VXLAN_XDP: u32 = 3;
+    /// Plain IPv4 for a local pod delivered straight to its veth.
+    pub const DELIVER_LOCAL: u32 = 4;
+    /// Plain IPv4 for a local pod handed to `cni0`.
+    pub const DELIVER_LOCAL_BRIDGE: u32 = 5;
     // Traffic that is not ours and goes on untouched.
-    pub const PASS_NOT_IPV4: u32 = 4;
-    pub const PASS_NOT_OVERLAY: u32 = 5;
-    pub const PASS_LOCAL_SUBNET: u32 = 6;
-    pub const PASS_NOT_CONFIGURED: u32 = 7;
-    pub const PASS_FRAGMENT: u32 = 8;
-    pub const PASS_UNPARSED: u32 = 9;
+    pub const PASS_NOT_IPV4: u32 = 6;
+    pub const PASS_NOT_OVERLAY: u32 = 7;
+    pub const PASS_LOCAL_SUBNET: u32 = 8;
+    pub const PASS_NOT_CONFIGURED: u32 = 9;
+    pub const PASS_FRAGMENT: u32 = 10;
+    pub const PASS_UNPARSED: u32 = 11;
     // Drops.
-    pub const DROP_TRUNCATED: u32 = 10;
-    pub const DROP_BAD_IPV4: u32 = 11;
-    pub const DROP_NO_ROUTE: u32 = 12;
-    pub const DROP_TTL_EXCEEDED: u32 = 13;
-    pub const DROP_TOO_BIG: u32 = 14;
-    pub const DROP_VXLAN_FLAGS: u32 = 15;
-    pub const DROP_UNKNOWN_VNI: u32 = 16;
-    pub const DROP_UNKNOWN_SOURCE: u32 = 17;
-    pub const DROP_BAD_INNER_MAC: u32 = 18;
-    pub const DROP_INNER_NOT_IPV4: u32 = 19;
-    pub const DROP_INNER_NOT_LOCAL: u32 = 20;
-    pub const DROP_ADJUST_ROOM: u32 = 21;
-    pub const DROP_REDIRECT: u32 = 22;
-    pub const DROP_UNSUPPORTED_BACKEND: u32 = 23;
+    pub const DROP_TRUNCATED: u32 = 12;
+    pub const DROP_BAD_IPV4: u32 = 13;
+    pub const DROP_NO_ROUTE: u32 = 14;
+    pub const DROP_TTL_EXCEEDED: u32 = 15;
+    pub const DROP_TOO_BIG: u32 = 16;
+    pub const DROP_VXLAN_FLAGS: u32 = 17;
+    pub const DROP_UNKNOWN_VNI: u32 = 18;
+    pub const DROP_UNKNOWN_SOURCE: u32 = 19;
+    pub const DROP_BAD_INNER_MAC: u32 = 20;
+    pub const DROP_INNER_NOT_IPV4: u32 = 21;
+    pub const DROP_INNER_NOT_LOCAL: u32 = 22;
+    pub const DROP_ADJUST_ROOM: u32 = 23;
+    pub const DROP_REDIRECT: u32 = 24;
+    pub const DROP_UNSUPPORTED_BACKEND: u32 = 25;
     /// Number of reasons; the size of `FLANNEL_STATS`.
-    pub const COUNT: u32 = 24;
+    pub const COUNT: u32 = 26;
 
     /// Human-readable names, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "encap_vxlan",
         "decap_vxlan",
+        "decap_vxlan_bridge",
         "decap_vxlan_xdp",
         "deliver_local",
+        "deliver_local_bridge",
         "pass_not_ipv4",
         "pass_not_overlay",
         "pass_local_subnet",
@@ -210,7 +235,8 @@ pub mod vxlan {
     pub const OUTER_TTL: u8 = 64;
 }
 
-const _: () = assert!(size_of::<NodeConfig>() == 64);
+const _: () = assert!(size_of::<NodeConfig>() == 72);
+const _: () = assert!(size_of::<Endpoint>() == 12);
 const _: () = assert!(size_of::<RemoteSubnet>() == 12);
 const _: () = assert!(size_of::<RemoteNode>() == 8);
 const _: () = assert!(size_of::<Counter>() == 16);
@@ -228,4 +254,6 @@ mod user {
     unsafe impl aya::Pod for super::RemoteNode {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Counter {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::Endpoint {}
 }

@@ -1,5 +1,11 @@
 //! Verdict and drop-reason accounting: every path through every program ends in one `count`.
-use crate::maps::FLANNEL_STATS;
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use flannel_ebpf_common::{NodeConfig, reason};
+
+use crate::maps::{FLANNEL_STATS, config};
 
 #[inline(always)]
 pub fn count(reason: u32, bytes: u32) {
@@ -9,6 +15,31 @@ pub fn count(reason: u32, bytes: u32) {
         unsafe {
             (*counter).packets += 1;
             (*counter).bytes += u64::from(bytes);
+        }
+    }
+}
+
+/// Runs a tc program body with this node's configuration and counts its outcome: `Ok` carries
+/// the action and the verdict counted, `Err` a drop reason (the packet is shot). Without a
+/// configuration everything passes.
+#[inline(always)]
+pub fn tc_counted(
+    ctx: &TcContext,
+    body: impl FnOnce(&TcContext, &NodeConfig) -> Result<(i32, u32), u32>,
+) -> i32 {
+    let len = ctx.len();
+    let Some(cfg) = config() else {
+        count(reason::PASS_NOT_CONFIGURED, len);
+        return TC_ACT_OK;
+    };
+    match body(ctx, cfg) {
+        Ok((action, why)) => {
+            count(why, len);
+            action
+        }
+        Err(why) => {
+            count(why, len);
+            TC_ACT_SHOT
         }
     }
 }

@@ -3,7 +3,7 @@
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
-        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
     },
     btf_maps::lpm_trie::Key,
     helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32},
@@ -12,9 +12,9 @@ use aya_ebpf::{
 use flannel_ebpf_common::{NodeConfig, backend, reason, vxlan};
 
 use crate::{
-    drop::count,
+    drop::tc_counted,
     encap, fib,
-    maps::{FLANNEL_ROUTES, config},
+    maps::FLANNEL_ROUTES,
     parse::{ETH_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4},
 };
 
@@ -33,21 +33,7 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | encap_l2(ETH_HLEN as u64);
 
 pub fn run(ctx: &TcContext) -> i32 {
-    let len = ctx.len();
-    let Some(cfg) = config() else {
-        count(reason::PASS_NOT_CONFIGURED, len);
-        return TC_ACT_OK;
-    };
-    match try_from_pods(ctx, cfg) {
-        Ok((action, why)) => {
-            count(why, len);
-            action
-        }
-        Err(why) => {
-            count(why, len);
-            TC_ACT_SHOT
-        }
-    }
+    tc_counted(ctx, try_from_pods)
 }
 
 #[inline(always)]

@@ -7,7 +7,7 @@
 //! untouched; anything that claims to be our VXLAN but is malformed is dropped and counted.
 use aya_ebpf::{
     bindings::{
-        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK, TC_ACT_SHOT,
+        BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
         bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
         xdp_action::{XDP_DROP, XDP_PASS},
     },
@@ -18,9 +18,9 @@ use flannel_ebpf_common::{NodeConfig, reason, vxlan};
 use network_types::eth::EthHdr;
 
 use crate::{
-    drop::count,
+    drop::{count, tc_counted},
     fib,
-    maps::{FLANNEL_NODES, config},
+    maps::{FLANNEL_ENDPTS, FLANNEL_NODES, config},
     parse::{
         ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN, VXLAN_HLEN,
         VxlanHdr, decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment, is_ipv4,
@@ -126,21 +126,7 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
 }
 
 pub fn run_tc(ctx: &TcContext) -> i32 {
-    let len = ctx.len();
-    let Some(cfg) = config() else {
-        count(reason::PASS_NOT_CONFIGURED, len);
-        return TC_ACT_OK;
-    };
-    match try_from_wire_tc(ctx, cfg) {
-        Ok((action, why)) => {
-            count(why, len);
-            action
-        }
-        Err(why) => {
-            count(why, len);
-            TC_ACT_SHOT
-        }
-    }
+    tc_counted(ctx, try_from_wire_tc)
 }
 
 #[inline(always)]
@@ -159,7 +145,12 @@ fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32
         Wire::Local => {
             // Not checked by classify (it may come from anywhere): check it as a router would.
             ipv4_checked_at(ctx, ETH_HLEN)?;
-            deliver_local(ctx, cfg, reason::DELIVER_LOCAL)
+            deliver_local(
+                ctx,
+                cfg,
+                reason::DELIVER_LOCAL,
+                reason::DELIVER_LOCAL_BRIDGE,
+            )
         }
         Wire::Vxlan => {
             ctx.adjust_room(
@@ -169,24 +160,45 @@ fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32
                 u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
             )
             .map_err(|_| reason::DROP_ADJUST_ROOM)?;
-            deliver_local(ctx, cfg, reason::DECAP_VXLAN)
+            deliver_local(ctx, cfg, reason::DECAP_VXLAN, reason::DECAP_VXLAN_BRIDGE)
         }
     }
 }
 
-/// Hands an IPv4 packet (behind an Ethernet header) for a local pod to `cni0`, as the kernel's
-/// forwarding would, minus the routing decision and netfilter of this hop.
+/// Delivers an IPv4 packet (behind an Ethernet header) for a local pod as the kernel's forwarding
+/// would, minus the routing decision and netfilter of this hop: straight to the pod's veth when
+/// the agent has learnt the pod (`direct`), else to `cni0` (`bridged`).
+///
+/// Why not always `cni0`: a decapsulated GSO skb keeps `skb->encapsulation` and its UDP-tunnel GSO
+/// type (6.18 cannot clear them from BPF), and the bridge has no `hw_enc_features`, so it would
+/// segment every super-packet in software; a veth accepts tunnel GSO and passes it whole.
 #[inline(always)]
-fn deliver_local(ctx: &TcContext, cfg: &NodeConfig, why: u32) -> Result<(i32, u32), u32> {
+fn deliver_local(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    direct: u32,
+    bridged: u32,
+) -> Result<(i32, u32), u32> {
     let ip = ipv4_at(ctx, ETH_HLEN)?;
     // SAFETY: `ip` came from `ptr_at`.
     let dst = unsafe { (*ip).dst_addr };
     if dst == cfg.gateway_ip || cfg.cni_ifindex == 0 {
         // For the node itself, or no bridge yet: the stack takes it from here.
-        return Ok((TC_ACT_OK, why));
+        return Ok((TC_ACT_OK, bridged));
     }
     decrement_ttl(ip)?;
-    fib::redirect_neigh(cfg.cni_ifindex).map(|action| (action, why))
+    if let Some(ep) = FLANNEL_ENDPTS.get_ptr(dst) {
+        // SAFETY: the pointer came from a successful lookup; the value is copied at once.
+        let ep = unsafe { *ep };
+        let eth = eth(ctx)?;
+        // SAFETY: `eth` came from `ptr_at`.
+        unsafe {
+            (*eth).dst_addr = ep.mac;
+            (*eth).src_addr = cfg.cni_mac;
+        }
+        return fib::redirect(ep.ifindex).map(|action| (action, direct));
+    }
+    fib::redirect_neigh(cfg.cni_ifindex).map(|action| (action, bridged))
 }
 
 pub fn run_xdp(ctx: &XdpContext) -> u32 {

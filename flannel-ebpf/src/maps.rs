@@ -4,7 +4,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    Counter, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet, reason,
+    Counter, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet,
+    reason,
 };
 
 /// This node's configuration (one entry).
@@ -18,6 +19,10 @@ pub static FLANNEL_ROUTES: LpmTrie<[u8; 4], RemoteSubnet, { MAX_ROUTES as usize 
 /// Remote node public IP → node: encapsulated traffic is accepted only from these.
 #[btf_map]
 pub static FLANNEL_NODES: HashMap<[u8; 4], RemoteNode, { MAX_NODES as usize }> = HashMap::new();
+
+/// Local pod IPv4 → its veth and MAC, for delivery that bypasses the bridge.
+#[btf_map]
+pub static FLANNEL_ENDPTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
 
 /// Per-CPU packet and byte counters, indexed by verdict or drop reason.
 #[btf_map]

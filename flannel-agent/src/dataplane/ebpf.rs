@@ -18,8 +18,8 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    Counter, LAYOUT_VERSION, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet, map_name,
-    prog_name, reason,
+    Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig,
+    RemoteNode, RemoteSubnet, map_name, prog_name, reason,
 };
 use tracing::{info, warn};
 
@@ -92,7 +92,7 @@ impl PinDir {
 }
 
 /// Expected shape of each pinned map: (name, type, key size, value size, max entries).
-fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 4] {
+fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 5] {
     [
         (
             map_name::CONFIG,
@@ -121,6 +121,13 @@ fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 4] {
             4,
             size_of::<Counter>() as u32,
             reason::COUNT,
+        ),
+        (
+            map_name::ENDPOINTS,
+            MapType::Hash,
+            4,
+            size_of::<Endpoint>() as u32,
+            MAX_ENDPOINTS,
         ),
     ]
 }
@@ -217,22 +224,12 @@ impl EbpfDataplane {
             LpmTrie::try_from(routes_map.ok_or_else(|| missing_map(map_name::ROUTES))?)
                 .map_err(|e| map_err(map_name::ROUTES, "opening", e))?;
 
-        let current_nodes: BTreeMap<[u8; 4], RemoteNode> =
-            nodes
-                .iter()
-                .collect::<Result<_, _>>()
-                .map_err(|e| map_err(map_name::NODES, "listing", e))?;
-        for (ip, node) in &desired.nodes {
-            let key = ip.octets();
-            match current_nodes.get(&key) {
-                Some(cur) if cur == node => continue,
-                Some(_) => report.updated += 1,
-                None => report.added += 1,
-            }
-            nodes
-                .insert(key, node, 0)
-                .map_err(|e| map_err(map_name::NODES, &format!("inserting {ip}"), e))?;
-        }
+        let want_nodes: BTreeMap<[u8; 4], RemoteNode> = desired
+            .nodes
+            .iter()
+            .map(|(ip, n)| (ip.octets(), *n))
+            .collect();
+        let stale_nodes = upsert(&mut nodes, &want_nodes, map_name::NODES, &mut report)?;
 
         let current_routes: BTreeMap<(u32, [u8; 4]), RemoteSubnet> = routes
             .iter()
@@ -268,14 +265,26 @@ impl EbpfDataplane {
                 report.removed += 1;
             }
         }
-        for key in current_nodes.keys() {
-            if !desired.nodes.contains_key(&Ipv4Addr::from(*key)) {
-                nodes
-                    .remove(key)
-                    .map_err(|e| map_err(map_name::NODES, "removing", e))?;
-                report.removed += 1;
-            }
-        }
+        remove(&mut nodes, &stale_nodes, map_name::NODES, &mut report)?;
+        Ok(report)
+    }
+
+    /// Makes the endpoint map hold exactly `desired` (local pod IPv4 → veth and MAC).
+    pub fn sync_endpoints(
+        &mut self,
+        desired: &BTreeMap<Ipv4Addr, Endpoint>,
+    ) -> Result<SyncReport, Error> {
+        let mut report = SyncReport::default();
+        let map = self
+            .ebpf
+            .map_mut(map_name::ENDPOINTS)
+            .ok_or_else(|| missing_map(map_name::ENDPOINTS))?;
+        let mut endpoints: HashMap<_, [u8; 4], Endpoint> =
+            HashMap::try_from(map).map_err(|e| map_err(map_name::ENDPOINTS, "opening", e))?;
+        let want: BTreeMap<[u8; 4], Endpoint> =
+            desired.iter().map(|(ip, e)| (ip.octets(), *e)).collect();
+        let stale = upsert(&mut endpoints, &want, map_name::ENDPOINTS, &mut report)?;
+        remove(&mut endpoints, &stale, map_name::ENDPOINTS, &mut report)?;
         Ok(report)
     }
 
@@ -287,16 +296,14 @@ impl EbpfDataplane {
         remove_pins(&self.pins.other_links(name, Some(&pin)));
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         if pin.exists() {
-            let adopted = PinnedLink::from_pin(&pin)
-                .map_err(|e| e.to_string())
-                .and_then(|p| {
-                    SchedClassifierLink::try_from(FdLink::from(p)).map_err(|e| e.to_string())
-                })
-                .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+            let adopted = adopt_pinned::<SchedClassifierLink>(&pin, |l| {
+                let id = prog.attach_to_link(l).map_err(|e| e.to_string())?;
+                // The pin keeps the link; our handle to it can go.
+                drop(prog.take_link(id));
+                Ok(())
+            });
             match adopted {
-                Ok(id) => {
-                    // The pin keeps the link; our handle to it can go.
-                    drop(prog.take_link(id));
+                Ok(()) => {
                     info!(program = name, interface = %link.name, "replaced the program of the pinned tc link");
                     return Ok(());
                 }
@@ -322,16 +329,7 @@ impl EbpfDataplane {
         let taken = prog
             .take_link(id)
             .map_err(|source| prog_err(name, "taking the link", source))?;
-        FdLink::try_from(taken)
-            .map_err(|e| Error::Pin {
-                path: pin.clone(),
-                message: format!("not a bpf_link: {e}"),
-            })?
-            .pin(&pin)
-            .map_err(|e| Error::Pin {
-                path: pin.clone(),
-                message: e.to_string(),
-            })?;
+        pin_link(taken, &pin)?;
         info!(program = name, interface = %link.name, "attached at tc ingress");
         Ok(())
     }
@@ -356,13 +354,13 @@ impl EbpfDataplane {
             let pin = self.pins.link(name, link.index, &format!("-{label}"));
             let prog: &mut Xdp = program(&mut self.ebpf, name)?;
             if pin.exists() {
-                let adopted = PinnedLink::from_pin(&pin)
-                    .map_err(|e| e.to_string())
-                    .and_then(|p| XdpLink::try_from(FdLink::from(p)).map_err(|e| e.to_string()))
-                    .and_then(|l| prog.attach_to_link(l).map_err(|e| e.to_string()));
+                let adopted = adopt_pinned::<XdpLink>(&pin, |l| {
+                    let id = prog.attach_to_link(l).map_err(|e| e.to_string())?;
+                    drop(prog.take_link(id));
+                    Ok(())
+                });
                 match adopted {
-                    Ok(id) => {
-                        drop(prog.take_link(id));
+                    Ok(()) => {
                         remove_pins(&self.pins.other_links(name, Some(&pin)));
                         info!(interface = %link.name, mode = label, "replaced the program of the pinned XDP link");
                         return Ok(Some(label));
@@ -380,16 +378,7 @@ impl EbpfDataplane {
                     let taken = prog
                         .take_link(id)
                         .map_err(|source| prog_err(name, "taking the link", source))?;
-                    FdLink::try_from(taken)
-                        .map_err(|e| Error::Pin {
-                            path: pin.clone(),
-                            message: format!("not a bpf_link: {e}"),
-                        })?
-                        .pin(&pin)
-                        .map_err(|e| Error::Pin {
-                            path: pin.clone(),
-                            message: e.to_string(),
-                        })?;
+                    pin_link(taken, &pin)?;
                     info!(interface = %link.name, mode = label, "attached XDP decapsulation");
                     return Ok(Some(label));
                 }
@@ -399,6 +388,74 @@ impl EbpfDataplane {
         warn!(interface = %link.name, "XDP could not attach: decapsulation stays in tc");
         Ok(None)
     }
+}
+
+/// Inserts or updates every entry of `want` that differs in `map`; returns the keys the map
+/// holds beyond `want`, for the caller to remove when that is safe.
+fn upsert<V: aya::Pod + PartialEq>(
+    map: &mut HashMap<&mut MapData, [u8; 4], V>,
+    want: &BTreeMap<[u8; 4], V>,
+    name: &str,
+    report: &mut SyncReport,
+) -> Result<Vec<[u8; 4]>, Error> {
+    let current: BTreeMap<[u8; 4], V> = map
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| map_err(name, "listing", e))?;
+    for (key, value) in want {
+        match current.get(key) {
+            Some(cur) if cur == value => continue,
+            Some(_) => report.updated += 1,
+            None => report.added += 1,
+        }
+        map.insert(key, value, 0)
+            .map_err(|e| map_err(name, &format!("inserting {}", Ipv4Addr::from(*key)), e))?;
+    }
+    Ok(current
+        .into_keys()
+        .filter(|k| !want.contains_key(k))
+        .collect())
+}
+
+fn remove<V: aya::Pod>(
+    map: &mut HashMap<&mut MapData, [u8; 4], V>,
+    keys: &[[u8; 4]],
+    name: &str,
+    report: &mut SyncReport,
+) -> Result<(), Error> {
+    for key in keys {
+        map.remove(key).map_err(|e| map_err(name, "removing", e))?;
+        report.removed += 1;
+    }
+    Ok(())
+}
+
+/// Opens the link pinned at `pin` as an `L` and hands it to `attach` (an atomic program
+/// replacement). Errors come back as text: the caller then attaches anew.
+fn adopt_pinned<L>(pin: &Path, attach: impl FnOnce(L) -> Result<(), String>) -> Result<(), String>
+where
+    L: TryFrom<FdLink>,
+    L::Error: std::fmt::Display,
+{
+    let fd_link = FdLink::from(PinnedLink::from_pin(pin).map_err(|e| e.to_string())?);
+    attach(L::try_from(fd_link).map_err(|e| e.to_string())?)
+}
+
+/// Pins a freshly attached link so that it outlives the agent.
+fn pin_link<L>(link: L, pin: &Path) -> Result<(), Error>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let err = |message: String| Error::Pin {
+        path: pin.to_path_buf(),
+        message,
+    };
+    FdLink::try_from(link)
+        .map_err(|e| err(format!("not a bpf_link: {e}")))?
+        .pin(pin)
+        .map_err(|e| err(e.to_string()))?;
+    Ok(())
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
