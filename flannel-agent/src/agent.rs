@@ -217,9 +217,9 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     dp.attach_tc(prog_name::FROM_WIRE, &ext.link)?;
     let xdp = dp.attach_xdp(&ext.link, args.decap)?;
     if let Some(cni) = &cni {
-        dp.attach_tc(prog_name::FROM_PODS, cni)?
+        dp.attach_tc(prog_name::FROM_PODS, cni)?;
     } else {
-        warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it")
+        warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it");
     }
     subnet_env(&plan).write(&args.subnet_file)?;
     info!(

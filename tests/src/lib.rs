@@ -296,7 +296,18 @@ impl Testbed {
             });
         }
         self.write_leases(&self.nodes.iter().map(|n| n.index).collect::<Vec<_>>())?;
-        // Stock nodes: per remote lease, the route, neighbour and fdb entry flanneld adds.
+        self.configure_stock_nodes()?;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].kind == NodeKind::Ebpf {
+                self.start_agent(i)?;
+            }
+        }
+        self.add_pods()
+    }
+
+    /// Stock nodes: per remote lease, the route, neighbour and fdb entry flanneld adds, and the
+    /// subnet file flanneld writes.
+    fn configure_stock_nodes(&self) -> Result<()> {
         for node in self.nodes.iter().filter(|n| n.kind == NodeKind::Stock) {
             for peer in self.nodes.iter().filter(|p| p.index != node.index) {
                 let gw = format!("10.244.{}.0", peer.index);
@@ -336,12 +347,11 @@ impl Testbed {
                 ),
             )?;
         }
-        for i in 0..self.nodes.len() {
-            if self.nodes[i].kind == NodeKind::Ebpf {
-                self.start_agent(i)?;
-            }
-        }
-        // Pods, with the MTU from the subnet file, as the flannel CNI plugin does.
+        Ok(())
+    }
+
+    /// Pods, with the MTU from the subnet file, as the flannel CNI plugin does.
+    fn add_pods(&mut self) -> Result<()> {
         for i in 0..self.nodes.len() {
             let mtu = self
                 .subnet_env(i)?
@@ -525,13 +535,26 @@ impl Testbed {
             .collect())
     }
 
-    /// Runs the agent binary with extra arguments inside node `i` and returns (success, stdout, stderr).
+    /// Runs the agent binary with `args` inside node `i` and returns (success, stdout, stderr).
+    /// An agent still running after 20 s is killed and reported as an error.
     pub fn agent_once(&self, i: usize, args: &[&str]) -> Result<(bool, String, String)> {
-        let out = self
+        let mut child = self
             .command_in_node(i, &self.agent_bin)
             .args(args)
             .stdin(Stdio::null())
-            .output()?;
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("flannel-agent {} did not exit within 20 s", args.join(" "));
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output()?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),

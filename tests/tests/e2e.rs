@@ -356,3 +356,56 @@ fn bad_input_is_one_clear_line_and_programs_nothing() -> Result<()> {
     let _ = pin;
     Ok(())
 }
+
+#[test]
+fn incompatible_pins_are_refused_not_reused() -> Result<()> {
+    let mut tb = Testbed::start("pin", Options::vxlan(&[Ebpf, Ebpf], 1))?;
+    tb.stop_agent(0, Signal::SIGTERM)?;
+    let pin_dir = tb.nodes[0].pin_dir.clone();
+    let pin = pin_dir.to_string_lossy().into_owned();
+    let args = tb.agent_args(0);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+
+    // Pins of another layout version: another agent version is in charge.
+    std::fs::create_dir(pin_dir.join("v0"))?;
+    let (ok, _, err) = tb.agent_once(0, &refs)?;
+    ensure!(
+        !ok && err.contains("pins of map layout v0 found") && err.contains("--cleanup"),
+        "{err}"
+    );
+    std::fs::remove_dir(pin_dir.join("v0"))?;
+
+    // A pinned map whose shape changed without a version bump.
+    let nodes = pin_dir.join("v1/FLANNEL_NODES");
+    std::fs::remove_file(&nodes)?;
+    run(
+        "bpftool",
+        &[
+            "map",
+            "create",
+            &nodes.to_string_lossy(),
+            "type",
+            "hash",
+            "key",
+            "4",
+            "value",
+            "4",
+            "entries",
+            "16",
+            "name",
+            "FLANNEL_NODES",
+        ],
+    )?;
+    let (ok, _, err) = tb.agent_once(0, &refs)?;
+    ensure!(
+        !ok && err.contains("incompatible map") && err.contains("FLANNEL_NODES"),
+        "{err}"
+    );
+
+    // --cleanup recovers, and a fresh start works again.
+    let (ok, _, err) = tb.agent_once(0, &["--cleanup", "--pin-dir", &pin])?;
+    ensure!(ok, "{err}");
+    tb.start_agent(0)?;
+    tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[1].pods[0], 256 * KIB)?;
+    Ok(())
+}

@@ -340,6 +340,10 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measurement procedure: cluster, interleaved runs, report"
+)]
 fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
     bootstrap::ensure_all()?;
     let agent = build_agent(true)?;
@@ -351,15 +355,41 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
     ));
     let mut tb = Testbed::start(
         "bench",
-        Options::vxlan(&[NodeKind::Ebpf, NodeKind::Ebpf, NodeKind::Stock, NodeKind::Stock], 1),
+        Options::vxlan(
+            &[
+                NodeKind::Ebpf,
+                NodeKind::Ebpf,
+                NodeKind::Stock,
+                NodeKind::Stock,
+            ],
+            1,
+        ),
     )?;
     let n = tb.nodes.clone();
     // (name, client netns, server netns, server address, decap mode of the eBPF nodes)
     let paths = [
         // The baseline crosses the eBPF nodes' uplinks: measured without XDP attached there.
-        ("baseline", n[0].netns.clone(), n[1].netns.clone(), n[1].public_ip, Some("tc")),
-        ("kernel-vxlan", n[2].pods[0].netns.clone(), n[3].pods[0].netns.clone(), n[3].pods[0].ip, None),
-        ("ebpf-vxlan", n[0].pods[0].netns.clone(), n[1].pods[0].netns.clone(), n[1].pods[0].ip, Some("tc")),
+        (
+            "baseline",
+            n[0].netns.clone(),
+            n[1].netns.clone(),
+            n[1].public_ip,
+            Some("tc"),
+        ),
+        (
+            "kernel-vxlan",
+            n[2].pods[0].netns.clone(),
+            n[3].pods[0].netns.clone(),
+            n[3].pods[0].ip,
+            None,
+        ),
+        (
+            "ebpf-vxlan",
+            n[0].pods[0].netns.clone(),
+            n[1].pods[0].netns.clone(),
+            n[1].pods[0].ip,
+            Some("tc"),
+        ),
         (
             "ebpf-vxlan-xdp-decap",
             n[0].pods[0].netns.clone(),
