@@ -3,9 +3,10 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
+use aya::programs::TcAttachType;
 use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name};
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
@@ -19,6 +20,7 @@ use crate::{
     dataplane::{
         Desired,
         ebpf::{self, EbpfDataplane},
+        host_routes::{self, HostRoute},
     },
     iface::{self, ExtIface, Link, Netlink},
     lease::{Lease, static_file},
@@ -153,6 +155,8 @@ pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
 )]
 pub async fn run(args: &Args) -> Result<(), Error> {
     if args.cleanup {
+        let removed = host_routes::remove_all(&Netlink::connect()?).await?;
+        info!(routes = removed, "removed the routes of remote subnets");
         return ebpf::cleanup(&args.pin_dir, &args.subnet_file);
     }
     if args.stats {
@@ -214,10 +218,10 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let mut cni = cni;
     let mut cfg = node_config(&netconf, &vx, &plan, &ext, public_ip, cni.as_ref());
     dp.set_config(&cfg)?;
-    dp.attach_tc(prog_name::FROM_WIRE, &ext.link)?;
+    dp.attach_tc(prog_name::FROM_WIRE, &ext.link, TcAttachType::Ingress)?;
     let xdp = dp.attach_xdp(&ext.link, args.decap)?;
     if let Some(cni) = &cni {
-        dp.attach_tc(prog_name::FROM_PODS, cni)?;
+        attach_cni(&mut dp, cni)?;
     } else {
         warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it");
     }
@@ -235,6 +239,8 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         context: "installing the SIGINT handler".into(),
         source,
     })?;
+    let pod_mtu = vxlan::mtu(&vx, ext.link.mtu);
+    let mut routes_synced: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seen = fingerprint(&leases_path);
     loop {
@@ -245,17 +251,16 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         }
         // The bridge appears with the first pod and may be recreated.
         match nl.link_by_name(&args.cni_bridge).await {
-            Ok(Some(link)) if cni.as_ref() != Some(&link) => {
-                match dp.attach_tc(prog_name::FROM_PODS, &link) {
-                    Ok(()) => {
-                        cfg.cni_ifindex = link.index;
-                        cfg.cni_mac = link.mac;
-                        dp.set_config(&cfg)?;
-                        cni = Some(link);
-                    }
-                    Err(e) => warn!("attaching to {}: {e}", link.name),
+            Ok(Some(link)) if cni.as_ref() != Some(&link) => match attach_cni(&mut dp, &link) {
+                Ok(()) => {
+                    cfg.cni_ifindex = link.index;
+                    cfg.cni_mac = link.mac;
+                    dp.set_config(&cfg)?;
+                    cni = Some(link);
+                    routes_synced = None;
                 }
-            }
+                Err(e) => warn!("attaching to {}: {e}", link.name),
+            },
             Ok(None) if cni.is_some() => {
                 warn!(bridge = %args.cni_bridge, "bridge disappeared; decapsulated packets go to the stack until it is back");
                 cfg.cni_ifindex = 0;
@@ -274,6 +279,27 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             Ok(report) if !report.is_empty() => debug!(%report, "local endpoints"),
             Ok(_) => {}
             Err(e) => warn!("learning local endpoints: {e}"),
+        }
+        // The node's own routes into cni0: on every change, and every 10 s to repair them.
+        if let Some(link) = &cni
+            && routes_synced.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            let want = host_routes(&plan);
+            match host_routes::sync(
+                &nl,
+                link.index,
+                netconf.network,
+                plan.own.subnet,
+                pod_mtu,
+                &want,
+            )
+            .await
+            {
+                Ok(report) if !report.is_empty() => info!(%report, "routes of remote subnets"),
+                Ok(_) => {}
+                Err(e) => warn!("routes of remote subnets: {e}"),
+            }
+            routes_synced = Some(Instant::now());
         }
         // The lease file changed: re-read, validate, apply only the difference.
         let now = fingerprint(&leases_path);
@@ -296,6 +322,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 }
                 info!(%report, "leases changed");
                 plan = next;
+                routes_synced = None;
             }
         }
     }
@@ -303,6 +330,30 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         "stopping; the pinned programs and maps stay and keep forwarding (`flannel-agent --cleanup` removes them)"
     );
     Ok(())
+}
+
+/// Attaches the programs of the bridge: pods' traffic at ingress, the node's own at egress.
+fn attach_cni(dp: &mut EbpfDataplane, cni: &Link) -> Result<(), Error> {
+    dp.attach_tc(prog_name::FROM_PODS, cni, TcAttachType::Ingress)?;
+    dp.attach_tc(prog_name::FROM_HOST, cni, TcAttachType::Egress)
+}
+
+/// The routes of the remote subnets in a plan, as flanneld shapes them (gateway `<subnet>.0`).
+#[must_use]
+pub fn host_routes(plan: &Plan) -> BTreeMap<Ipv4Net, HostRoute> {
+    plan.desired
+        .routes
+        .iter()
+        .map(|(net, r)| {
+            (
+                *net,
+                HostRoute {
+                    gateway: net.network(),
+                    vtep_mac: r.vtep_mac,
+                },
+            )
+        })
+        .collect()
 }
 
 /// Identity of the lease file's current version (modification time, size, inode).

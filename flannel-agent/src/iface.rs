@@ -53,6 +53,12 @@ impl Netlink {
         Ok(Self { handle })
     }
 
+    /// The raw rtnetlink handle, for the dataplane's own requests.
+    #[must_use]
+    pub fn handle(&self) -> &Handle {
+        &self.handle
+    }
+
     pub async fn links(&self) -> Result<Vec<Link>, Error> {
         let msgs: Vec<_> = self
             .handle

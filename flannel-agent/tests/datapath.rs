@@ -300,6 +300,40 @@ fn from_pods_encapsulates_like_the_kernel_vxlan_device() {
 }
 
 #[test]
+fn from_host_encapsulates_the_nodes_own_packets_without_a_router_hop() {
+    let mut a = node_a();
+    // What the node's stack sends into cni0 on the route `10.244.2.0/24 via 10.244.2.0 onlink`.
+    let input = eth(
+        VTEP_B,
+        CNI_MAC,
+        0x0800,
+        &ipv4([10, 244, 1, 1], POD_B, 64, 6, &payload(600)),
+    );
+    let (ret, out) = run_tc(&mut a, prog_name::FROM_HOST, &input);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(out.len(), input.len() + 50);
+    assert_eq!(&out[30..34], &NODE_B, "outer destination");
+    assert_eq!(&out[50..56], &VTEP_B);
+    assert_eq!(
+        &out[64..],
+        &input[14..],
+        "inner packet untouched: TTL stays 64"
+    );
+    assert_eq!(counted(&a, reason::ENCAP_VXLAN_HOST), 1);
+    // The node's packets to its own pods pass.
+    let local = eth(
+        POD_MAC,
+        CNI_MAC,
+        0x0800,
+        &ipv4([10, 244, 1, 1], POD_A, 64, 6, &payload(60)),
+    );
+    assert_eq!(
+        run_tc(&mut a, prog_name::FROM_HOST, &local),
+        (TC_ACT_OK, local.clone())
+    );
+}
+
+#[test]
 fn from_pods_source_port_follows_the_flow() {
     let mut a = node_a();
     let mut ports = std::collections::BTreeSet::new();

@@ -32,6 +32,8 @@ pub mod map_name {
 pub mod prog_name {
     /// tc ingress on `cni0`: traffic from local pods towards other nodes.
     pub const FROM_PODS: &str = "from_pods";
+    /// tc egress on `cni0`: the node's own traffic towards other nodes' pods.
+    pub const FROM_HOST: &str = "from_host";
     /// tc ingress on the uplink: decapsulation (fallback or main path) and local delivery.
     pub const FROM_WIRE: &str = "from_wire";
     /// XDP on the uplink: early decapsulation.
@@ -145,46 +147,49 @@ pub struct RouteKey {
 /// ends in exactly one of these.
 pub mod reason {
     // Forwarding verdicts.
-    /// Encapsulated and redirected out of the uplink.
+    /// A pod's packet encapsulated and redirected out of the uplink.
     pub const ENCAP_VXLAN: u32 = 0;
+    /// The node's own packet (routed through `cni0`) encapsulated and redirected out of the uplink.
+    pub const ENCAP_VXLAN_HOST: u32 = 1;
     /// Decapsulated by tc and delivered straight to the pod's veth.
-    pub const DECAP_VXLAN: u32 = 1;
+    pub const DECAP_VXLAN: u32 = 2;
     /// Decapsulated by tc and handed to `cni0` (pod not learnt yet, or the node itself).
-    pub const DECAP_VXLAN_BRIDGE: u32 = 2;
+    pub const DECAP_VXLAN_BRIDGE: u32 = 3;
     /// Decapsulated by XDP (then delivered by tc).
-    pub const DECAP_VXLAN_XDP: u32 = 3;
+    pub const DECAP_VXLAN_XDP: u32 = 4;
     /// Plain IPv4 for a local pod delivered straight to its veth.
-    pub const DELIVER_LOCAL: u32 = 4;
+    pub const DELIVER_LOCAL: u32 = 5;
     /// Plain IPv4 for a local pod handed to `cni0`.
-    pub const DELIVER_LOCAL_BRIDGE: u32 = 5;
+    pub const DELIVER_LOCAL_BRIDGE: u32 = 6;
     // Traffic that is not ours and goes on untouched.
-    pub const PASS_NOT_IPV4: u32 = 6;
-    pub const PASS_NOT_OVERLAY: u32 = 7;
-    pub const PASS_LOCAL_SUBNET: u32 = 8;
-    pub const PASS_NOT_CONFIGURED: u32 = 9;
-    pub const PASS_FRAGMENT: u32 = 10;
-    pub const PASS_UNPARSED: u32 = 11;
+    pub const PASS_NOT_IPV4: u32 = 7;
+    pub const PASS_NOT_OVERLAY: u32 = 8;
+    pub const PASS_LOCAL_SUBNET: u32 = 9;
+    pub const PASS_NOT_CONFIGURED: u32 = 10;
+    pub const PASS_FRAGMENT: u32 = 11;
+    pub const PASS_UNPARSED: u32 = 12;
     // Drops.
-    pub const DROP_TRUNCATED: u32 = 12;
-    pub const DROP_BAD_IPV4: u32 = 13;
-    pub const DROP_NO_ROUTE: u32 = 14;
-    pub const DROP_TTL_EXCEEDED: u32 = 15;
-    pub const DROP_TOO_BIG: u32 = 16;
-    pub const DROP_VXLAN_FLAGS: u32 = 17;
-    pub const DROP_UNKNOWN_VNI: u32 = 18;
-    pub const DROP_UNKNOWN_SOURCE: u32 = 19;
-    pub const DROP_BAD_INNER_MAC: u32 = 20;
-    pub const DROP_INNER_NOT_IPV4: u32 = 21;
-    pub const DROP_INNER_NOT_LOCAL: u32 = 22;
-    pub const DROP_ADJUST_ROOM: u32 = 23;
-    pub const DROP_REDIRECT: u32 = 24;
-    pub const DROP_UNSUPPORTED_BACKEND: u32 = 25;
+    pub const DROP_TRUNCATED: u32 = 13;
+    pub const DROP_BAD_IPV4: u32 = 14;
+    pub const DROP_NO_ROUTE: u32 = 15;
+    pub const DROP_TTL_EXCEEDED: u32 = 16;
+    pub const DROP_TOO_BIG: u32 = 17;
+    pub const DROP_VXLAN_FLAGS: u32 = 18;
+    pub const DROP_UNKNOWN_VNI: u32 = 19;
+    pub const DROP_UNKNOWN_SOURCE: u32 = 20;
+    pub const DROP_BAD_INNER_MAC: u32 = 21;
+    pub const DROP_INNER_NOT_IPV4: u32 = 22;
+    pub const DROP_INNER_NOT_LOCAL: u32 = 23;
+    pub const DROP_ADJUST_ROOM: u32 = 24;
+    pub const DROP_REDIRECT: u32 = 25;
+    pub const DROP_UNSUPPORTED_BACKEND: u32 = 26;
     /// Number of reasons; the size of `FLANNEL_STATS`.
-    pub const COUNT: u32 = 26;
+    pub const COUNT: u32 = 27;
 
     /// Human-readable names, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "encap_vxlan",
+        "encap_vxlan_host",
         "decap_vxlan",
         "decap_vxlan_bridge",
         "decap_vxlan_xdp",

@@ -1,5 +1,6 @@
 //! tc ingress on `cni0`: packets from local pods addressed (through the gateway) to pods on other
-//! nodes are VXLAN-encapsulated and sent straight out of the uplink.
+//! nodes are VXLAN-encapsulated and sent straight out of the uplink. [`encap_to_remote`] is shared
+//! with `from_host`.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
@@ -33,11 +34,22 @@ const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | encap_l2(ETH_HLEN as u64);
 
 pub fn run(ctx: &TcContext) -> i32 {
-    tc_counted(ctx, try_from_pods)
+    tc_counted(ctx, |ctx, cfg| {
+        encap_to_remote(ctx, cfg, true, reason::ENCAP_VXLAN)
+    })
 }
 
+/// Encapsulates an IPv4 packet for a pod on another node and sends it out of the uplink; passes
+/// what is not for another node. `forwarded`: the packet crosses this node as a router hop (from
+/// a pod), so its TTL is decremented; the node's own packets (and those its stack already
+/// forwarded) are not.
 #[inline(always)]
-fn try_from_pods(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
+pub fn encap_to_remote(
+    ctx: &TcContext,
+    cfg: &NodeConfig,
+    forwarded: bool,
+    why: u32,
+) -> Result<(i32, u32), u32> {
     let eth = eth(ctx)?;
     if !is_ipv4(eth) {
         return Ok((TC_ACT_OK, reason::PASS_NOT_IPV4));
@@ -63,7 +75,9 @@ fn try_from_pods(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
     if gso_size == 0 && inner_len + vxlan::MTU_OVERHEAD > cfg.uplink_mtu {
         return Err(reason::DROP_TOO_BIG);
     }
-    decrement_ttl(ip)?;
+    if forwarded {
+        decrement_ttl(ip)?;
+    }
     // SAFETY: helpers called with the program's own context.
     let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) } as u32;
     // SAFETY: no arguments.
@@ -71,5 +85,5 @@ fn try_from_pods(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
     ctx.adjust_room(vxlan::MTU_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
         .map_err(|_| reason::DROP_ADJUST_ROOM)?;
     encap::write_vxlan(ctx, cfg, &remote, inner_len, hash, ip_id)?;
-    fib::redirect_neigh(cfg.uplink_ifindex).map(|action| (action, reason::ENCAP_VXLAN))
+    fib::redirect_neigh(cfg.uplink_ifindex).map(|action| (action, why))
 }

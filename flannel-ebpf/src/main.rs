@@ -1,6 +1,7 @@
 //! flannel-ebpf's programs, one per attach point:
 //! - `from_pods`: tc ingress on `cni0`, pod traffic towards other nodes is encapsulated and sent
 //!   out of the uplink;
+//! - `from_host`: tc egress on `cni0`, the node's own traffic to pods on other nodes;
 //! - `from_wire`: tc ingress on the uplink, VXLAN for this node is decapsulated and, like any
 //!   packet for a local pod, handed to `cni0`;
 //! - `from_wire_xdp`: XDP on the uplink, decapsulation before the stack allocates an skb.
@@ -14,6 +15,7 @@ mod csum;
 mod drop;
 mod encap;
 mod fib;
+mod from_host;
 mod from_pods;
 mod from_wire;
 mod maps;
@@ -27,6 +29,11 @@ use aya_ebpf::{
 #[classifier]
 pub fn from_pods(ctx: TcContext) -> i32 {
     from_pods::run(&ctx)
+}
+
+#[classifier]
+pub fn from_host(ctx: TcContext) -> i32 {
+    from_host::run(&ctx)
 }
 
 #[classifier]

@@ -5,13 +5,45 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use flannel_tests::{
     NodeKind::{Ebpf, Stock},
-    Options, Testbed, agent_bin, can_connect, link_packets, ping, run, summarize, tcp_echo,
-    wait_for,
+    Options, Pod, Testbed, agent_bin, can_connect, ip, link_packets, ping, run, summarize,
+    tcp_echo, wait_for,
 };
 use nix::sys::signal::Signal;
 
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
+
+/// Node `i` itself as a traffic end: its network namespace and its `cni0` address.
+fn host(tb: &Testbed, i: usize) -> Pod {
+    Pod {
+        netns: tb.nodes[i].netns.clone(),
+        ip: tb.nodes[i].gateway(),
+        node: i,
+    }
+}
+
+/// The node's own traffic to and from pods on other nodes, both ways.
+fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
+    let me = host(tb, i);
+    tcp_echo(&me, remote, MIB)?;
+    tcp_echo(remote, &me, MIB)?;
+    ping(remote, me.ip)?;
+    flannel_tests::in_ns(
+        &me.netns,
+        "ping",
+        &[
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-q",
+            &remote.ip.to_string(),
+        ],
+    )?;
+    Ok(())
+}
 
 fn no_drops(tb: &Testbed, i: usize) -> Result<()> {
     let stats = tb.stats(i)?;
@@ -50,6 +82,15 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
     }
     // A large transfer: GSO segments must survive encapsulation.
     tcp_echo(&pods[0], &pods[5], 32 * MIB)?;
+    // The nodes' own traffic (e.g. NodePort after DNAT) reaches remote pods, as over flannel.1.
+    host_traffic(&tb, 0, &pods[4])?;
+    let routes = ip(&tb.nodes[0].netns, "route show proto 102")?;
+    ensure!(
+        routes.contains("10.244.2.0/24 via 10.244.2.0 dev cni0")
+            && routes.contains("onlink")
+            && routes.contains("mtu 1450"),
+        "routes of remote subnets:\n{routes}"
+    );
     for i in 0..tb.nodes.len() {
         let stats = tb.stats(i)?;
         eprintln!("node {}: {}", i + 1, summarize(&stats));
@@ -110,6 +151,9 @@ fn vxlan_interoperates_with_a_stock_flannel_node() -> Result<()> {
         }
     }
     tcp_echo(&tb.nodes[0].pods[0], &stock.pods[0], 16 * MIB)?;
+    // Node to pod across the two kinds of node, both ways.
+    host_traffic(&tb, 0, &stock.pods[0])?;
+    host_traffic(&tb, 2, &tb.nodes[0].pods[0])?;
     tcp_echo(&stock.pods[1], &tb.nodes[1].pods[1], 16 * MIB)?;
     let (rx1, tx1) = link_packets(&stock.netns, "flannel.1")?;
     ensure!(
@@ -205,6 +249,8 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
         !tb.nodes[0].pin_dir.exists() && !tb.nodes[0].subnet_file.exists(),
         "cleanup left pins or subnet.env"
     );
+    let routes = ip(&tb.nodes[0].netns, "route show proto 102")?;
+    ensure!(routes.trim().is_empty(), "cleanup left routes:\n{routes}");
     ensure!(
         !can_connect(&p1, &p2, Duration::from_secs(2))?,
         "node 1 still forwards after --cleanup"
@@ -221,7 +267,7 @@ fn lease_file_changes_update_only_the_maps() -> Result<()> {
         tb.nodes[2].pods[0].clone(),
     );
     tcp_echo(&p1, &p3, 256 * KIB)?;
-    let attached = tb.log(0).matches("attached at tc ingress").count();
+    let attached = tb.log(0).matches("attached at tc").count();
 
     // Node 3's lease disappears: its subnet leaves node 1's maps.
     tb.write_leases(&[1, 2])?;
@@ -258,7 +304,7 @@ fn lease_file_changes_update_only_the_maps() -> Result<()> {
     })?;
     tcp_echo(&p1, &p3, 256 * KIB)?;
     ensure!(
-        tb.log(0).matches("attached at tc ingress").count() == attached,
+        tb.log(0).matches("attached at tc").count() == attached,
         "programs were re-attached"
     );
     Ok(())

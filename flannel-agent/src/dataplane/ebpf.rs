@@ -288,10 +288,15 @@ impl EbpfDataplane {
         Ok(report)
     }
 
-    /// Attaches a tc program at ingress of `link`, or atomically replaces the program of the
+    /// Attaches a tc program at `direction` of `link`, or atomically replaces the program of the
     /// link a previous agent pinned there. Pins of the same program on other (gone or renamed)
     /// interfaces are removed.
-    pub fn attach_tc(&mut self, name: &str, link: &Link) -> Result<(), Error> {
+    pub fn attach_tc(
+        &mut self,
+        name: &str,
+        link: &Link,
+        direction: TcAttachType,
+    ) -> Result<(), Error> {
         let pin = self.pins.link(name, link.index, "");
         remove_pins(&self.pins.other_links(name, Some(&pin)));
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
@@ -316,7 +321,7 @@ impl EbpfDataplane {
         let id = prog
             .attach_with_options(
                 &link.name,
-                TcAttachType::Ingress,
+                direction,
                 TcAttachOptions::TcxOrder(LinkOrder::default()),
             )
             .map_err(|source| {
@@ -330,7 +335,7 @@ impl EbpfDataplane {
             .take_link(id)
             .map_err(|source| prog_err(name, "taking the link", source))?;
         pin_link(taken, &pin)?;
-        info!(program = name, interface = %link.name, "attached at tc ingress");
+        info!(program = name, interface = %link.name, ?direction, "attached at tc");
         Ok(())
     }
 
@@ -459,7 +464,11 @@ where
 }
 
 fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
-    for name in [prog_name::FROM_PODS, prog_name::FROM_WIRE] {
+    for name in [
+        prog_name::FROM_PODS,
+        prog_name::FROM_HOST,
+        prog_name::FROM_WIRE,
+    ] {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
         prog.load()
             .map_err(|source| prog_err(name, "verifying", source))?;

@@ -1,5 +1,6 @@
 //! Programming the kernel: the eBPF dataplane (and, later, the netlink fallback).
 pub mod ebpf;
+pub mod host_routes;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
