@@ -362,18 +362,3 @@ fn fingerprint(path: &PathBuf) -> Option<(SystemTime, u64, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
 }
-
-/// Remote subnets of a plan, for display.
-#[must_use]
-pub fn describe(desired: &Desired) -> BTreeMap<String, String> {
-    desired
-        .routes
-        .iter()
-        .map(|(net, r)| {
-            (
-                net.to_string(),
-                format!("{} {}", Ipv4Addr::from(r.public_ip), Mac(r.vtep_mac)),
-            )
-        })
-        .collect()
-}

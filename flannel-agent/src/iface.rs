@@ -152,7 +152,61 @@ impl Netlink {
     }
 }
 
+/// One neighbour (ARP) or bridge forwarding-database entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub state: NeighbourState,
+    pub ip: Option<Ipv4Addr>,
+    pub mac: Option<[u8; 6]>,
+    /// For fdb entries: the bridge the port belongs to.
+    pub controller: Option<u32>,
+}
+
 impl Netlink {
+    /// The neighbour table of `family` (`Inet` for ARP, `Bridge` for the bridges' fdb).
+    pub async fn neighbours(&self, family: AddressFamily) -> Result<Vec<Neighbour>, Error> {
+        let msgs: Vec<_> = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(family)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink {
+                context: format!("listing {family:?} neighbours"),
+                source,
+            })?;
+        Ok(msgs
+            .into_iter()
+            .map(|m| {
+                let mut n = Neighbour {
+                    ifindex: m.header.ifindex,
+                    state: m.header.state,
+                    ip: None,
+                    mac: None,
+                    controller: None,
+                };
+                for a in m.attributes {
+                    match a {
+                        NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => {
+                            n.ip = Some(ip);
+                        }
+                        NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
+                            let mut mac = [0u8; 6];
+                            mac.copy_from_slice(&m);
+                            n.mac = Some(mac);
+                        }
+                        NeighbourAttribute::Controller(c) => n.controller = Some(c),
+                        _ => {}
+                    }
+                }
+                n
+            })
+            .collect())
+    }
+
     /// Local pods behind bridge `bridge`: each IPv4 neighbour of the bridge within `subnet` whose
     /// MAC the bridge's forwarding database places on one of its ports.
     pub async fn endpoints(
@@ -160,81 +214,37 @@ impl Netlink {
         bridge: u32,
         subnet: Ipv4Net,
     ) -> Result<std::collections::BTreeMap<Ipv4Addr, Endpoint>, Error> {
-        let neighbours: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| Error::Netlink {
-                context: "listing neighbours".into(),
-                source,
-            })?;
-        let fdb: Vec<_> = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Bridge)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| Error::Netlink {
-                context: "listing the bridge fdb".into(),
-                source,
-            })?;
-        let mac_of = |attrs: &[NeighbourAttribute]| {
-            attrs.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(m) if m.len() == 6 => {
-                    let mut mac = [0u8; 6];
-                    mac.copy_from_slice(m);
-                    Some(mac)
-                }
-                _ => None,
-            })
-        };
-        // Learnt (not permanent) entries of ports whose controller is the bridge: MAC → port.
+        let arp = self.neighbours(AddressFamily::Inet).await?;
+        let fdb = self.neighbours(AddressFamily::Bridge).await?;
+        // Learnt (not permanent) entries of the bridge's ports: MAC → port.
         let ports: std::collections::HashMap<[u8; 6], u32> = fdb
             .iter()
-            .filter(|m| m.header.state != NeighbourState::Permanent)
-            .filter(|m| {
-                m.attributes
-                    .iter()
-                    .any(|a| matches!(a, NeighbourAttribute::Controller(c) if *c == bridge))
-            })
-            .filter_map(|m| Some((mac_of(&m.attributes)?, m.header.ifindex)))
+            .filter(|n| n.state != NeighbourState::Permanent && n.controller == Some(bridge))
+            .filter_map(|n| Some((n.mac?, n.ifindex)))
             .collect();
-        let mut out = std::collections::BTreeMap::new();
-        for m in neighbours.iter().filter(|m| m.header.ifindex == bridge) {
-            if matches!(
-                m.header.state,
-                NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
-            ) {
-                continue;
-            }
-            let ip = m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            });
-            let (Some(ip), Some(mac)) = (ip, mac_of(&m.attributes)) else {
-                continue;
-            };
-            if !subnet.contains(&ip) {
-                continue;
-            }
-            if let Some(&ifindex) = ports.get(&mac) {
-                out.insert(
+        let usable = |n: &&Neighbour| {
+            n.ifindex == bridge
+                && !matches!(
+                    n.state,
+                    NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+                )
+        };
+        Ok(arp
+            .iter()
+            .filter(usable)
+            .filter_map(|n| {
+                let (ip, mac) = (n.ip?, n.mac?);
+                let ifindex = *ports.get(&mac)?;
+                subnet.contains(&ip).then_some((
                     ip,
                     Endpoint {
                         ifindex,
                         mac,
                         _pad0: [0; 2],
                     },
-                );
-            }
-        }
-        Ok(out)
+                ))
+            })
+            .collect())
     }
 }
 

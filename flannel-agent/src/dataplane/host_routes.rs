@@ -74,30 +74,13 @@ async fn current_routes(
 async fn permanent_neighbours(
     nl: &Netlink,
     ifindex: u32,
-) -> Result<BTreeMap<Ipv4Addr, Vec<u8>>, Error> {
-    let msgs: Vec<_> = nl
-        .handle()
-        .neighbours()
-        .get()
-        .set_address_family(AddressFamily::Inet)
-        .execute()
-        .try_collect()
-        .await
-        .map_err(nl_err("listing neighbours".into()))?;
-    Ok(msgs
+) -> Result<BTreeMap<Ipv4Addr, [u8; 6]>, Error> {
+    Ok(nl
+        .neighbours(AddressFamily::Inet)
+        .await?
         .into_iter()
-        .filter(|m| m.header.ifindex == ifindex && m.header.state == NeighbourState::Permanent)
-        .filter_map(|m| {
-            let ip = m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)) => Some(*ip),
-                _ => None,
-            })?;
-            let mac = m.attributes.iter().find_map(|a| match a {
-                NeighbourAttribute::LinkLayerAddress(m) => Some(m.clone()),
-                _ => None,
-            })?;
-            Some((ip, mac))
-        })
+        .filter(|n| n.ifindex == ifindex && n.state == NeighbourState::Permanent)
+        .filter_map(|n| Some((n.ip?, n.mac?)))
         .collect())
 }
 
