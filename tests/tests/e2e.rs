@@ -455,3 +455,38 @@ fn incompatible_pins_are_refused_not_reused() -> Result<()> {
     tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[1].pods[0], 256 * KIB)?;
     Ok(())
 }
+
+#[test]
+fn a_recreated_cni0_is_picked_up_again() -> Result<()> {
+    let mut options = Options::vxlan(&[Ebpf, Ebpf], 1);
+    // Select the uplink by a regex on its whole name, as DaemonSets often do.
+    options.agent_args = vec!["--iface-regex".into(), "eth[0-9]+".into()];
+    let tb = Testbed::start("br", options)?;
+    let (p1, p2) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone());
+    tcp_echo(&p1, &p2, 256 * KIB)?;
+    let attached = tb.log(1).matches("attached at tc").count();
+
+    // The bridge goes away (pods keep their veths) and comes back with a new ifindex.
+    let ns = &tb.nodes[1].netns;
+    ip(ns, "link del cni0")?;
+    wait_for("node 2 to notice", Duration::from_secs(10), || {
+        tb.log(1).contains("bridge disappeared")
+    })?;
+    ip(ns, "link add cni0 type bridge")?;
+    ip(ns, "addr add 10.244.2.1/24 dev cni0")?;
+    ip(ns, "link set cni0 up")?;
+    ip(ns, "link set veth1 master cni0")?;
+    wait_for(
+        "node 2 to attach to the new bridge",
+        Duration::from_secs(10),
+        || tb.log(1).matches("attached at tc").count() >= attached + 2,
+    )?;
+    tcp_echo(&p1, &p2, MIB)?;
+    tcp_echo(&p2, &p1, MIB)?;
+    let routes = ip(ns, "route show proto 102")?;
+    ensure!(
+        routes.contains("10.244.1.0/24 via 10.244.1.0 dev cni0"),
+        "routes not restored:\n{routes}"
+    );
+    no_drops(&tb, 1)
+}
