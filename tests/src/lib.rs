@@ -820,3 +820,4 @@ pub fn iperf3(netns: &str, dst: Ipv4Addr, seconds: u32, streams: u32) -> Result<
         .ok_or_else(|| anyhow!("iperf3 reported no throughput: {}", v["error"]))?;
     Ok(bps / 1e9)
 }
+pub mod packet;

@@ -1,5 +1,6 @@
 //! `cargo xtask run | test | bench`: each installs what it needs first and says what it does.
 mod bootstrap;
+mod program_cost;
 
 use std::{
     fmt::Write as _,
@@ -460,6 +461,19 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
         "\nMedian paired ratios: ebpf-vxlan / kernel-vxlan = {ebpf_vs_kernel:.2}, ebpf-vxlan / baseline = {ebpf_vs_base:.2}, kernel-vxlan / baseline = {kernel_vs_base:.2}, xdp-decap / tc-decap = {xdp_vs_tc:.2} ({reps} repetitions, {seconds} s each, single TCP stream, {:.0} s total)\n",
         started.elapsed().as_secs_f64()
     );
+    say("measuring per-packet program cost (BPF_PROG_TEST_RUN, one run per call)");
+    let costs = program_cost::measure(if quick { 2_000 } else { 20_000 })?;
+    let _ = writeln!(
+        table,
+        "\n| program, packet | ns per packet (median) | p90 |\n|---|---|---|"
+    );
+    for c in &costs {
+        let _ = writeln!(
+            table,
+            "| {} | {:.0} | {:.0} |",
+            c.name, c.median_ns, c.p90_ns
+        );
+    }
     println!("{table}");
     let out = workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
@@ -469,6 +483,7 @@ fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
         out.join("results.json"),
         serde_json::to_string_pretty(&serde_json::json!({
             "paths": json,
+            "program_ns": costs.iter().map(|c| (c.name.to_string(), serde_json::json!(c.median_ns))).collect::<serde_json::Map<_, _>>(),
             "ratios": {"ebpf_vxlan_over_kernel_vxlan": ebpf_vs_kernel, "ebpf_vxlan_over_baseline": ebpf_vs_base, "kernel_vxlan_over_baseline": kernel_vs_base, "xdp_decap_over_tc_decap": xdp_vs_tc},
             "conditions": {"kernel": kernel.trim(), "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
                            "underlay_mtu": flannel_tests::UNDERLAY_MTU, "reps": reps, "seconds": seconds, "note": "veth underlay on one 2-vCPU VM; native XDP on a veth disables TSO on its peer"},

@@ -1,0 +1,129 @@
+//! Packets and node configurations for `BPF_PROG_TEST_RUN` tests and micro-benchmarks: a node A
+//! (198.18.0.11, 10.244.1.0/24) and a node B (198.18.0.12, 10.244.2.0/24) with fixed MACs.
+#![allow(
+    clippy::missing_panics_doc,
+    clippy::must_use_candidate,
+    reason = "test fixtures"
+)]
+use flannel_ebpf_common::{NodeConfig, backend};
+
+pub const NODE_A: [u8; 4] = [198, 18, 0, 11];
+pub const NODE_B: [u8; 4] = [198, 18, 0, 12];
+pub const VTEP_A: [u8; 6] = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x01];
+pub const VTEP_B: [u8; 6] = [0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0x02];
+pub const UPLINK_MAC_B: [u8; 6] = [0x02, 0, 0, 0, 0, 0xb1];
+pub const CNI_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xc1];
+pub const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x10];
+pub const POD_A: [u8; 4] = [10, 244, 1, 10];
+pub const POD_B: [u8; 4] = [10, 244, 2, 10];
+pub const VNI: u32 = 1;
+pub const PORT: u16 = 8472;
+
+/// The Internet checksum of `bytes`.
+#[must_use]
+pub fn csum(bytes: &[u8]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in bytes.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([chunk[0], *chunk.get(1).unwrap_or(&0)]));
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
+    let tot = (20 + payload.len()) as u16;
+    let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ttl, proto, 0, 0];
+    h[2..4].copy_from_slice(&tot.to_be_bytes());
+    h.extend_from_slice(&src);
+    h.extend_from_slice(&dst);
+    let c = csum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    h.extend_from_slice(payload);
+    h
+}
+
+pub fn eth(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+pub fn udp(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut u = Vec::with_capacity(8 + payload.len());
+    u.extend_from_slice(&sport.to_be_bytes());
+    u.extend_from_slice(&dport.to_be_bytes());
+    u.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    u.extend_from_slice(&[0, 0]);
+    u.extend_from_slice(payload);
+    u
+}
+
+pub fn vxlan_hdr(flags: u8, vni: u32, payload: &[u8]) -> Vec<u8> {
+    let v = vni.to_be_bytes();
+    let mut x = vec![flags, 0, 0, 0, v[1], v[2], v[3], 0];
+    x.extend_from_slice(payload);
+    x
+}
+
+/// A TCP-like payload: not parsed by the programs, compared byte for byte.
+pub fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + 3) as u8).collect()
+}
+
+/// A pod's frame to the gateway MAC, for a pod on node B.
+pub fn pod_frame(dst: [u8; 4], ttl: u8, len: usize) -> Vec<u8> {
+    eth(
+        CNI_MAC,
+        POD_MAC,
+        0x0800,
+        &ipv4(POD_A, dst, ttl, 6, &payload(len)),
+    )
+}
+
+/// VXLAN as node A's kernel device (or our encap) sends it to node B.
+pub fn vxlan_frame(outer_src: [u8; 4], vni: u32, inner_dst_mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
+    let inner_eth = eth(inner_dst_mac, VTEP_A, 0x0800, inner);
+    let outer = ipv4(
+        outer_src,
+        NODE_B,
+        64,
+        17,
+        &udp(40000, PORT, &vxlan_hdr(0x08, vni, &inner_eth)),
+    );
+    eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
+}
+
+/// This node's configuration as the agent writes it.
+#[must_use]
+pub fn config(
+    public_ip: [u8; 4],
+    subnet: [u8; 4],
+    vtep: [u8; 6],
+    uplink_mac: [u8; 6],
+) -> NodeConfig {
+    NodeConfig {
+        enabled: 1,
+        backend: u32::from(backend::VXLAN),
+        public_ip,
+        subnet_addr: subnet,
+        subnet_mask: [255, 255, 255, 0],
+        network_addr: [10, 244, 0, 0],
+        network_mask: [255, 255, 0, 0],
+        gateway_ip: [subnet[0], subnet[1], subnet[2], 1],
+        vni: VNI,
+        port: PORT,
+        _pad0: 0,
+        uplink_mtu: 1500,
+        uplink_ifindex: 3,
+        cni_ifindex: 5,
+        vtep_mac: vtep,
+        uplink_mac,
+        cni_mac: CNI_MAC,
+        _pad1: [0; 2],
+    }
+}
