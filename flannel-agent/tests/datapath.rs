@@ -11,7 +11,7 @@ use flannel_ebpf_common::{
 };
 use flannel_tests::packet::{
     CNI_MAC, NODE_A, NODE_B, POD_A, POD_B, POD_MAC, PORT, UPLINK_MAC_B, VNI, VTEP_A, VTEP_B,
-    config, csum, eth, ipv4, payload, pod_frame, udp, vxlan_frame, vxlan_hdr,
+    config, csum, eth, ipv4, payload, pod_frame, vxlan_around, vxlan_frame,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -514,17 +514,7 @@ fn from_wire_drops_bad_vxlan_with_a_reason() {
         VTEP_B,
         &ipv4(POD_A, [10, 244, 3, 3], 63, 6, &payload(100)),
     );
-    let inner_arp = {
-        let inner_eth = eth(VTEP_B, VTEP_A, 0x0806, &[0u8; 28]);
-        let outer = ipv4(
-            NODE_A,
-            NODE_B,
-            64,
-            17,
-            &udp(40000, PORT, &vxlan_hdr(0x08, VNI, &inner_eth)),
-        );
-        eth(UPLINK_MAC_B, POD_MAC, 0x0800, &outer)
-    };
+    let inner_arp = vxlan_around(NODE_A, VNI, &eth(VTEP_B, VTEP_A, 0x0806, &[0u8; 28]));
     let cases = [
         (
             vxlan_frame(NODE_A, 2, VTEP_B, &inner),

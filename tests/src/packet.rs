@@ -85,15 +85,19 @@ pub fn pod_frame(dst: [u8; 4], ttl: u8, len: usize) -> Vec<u8> {
     )
 }
 
-/// VXLAN as node A's kernel device (or our encap) sends it to node B.
+/// VXLAN as node A's kernel device (or our encap) sends it to node B, around an IPv4 packet.
 pub fn vxlan_frame(outer_src: [u8; 4], vni: u32, inner_dst_mac: [u8; 6], inner: &[u8]) -> Vec<u8> {
-    let inner_eth = eth(inner_dst_mac, VTEP_A, 0x0800, inner);
+    vxlan_around(outer_src, vni, &eth(inner_dst_mac, VTEP_A, 0x0800, inner))
+}
+
+/// VXLAN from `outer_src` to node B around a whole inner Ethernet frame.
+pub fn vxlan_around(outer_src: [u8; 4], vni: u32, inner_eth: &[u8]) -> Vec<u8> {
     let outer = ipv4(
         outer_src,
         NODE_B,
         64,
         17,
-        &udp(40000, PORT, &vxlan_hdr(0x08, vni, &inner_eth)),
+        &udp(40000, PORT, &vxlan_hdr(0x08, vni, inner_eth)),
     );
     eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
 }

@@ -45,6 +45,15 @@ fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
     Ok(())
 }
 
+/// `bpftool map dump` of a pinned map of node `i`.
+fn dump_pinned(tb: &Testbed, i: usize, map: &str) -> Result<String> {
+    let path = tb.nodes[i].pin_dir.join("v1").join(map);
+    run(
+        "bpftool",
+        &["map", "dump", "pinned", &path.to_string_lossy()],
+    )
+}
+
 fn no_drops(tb: &Testbed, i: usize) -> Result<()> {
     let stats = tb.stats(i)?;
     let drops: Vec<_> = stats
@@ -102,34 +111,12 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
         no_drops(&tb, i)?;
     }
     // Pinned maps carry BTF: bpftool prints field names.
-    let dump = run(
-        "bpftool",
-        &[
-            "map",
-            "dump",
-            "pinned",
-            &tb.nodes[0]
-                .pin_dir
-                .join("v1/FLANNEL_CONFIG")
-                .to_string_lossy(),
-        ],
-    )?;
+    let dump = dump_pinned(&tb, 0, "FLANNEL_CONFIG")?;
     ensure!(
         dump.contains("vtep_mac") && dump.contains("public_ip"),
         "no BTF field names in:\n{dump}"
     );
-    let dump = run(
-        "bpftool",
-        &[
-            "map",
-            "dump",
-            "pinned",
-            &tb.nodes[0]
-                .pin_dir
-                .join("v1/FLANNEL_ROUTES")
-                .to_string_lossy(),
-        ],
-    )?;
+    let dump = dump_pinned(&tb, 0, "FLANNEL_ROUTES")?;
     ensure!(
         dump.matches("vtep_mac").count() == 2,
         "two remote subnets expected in:\n{dump}"

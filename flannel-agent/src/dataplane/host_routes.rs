@@ -139,12 +139,7 @@ pub async fn sync(
     }
     for (net, (_, _, msg)) in routes {
         if !desired.contains_key(&net) {
-            nl.handle()
-                .route()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(nl_err(format!("removing route {net}")))?;
+            delete_route(nl, net, msg).await?;
             report.removed += 1;
         }
     }
@@ -155,6 +150,15 @@ pub async fn sync(
         }
     }
     Ok(report)
+}
+
+async fn delete_route(nl: &Netlink, net: Ipv4Net, msg: RouteMessage) -> Result<(), Error> {
+    nl.handle()
+        .route()
+        .del(msg)
+        .execute()
+        .await
+        .map_err(nl_err(format!("removing route {net}")))
 }
 
 async fn remove_neighbour(nl: &Netlink, ifindex: u32, ip: Ipv4Addr) -> Result<(), Error> {
@@ -176,12 +180,7 @@ pub async fn remove_all(nl: &Netlink) -> Result<usize, Error> {
     let routes = current_routes(nl).await?;
     let count = routes.len();
     for (net, (gw, oif, msg)) in routes {
-        nl.handle()
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(nl_err(format!("removing route {net}")))?;
+        delete_route(nl, net, msg).await?;
         if let Some(gw) = gw {
             // Best effort: the neighbour may already be gone with its device.
             let _ = remove_neighbour(nl, oif, gw).await;
