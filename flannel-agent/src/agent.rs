@@ -1,7 +1,7 @@
 //! The control loop: validate everything, then program the dataplane, then follow changes.
 use std::{
     collections::BTreeMap,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime},
 };
@@ -10,19 +10,21 @@ use aya::programs::TcAttachType;
 use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name};
 use ipnet::Ipv4Net;
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     Error,
-    backend::{Mac, vxlan},
-    cli::{Args, SubnetMgr},
-    config::{self, Backend, NetConf, VxlanConfig},
+    backend::{self as backends, Mac, vxlan, wireguard},
+    cli::{Args, DataplaneKind, SubnetMgr},
+    config::{self, Backend, NetConf},
     dataplane::{
-        Desired,
+        Desired, SyncReport,
         ebpf::{self, EbpfDataplane},
-        host_routes::{self, HostRoute},
+        netlink::{self as kernel, KernelDataplane},
+        routes::{self, Route},
+        wireguard::{Peer, WireguardDevice},
     },
-    iface::{self, ExtIface, Link, Netlink},
+    iface::{self, ExtIface, Link, Netlink, RouteTable},
     lease::{Lease, static_file},
     subnet_env::SubnetEnv,
 };
@@ -31,17 +33,26 @@ use crate::{
 #[derive(Debug, Clone, PartialEq)]
 pub struct Plan {
     pub own: Lease,
+    /// This node's VTEP MAC (vxlan), or a placeholder standing for the node.
     pub vtep_mac: Mac,
     pub desired: Desired,
+    /// WireGuard peers (wireguard backend only).
+    pub wg_peers: BTreeMap<Ipv4Net, Peer>,
+    /// host-gw peers whose public IP is not on this node's segment: not routed.
+    pub unreachable: BTreeMap<Ipv4Net, Ipv4Addr>,
 }
 
 impl Plan {
-    /// Finds this node's lease (the one with its public IP) and turns the others into map
-    /// entries. Leases of another backend are skipped with a warning, as flanneld does.
+    /// Finds this node's lease (the one with its public IP), checks it advertises what this node
+    /// is, and turns the others into dataplane entries. Leases of another backend are skipped
+    /// with a warning, as flanneld does. `direct` tells which public IPs are on this node's L2
+    /// segment (host-gw, DirectRouting); `wg_key` is this node's WireGuard public key.
     pub fn new(
         leases: &[Lease],
+        backend: &Backend,
         public_ip: Ipv4Addr,
-        vx: &VxlanConfig,
+        direct: &RouteTable,
+        wg_key: Option<&wireguard::Key>,
         source: &Path,
     ) -> Result<Self, Error> {
         let own = leases
@@ -54,65 +65,178 @@ impl Plan {
                     format!("no lease has PublicIP {public_ip} (this node's public IP)"),
                 )
             })?;
-        if own.backend_type != "vxlan" {
+        let lease_type = backend.lease_type();
+        if own.backend_type != lease_type {
             return Err(Error::config(
                 source,
                 format!("lease of {public_ip}: BackendType"),
                 format!(
-                    "{:?}, but net-conf.json's backend is vxlan",
-                    own.backend_type
+                    "{:?}, but net-conf.json's backend {} has leases of type {lease_type:?}",
+                    own.backend_type,
+                    backend.name()
                 ),
             ));
         }
-        let own_data = vxlan::lease_data(&own.backend_data)
-            .map_err(|m| Error::config(source, format!("lease of {public_ip}"), m))?;
-        if own_data.vni != vx.vni {
-            warn!(
-                lease_vni = own_data.vni,
-                vni = vx.vni,
-                "this node's lease advertises another VNI than net-conf.json"
-            );
-        }
-        let mut desired = Desired::default();
+        let lease_err =
+            |ip: Ipv4Addr| move |m: String| Error::config(source, format!("lease of {ip}"), m);
+        let vtep_mac = own_mac(backend, own, wg_key, source)?;
+        let mut plan = Self {
+            own: own.clone(),
+            vtep_mac,
+            desired: Desired::default(),
+            wg_peers: BTreeMap::new(),
+            unreachable: BTreeMap::new(),
+        };
         for lease in leases.iter().filter(|l| l.public_ip != public_ip) {
-            if lease.backend_type != "vxlan" {
-                warn!(subnet = %lease.subnet, backend = %lease.backend_type, "ignoring a non-vxlan lease");
+            if lease.backend_type != lease_type {
+                warn!(subnet = %lease.subnet, backend = %lease.backend_type, "ignoring a lease of another backend type");
                 continue;
             }
-            let data = vxlan::lease_data(&lease.backend_data)
-                .map_err(|m| Error::config(source, format!("lease of {}", lease.public_ip), m))?;
-            let mac = data.vtep_mac.0;
-            desired.routes.insert(
+            let ip = lease.public_ip;
+            let data = &lease.backend_data;
+            let (kind, mac) =
+                match peer_route(backend, data, direct.is_direct(ip), ip).map_err(lease_err(ip))? {
+                    Peering::Route(kind, mac) => (kind, mac),
+                    Peering::Unreachable => {
+                        plan.unreachable.insert(lease.subnet, ip);
+                        continue;
+                    }
+                    Peering::Wireguard(peer) => {
+                        plan.wg_peers.insert(lease.subnet, peer);
+                        continue;
+                    }
+                    Peering::None => continue,
+                };
+            plan.desired.routes.insert(
                 lease.subnet,
                 RemoteSubnet {
-                    public_ip: lease.public_ip.octets(),
-                    vtep_mac: mac,
-                    backend: backend::VXLAN,
+                    public_ip: ip.octets(),
+                    vtep_mac: mac.0,
+                    backend: kind,
                     _pad0: 0,
                 },
             );
-            desired.nodes.insert(
-                lease.public_ip,
+            plan.desired.nodes.insert(
+                ip,
                 RemoteNode {
-                    vtep_mac: mac,
-                    backend: backend::VXLAN,
+                    vtep_mac: mac.0,
+                    backend: kind,
                     _pad0: 0,
                 },
             );
         }
-        Ok(Self {
-            own: own.clone(),
-            vtep_mac: own_data.vtep_mac,
-            desired,
-        })
+        Ok(plan)
     }
+
+    /// Logs the host-gw peers that cannot be routed (once per change of the set).
+    fn report_unreachable(&self, before: Option<&Self>) {
+        for (subnet, ip) in &self.unreachable {
+            if before.is_some_and(|b| b.unreachable.get(subnet) == Some(ip)) {
+                continue;
+            }
+            error!(
+                %subnet, public_ip = %ip,
+                "host-gw: this lease's public IP is not on this node's network segment (its route has a gateway); \
+                 its pods are unreachable until the nodes share a segment (or use vxlan with DirectRouting)"
+            );
+        }
+    }
+}
+
+/// This node's MAC as its own lease says (vxlan's VtepMAC; a placeholder for the other backends),
+/// after checking the lease advertises what this node is.
+fn own_mac(
+    backend: &Backend,
+    own: &Lease,
+    wg_key: Option<&wireguard::Key>,
+    source: &Path,
+) -> Result<Mac, Error> {
+    let public_ip = own.public_ip;
+    let lease_err = |m: String| Error::config(source, format!("lease of {public_ip}"), m);
+    Ok(match backend {
+        Backend::Vxlan(vx) => {
+            let own_data = vxlan::lease_data(&own.backend_data).map_err(lease_err)?;
+            if own_data.vni != vx.vni {
+                warn!(
+                    lease_vni = own_data.vni,
+                    vni = vx.vni,
+                    "this node's lease advertises another VNI than net-conf.json"
+                );
+            }
+            own_data.vtep_mac
+        }
+        Backend::Wireguard(wg) => {
+            let own_data = wireguard::lease_data(&own.backend_data).map_err(lease_err)?;
+            if let Some(key) = wg_key
+                && (own_data.public_key != *key || own_data.port != wg.listen_port)
+            {
+                return Err(Error::config(
+                    source,
+                    format!("lease of {public_ip}: BackendData"),
+                    format!(
+                        "does not match this node: it must be {}",
+                        wireguard::advertised(key, wg.listen_port)
+                    ),
+                ));
+            }
+            backends::placeholder_mac(public_ip)
+        }
+        _ => backends::placeholder_mac(public_ip),
+    })
+}
+
+/// How this node reaches one peer.
+enum Peering {
+    /// A map route of this backend kind, with the MAC standing for the peer.
+    Route(u8, Mac),
+    /// A host-gw peer off this node's segment.
+    Unreachable,
+    Wireguard(Peer),
+    None,
+}
+
+/// Decides how to reach a peer with lease data `data`, on this node's segment if `direct`.
+fn peer_route(
+    backend: &Backend,
+    data: &serde_json::Value,
+    direct: bool,
+    ip: Ipv4Addr,
+) -> Result<Peering, String> {
+    Ok(match backend {
+        Backend::Vxlan(vx) => {
+            let mac = vxlan::lease_data(data)?.vtep_mac;
+            if vx.direct_routing && direct {
+                Peering::Route(backend::HOST_GW, mac)
+            } else {
+                Peering::Route(backend::VXLAN, mac)
+            }
+        }
+        Backend::HostGw if !direct => Peering::Unreachable,
+        Backend::HostGw => Peering::Route(backend::HOST_GW, backends::placeholder_mac(ip)),
+        Backend::Ipip(cfg) => {
+            let kind = if cfg.direct_routing && direct {
+                backend::HOST_GW
+            } else {
+                backend::IPIP
+            };
+            Peering::Route(kind, backends::placeholder_mac(ip))
+        }
+        Backend::Udp(_) => Peering::Route(backend::UDP, backends::placeholder_mac(ip)),
+        Backend::Wireguard(_) => {
+            let data = wireguard::lease_data(data)?;
+            Peering::Wireguard(Peer {
+                public_key: data.public_key,
+                endpoint: SocketAddrV4::new(ip, data.port),
+            })
+        }
+        Backend::Other(_) => Peering::None,
+    })
 }
 
 /// The configuration map entry for this node.
 #[must_use]
 pub fn node_config(
     netconf: &NetConf,
-    vx: &VxlanConfig,
     plan: &Plan,
     ext: &ExtIface,
     public_ip: Ipv4Addr,
@@ -120,17 +244,23 @@ pub fn node_config(
 ) -> NodeConfig {
     let cni_ifindex = cni.map_or(0, |l| l.index);
     let subnet = plan.own.subnet;
+    let (kind, vni, port) = match &netconf.backend {
+        Backend::Vxlan(vx) => (backend::VXLAN, vx.vni, vx.port),
+        Backend::Ipip(_) => (backend::IPIP, 0, 0),
+        Backend::Udp(u) => (backend::UDP, 0, u.port),
+        _ => (backend::HOST_GW, 0, 0),
+    };
     NodeConfig {
         enabled: 1,
-        backend: u32::from(backend::VXLAN),
+        backend: u32::from(kind),
         public_ip: public_ip.octets(),
         subnet_addr: subnet.network().octets(),
         subnet_mask: subnet.netmask().octets(),
         network_addr: netconf.network.network().octets(),
         network_mask: netconf.network.netmask().octets(),
         gateway_ip: gateway(subnet).octets(),
-        vni: vx.vni,
-        port: vx.port,
+        vni,
+        port,
         _pad0: 0,
         uplink_mtu: ext.link.mtu,
         uplink_ifindex: ext.link.index,
@@ -148,16 +278,263 @@ pub fn gateway(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 1)
 }
 
-/// Runs the agent until SIGTERM/SIGINT (or performs `--cleanup` / `--stats`).
+/// Everything fixed for the agent's lifetime.
+struct Node<'a> {
+    args: &'a Args,
+    netconf: NetConf,
+    ext: ExtIface,
+    public_ip: Ipv4Addr,
+    pod_mtu: u32,
+}
+
+/// The dataplane in use.
+enum Active {
+    Ebpf(Box<EbpfNode>),
+    Kernel(KernelDataplane),
+    Wireguard(WireguardDevice),
+}
+
+impl Active {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Ebpf(_) => "ebpf",
+            Self::Kernel(_) => "netlink",
+            Self::Wireguard(_) => "wireguard",
+        }
+    }
+
+    /// Brings the dataplane to `plan` (only the difference is applied).
+    async fn apply(
+        &mut self,
+        nl: &Netlink,
+        node: &Node<'_>,
+        plan: &Plan,
+    ) -> Result<SyncReport, Error> {
+        match self {
+            Self::Ebpf(e) => e.apply(node, plan),
+            Self::Kernel(k) => k.sync(nl, &plan.desired).await,
+            Self::Wireguard(w) => w.sync(&plan.wg_peers).await,
+        }
+    }
+
+    /// Once a second: follow the bridge, learn pods, repair kernel state every 10 s.
+    async fn tick(&mut self, nl: &Netlink, node: &Node<'_>, plan: &Plan, repair: bool) {
+        let result = match self {
+            Self::Ebpf(e) => e.tick(nl, node, plan).await,
+            Self::Kernel(k) if repair => k.sync(nl, &plan.desired).await.map(|_| ()),
+            Self::Wireguard(w) if repair => w.sync(&plan.wg_peers).await.map(|_| ()),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            warn!("{e}");
+        }
+    }
+}
+
+/// The eBPF dataplane and what the agent follows for it.
+struct EbpfNode {
+    dp: EbpfDataplane,
+    cfg: NodeConfig,
+    cni: Option<Link>,
+    routes_synced: Option<Instant>,
+}
+
+impl EbpfNode {
+    /// Opens (or adopts) the pinned dataplane, fills the maps and attaches the programs.
+    async fn start(nl: &Netlink, node: &Node<'_>, plan: &Plan) -> Result<Self, Error> {
+        let args = node.args;
+        let mut dp = EbpfDataplane::open(&args.pin_dir)?;
+        if dp.config()?.enabled != 0 {
+            info!(pins = %dp.pins().dir.display(), "adopting the pinned dataplane (no flush)");
+        }
+        let report = dp.sync(&plan.desired)?;
+        info!(%report, "synced remote subnets");
+        let cni = nl.link_by_name(&args.cni_bridge).await?;
+        let cfg = node_config(&node.netconf, plan, &node.ext, node.public_ip, cni.as_ref());
+        dp.set_config(&cfg)?;
+        dp.attach_tc(prog_name::FROM_WIRE, &node.ext.link, TcAttachType::Ingress)?;
+        let xdp = dp.attach_xdp(&node.ext.link, args.decap)?;
+        if let Some(cni) = &cni {
+            attach_cni(&mut dp, cni)?;
+        } else {
+            warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it");
+        }
+        info!(
+            decap = xdp.map_or("tc".to_string(), |m| format!("xdp ({m})")),
+            pins = %dp.pins().dir.display(), "eBPF programs attached"
+        );
+        Ok(Self {
+            dp,
+            cfg,
+            cni,
+            routes_synced: None,
+        })
+    }
+
+    fn apply(&mut self, node: &Node<'_>, plan: &Plan) -> Result<SyncReport, Error> {
+        let report = self.dp.sync(&plan.desired)?;
+        let cfg = node_config(
+            &node.netconf,
+            plan,
+            &node.ext,
+            node.public_ip,
+            self.cni.as_ref(),
+        );
+        if cfg != self.cfg {
+            self.dp.set_config(&cfg)?;
+            self.cfg = cfg;
+        }
+        self.routes_synced = None;
+        Ok(report)
+    }
+
+    async fn tick(&mut self, nl: &Netlink, node: &Node<'_>, plan: &Plan) -> Result<(), Error> {
+        let bridge = &node.args.cni_bridge;
+        // The bridge appears with the first pod and may be recreated.
+        match nl.link_by_name(bridge).await? {
+            Some(link) if self.cni.as_ref() != Some(&link) => {
+                attach_cni(&mut self.dp, &link)?;
+                self.cfg.cni_ifindex = link.index;
+                self.cfg.cni_mac = link.mac;
+                self.dp.set_config(&self.cfg)?;
+                self.cni = Some(link);
+                self.routes_synced = None;
+            }
+            None if self.cni.is_some() => {
+                warn!(%bridge, "bridge disappeared; decapsulated packets go to the stack until it is back");
+                self.cfg.cni_ifindex = 0;
+                self.dp.set_config(&self.cfg)?;
+                self.cni = None;
+            }
+            _ => {}
+        }
+        let Some(link) = self.cni.clone() else {
+            return Ok(());
+        };
+        // Local pods behind the bridge: learnt so that their packets skip it.
+        match nl
+            .endpoints(link.index, plan.own.subnet)
+            .await
+            .and_then(|e| self.dp.sync_endpoints(&e))
+        {
+            Ok(report) if !report.is_empty() => debug!(%report, "local endpoints"),
+            Ok(_) => {}
+            Err(e) => warn!("learning local endpoints: {e}"),
+        }
+        // The node's own routes into cni0: on every change, and every 10 s to repair them.
+        if self
+            .routes_synced
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
+        {
+            self.routes_synced = Some(Instant::now());
+            let (want, neighbours) = host_routes(plan, link.index, node.pod_mtu);
+            routes::sync_neighbours(
+                nl,
+                link.index,
+                node.netconf.network,
+                plan.own.subnet,
+                &neighbours,
+            )
+            .await?;
+            let report = routes::sync(nl, &want).await?;
+            if !report.is_empty() {
+                info!(%report, "routes of remote subnets");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the dataplane `args.dataplane` asks for, falling back from eBPF to netlink where eBPF
+/// cannot be loaded and the backend has a kernel dataplane. `wg_private`: this node's WireGuard
+/// private key (wireguard backend).
+async fn start_dataplane(
+    nl: &Netlink,
+    node: &Node<'_>,
+    plan: &Plan,
+    wg_private: Option<&wireguard::Key>,
+) -> Result<Active, Error> {
+    let backend = &node.netconf.backend;
+    if let Backend::Wireguard(wg) = backend {
+        let key = wg_private.expect("the key is loaded for the wireguard backend");
+        let dev = WireguardDevice::ensure(
+            nl,
+            wg,
+            key,
+            plan.own.subnet,
+            node.netconf.network,
+            node.pod_mtu,
+        )
+        .await?;
+        return Ok(Active::Wireguard(dev));
+    }
+    let kernel_ok = matches!(backend, Backend::Vxlan(_) | Backend::HostGw);
+    match node.args.dataplane {
+        DataplaneKind::Netlink if kernel_ok => start_kernel(nl, node, plan).await,
+        DataplaneKind::Netlink => Err(Error::Unsupported(format!(
+            "backend {}: no netlink dataplane (flannel's uses a kernel tunnel module or a userspace proxy); use --dataplane=ebpf",
+            backend.name()
+        ))),
+        DataplaneKind::Ebpf => Ok(Active::Ebpf(Box::new(
+            EbpfNode::start(nl, node, plan).await?,
+        ))),
+        DataplaneKind::Auto => match EbpfNode::start(nl, node, plan).await {
+            Ok(e) => Ok(Active::Ebpf(Box::new(e))),
+            Err(e) if kernel_ok && e.is_ebpf_unavailable() => {
+                warn!(
+                    "eBPF cannot be used here ({e}); falling back to the kernel dataplane flanneld uses"
+                );
+                start_kernel(nl, node, plan).await
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+async fn start_kernel(nl: &Netlink, node: &Node<'_>, plan: &Plan) -> Result<Active, Error> {
+    let dp = match &node.netconf.backend {
+        Backend::Vxlan(vx) => {
+            KernelDataplane::vxlan(
+                nl,
+                vx,
+                &node.ext,
+                node.public_ip,
+                node.netconf.network,
+                plan.own.subnet,
+                plan.vtep_mac,
+                node.pod_mtu,
+            )
+            .await?
+        }
+        _ => KernelDataplane::host_gw(&node.ext, node.netconf.network, plan.own.subnet),
+    };
+    Ok(Active::Kernel(dp))
+}
+
+/// Removes everything the agent created (`--cleanup`).
+async fn cleanup(args: &Args) -> Result<(), Error> {
+    let nl = Netlink::connect()?;
+    let removed = routes::remove_all(&nl).await?;
+    info!(routes = removed, "removed the routes of remote subnets");
+    let devices = kernel::remove_devices(&nl).await?;
+    if devices > 0 {
+        info!(devices, "removed the flannel.<VNI> VXLAN devices");
+    }
+    if WireguardDevice::remove(&nl).await? {
+        info!("removed the flannel-wg device");
+    }
+    ebpf::cleanup(&args.pin_dir, &args.subnet_file)
+}
+
+/// Runs the agent until SIGTERM/SIGINT (or performs `--cleanup` / `--stats` /
+/// `--print-backend-data`).
 #[expect(
     clippy::too_many_lines,
     reason = "one linear start-up sequence and its loop; splitting would only pass its locals around"
 )]
 pub async fn run(args: &Args) -> Result<(), Error> {
     if args.cleanup {
-        let removed = host_routes::remove_all(&Netlink::connect()?).await?;
-        info!(routes = removed, "removed the routes of remote subnets");
-        return ebpf::cleanup(&args.pin_dir, &args.subnet_file);
+        return cleanup(args).await;
     }
     if args.stats {
         for (name, c) in ebpf::read_stats(&args.pin_dir)? {
@@ -168,22 +545,44 @@ pub async fn run(args: &Args) -> Result<(), Error> {
 
     // Validate every input before touching the kernel: bad input leaves nothing half-programmed.
     let netconf = config::load(&args.net_config_path)?;
-    let vx = match &netconf.backend {
-        Backend::Vxlan(vx) => vx.clone(),
+    let source = args.net_config_path.display();
+    match &netconf.backend {
         Backend::Other(kind) => {
             return Err(Error::Unsupported(format!(
-                "{}: Backend.Type {kind:?} is not implemented by this version of flannel-agent (it implements vxlan)",
-                args.net_config_path.display()
+                "{source}: Backend.Type {kind:?} is not implemented by flannel-agent (it implements vxlan, host-gw, ipip, udp and wireguard)"
             )));
         }
-    };
-    for (set, name) in [(vx.gbp, "GBP"), (vx.direct_routing, "DirectRouting")] {
-        if set {
+        Backend::Vxlan(vx) if vx.gbp => {
             return Err(Error::Unsupported(format!(
-                "{}: Backend.{name} is not implemented by this version of flannel-agent",
-                args.net_config_path.display()
+                "{source}: Backend.GBP is not implemented by flannel-agent"
             )));
         }
+        _ => {}
+    }
+    // The private key stays in `wg_private`; plans and leases only see the public one.
+    let wg_private = match &netconf.backend {
+        Backend::Wireguard(_) => {
+            let (key, generated) = wireguard::load_or_generate(&args.wg_key_file)?;
+            if generated {
+                info!(path = %args.wg_key_file.display(), "generated this node's WireGuard key");
+            }
+            Some(key)
+        }
+        _ => None,
+    };
+    let wg_key = wg_private.as_ref().map(wireguard::Key::public);
+    if args.print_backend_data {
+        let data = match (&netconf.backend, &wg_key) {
+            (Backend::Wireguard(wg), Some(key)) => wireguard::advertised(key, wg.listen_port),
+            (Backend::Vxlan(_), _) => {
+                return Err(Error::Unsupported(
+                    "vxlan: the VtepMAC is this node's lease's own (static leases: pick a unique MAC)".into(),
+                ));
+            }
+            _ => serde_json::Value::Null,
+        };
+        println!("{data}");
+        return Ok(());
     }
     let leases_path = match args.subnet_mgr {
         SubnetMgr::Static => args
@@ -194,41 +593,49 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let nl = Netlink::connect()?;
     let ext = iface::select(&nl, &args.iface, &args.iface_regex).await?;
     let public_ip = args.public_ip.unwrap_or(ext.addr);
+    if netconf.backend == Backend::HostGw && public_ip != ext.addr {
+        // As flanneld: host-gw peers route to the public IP, which must be the interface's.
+        return Err(Error::Unsupported(format!(
+            "host-gw: the public IP {public_ip} is not the address of {} ({}); host-gw needs them equal",
+            ext.link.name, ext.addr
+        )));
+    }
     let leases = static_file::read(&leases_path, &netconf)?;
-    let mut plan = Plan::new(&leases, public_ip, &vx, &leases_path)?;
-    let subnet_env = |plan: &Plan| SubnetEnv {
-        network: netconf.network,
-        subnet: plan.own.subnet,
-        mtu: vxlan::mtu(&vx, ext.link.mtu),
-        ipmasq: args.ip_masq,
+    let mut table = nl.route_table().await?;
+    let mut plan = Plan::new(
+        &leases,
+        &netconf.backend,
+        public_ip,
+        &table,
+        wg_key.as_ref(),
+        &leases_path,
+    )?;
+    plan.report_unreachable(None);
+    let pod_mtu = backends::mtu(&netconf.backend, ext.link.mtu);
+    let node = Node {
+        args,
+        netconf,
+        ext,
+        public_ip,
+        pod_mtu,
     };
     info!(
-        interface = %ext.link.name, %public_ip, subnet = %plan.own.subnet, vtep_mac = %plan.vtep_mac,
-        vni = vx.vni, port = vx.port, "using backend vxlan"
+        interface = %node.ext.link.name, %public_ip, subnet = %plan.own.subnet, backend = node.netconf.backend.name(),
+        mtu = pod_mtu, "this node"
     );
 
-    // Program the dataplane: maps first, then the configuration, then the links.
-    let mut dp = EbpfDataplane::open(&args.pin_dir)?;
-    if dp.config()?.enabled != 0 {
-        info!(pins = %dp.pins().dir.display(), "adopting the pinned dataplane (no flush)");
-    }
-    let report = dp.sync(&plan.desired)?;
-    info!(%report, leases = leases.len(), "synced remote subnets");
-    let cni = nl.link_by_name(&args.cni_bridge).await?;
-    let mut cni = cni;
-    let mut cfg = node_config(&netconf, &vx, &plan, &ext, public_ip, cni.as_ref());
-    dp.set_config(&cfg)?;
-    dp.attach_tc(prog_name::FROM_WIRE, &ext.link, TcAttachType::Ingress)?;
-    let xdp = dp.attach_xdp(&ext.link, args.decap)?;
-    if let Some(cni) = &cni {
-        attach_cni(&mut dp, cni)?;
-    } else {
-        warn!(bridge = %args.cni_bridge, "bridge not there yet (the CNI plugin creates it with the first pod); waiting for it");
-    }
+    let mut active = start_dataplane(&nl, &node, &plan, wg_private.as_ref()).await?;
+    let report = active.apply(&nl, &node, &plan).await?;
+    let subnet_env = |plan: &Plan| SubnetEnv {
+        network: node.netconf.network,
+        subnet: plan.own.subnet,
+        mtu: pod_mtu,
+        ipmasq: args.ip_masq,
+    };
     subnet_env(&plan).write(&args.subnet_file)?;
     info!(
-        subnet_file = %args.subnet_file.display(), decap = xdp.map_or("tc".to_string(), |m| format!("xdp ({m})")),
-        pins = %dp.pins().dir.display(), "eBPF dataplane active"
+        dataplane = active.name(), backend = node.netconf.backend.name(), %report,
+        subnet_file = %args.subnet_file.display(), "dataplane active"
     );
 
     let mut term = signal(SignalKind::terminate()).map_err(|source| Error::NetlinkIo {
@@ -239,95 +646,64 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         context: "installing the SIGINT handler".into(),
         source,
     })?;
-    let pod_mtu = vxlan::mtu(&vx, ext.link.mtu);
-    let mut routes_synced: Option<Instant> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut seen = fingerprint(&leases_path);
+    let mut repaired = Instant::now();
+    let mut table_read = Instant::now();
     loop {
         tokio::select! {
             _ = term.recv() => break,
             _ = interrupt.recv() => break,
             _ = tick.tick() => {}
         }
-        // The bridge appears with the first pod and may be recreated.
-        match nl.link_by_name(&args.cni_bridge).await {
-            Ok(Some(link)) if cni.as_ref() != Some(&link) => match attach_cni(&mut dp, &link) {
-                Ok(()) => {
-                    cfg.cni_ifindex = link.index;
-                    cfg.cni_mac = link.mac;
-                    dp.set_config(&cfg)?;
-                    cni = Some(link);
-                    routes_synced = None;
-                }
-                Err(e) => warn!("attaching to {}: {e}", link.name),
-            },
-            Ok(None) if cni.is_some() => {
-                warn!(bridge = %args.cni_bridge, "bridge disappeared; decapsulated packets go to the stack until it is back");
-                cfg.cni_ifindex = 0;
-                dp.set_config(&cfg)?;
-                cni = None;
-            }
-            Ok(_) => {}
-            Err(e) => warn!("{e}"),
+        let repair = repaired.elapsed() >= Duration::from_secs(10);
+        if repair {
+            repaired = Instant::now();
         }
-        // Local pods behind the bridge: learnt so that their packets skip it.
-        let endpoints = match &cni {
-            Some(link) => nl.endpoints(link.index, plan.own.subnet).await,
-            None => Ok(BTreeMap::new()),
-        };
-        match endpoints.and_then(|e| dp.sync_endpoints(&e)) {
-            Ok(report) if !report.is_empty() => debug!(%report, "local endpoints"),
-            Ok(_) => {}
-            Err(e) => warn!("learning local endpoints: {e}"),
-        }
-        // The node's own routes into cni0: on every change, and every 10 s to repair them.
-        if let Some(link) = &cni
-            && routes_synced.is_none_or(|t| t.elapsed() >= Duration::from_secs(10))
-        {
-            let want = host_routes(&plan);
-            match host_routes::sync(
-                &nl,
-                link.index,
-                netconf.network,
-                plan.own.subnet,
-                pod_mtu,
-                &want,
-            )
-            .await
-            {
-                Ok(report) if !report.is_empty() => info!(%report, "routes of remote subnets"),
-                Ok(_) => {}
-                Err(e) => warn!("routes of remote subnets: {e}"),
-            }
-            routes_synced = Some(Instant::now());
-        }
-        // The lease file changed: re-read, validate, apply only the difference.
+        active.tick(&nl, &node, &plan, repair).await;
+        // The lease file changed (or, every 10 s, the routes that decide which peers are direct):
+        // re-read, validate, apply only the difference.
         let now = fingerprint(&leases_path);
-        if now == seen {
+        let reread_table = table_read.elapsed() >= Duration::from_secs(10);
+        if now == seen && !reread_table {
             continue;
         }
+        if reread_table {
+            table_read = Instant::now();
+            match nl.route_table().await {
+                Ok(t) => table = t,
+                Err(e) => warn!("{e}"),
+            }
+        }
         seen = now;
-        let next = static_file::read(&leases_path, &netconf)
-            .and_then(|leases| Plan::new(&leases, public_ip, &vx, &leases_path));
+        let next = static_file::read(&leases_path, &node.netconf).and_then(|leases| {
+            Plan::new(
+                &leases,
+                &node.netconf.backend,
+                public_ip,
+                &table,
+                wg_key.as_ref(),
+                &leases_path,
+            )
+        });
         match next {
             Err(e) => warn!("{e}; keeping the current leases"),
             Ok(next) if next == plan => {}
             Ok(next) => {
-                let report = dp.sync(&next.desired)?;
-                if next.own != plan.own || next.vtep_mac != plan.vtep_mac {
-                    info!(subnet = %next.own.subnet, vtep_mac = %next.vtep_mac, "this node's lease changed");
-                    cfg = node_config(&netconf, &vx, &next, &ext, public_ip, cni.as_ref());
-                    dp.set_config(&cfg)?;
+                next.report_unreachable(Some(&plan));
+                let report = active.apply(&nl, &node, &next).await?;
+                if next.own != plan.own {
+                    info!(subnet = %next.own.subnet, "this node's lease changed");
                     subnet_env(&next).write(&args.subnet_file)?;
                 }
                 info!(%report, "leases changed");
                 plan = next;
-                routes_synced = None;
             }
         }
     }
     info!(
-        "stopping; the pinned programs and maps stay and keep forwarding (`flannel-agent --cleanup` removes them)"
+        dataplane = active.name(),
+        "stopping; the dataplane stays and keeps forwarding (`flannel-agent --cleanup` removes it)"
     );
     Ok(())
 }
@@ -338,22 +714,29 @@ fn attach_cni(dp: &mut EbpfDataplane, cni: &Link) -> Result<(), Error> {
     dp.attach_tc(prog_name::FROM_HOST, cni, TcAttachType::Egress)
 }
 
-/// The routes of the remote subnets in a plan, as flanneld shapes them (gateway `<subnet>.0`).
+/// The routes that steer the node's own traffic for remote subnets into `cni0`, shaped as
+/// flanneld's on `flannel.1` (`<subnet> via <subnet>.0 onlink`), and their gateways' neighbours.
 #[must_use]
-pub fn host_routes(plan: &Plan) -> BTreeMap<Ipv4Net, HostRoute> {
-    plan.desired
-        .routes
-        .iter()
-        .map(|(net, r)| {
-            (
-                *net,
-                HostRoute {
-                    gateway: net.network(),
-                    vtep_mac: r.vtep_mac,
-                },
-            )
-        })
-        .collect()
+pub fn host_routes(
+    plan: &Plan,
+    cni: u32,
+    mtu: u32,
+) -> (BTreeMap<Ipv4Net, Route>, BTreeMap<Ipv4Addr, [u8; 6]>) {
+    let mut routes = BTreeMap::new();
+    let mut neighbours = BTreeMap::new();
+    for (net, r) in &plan.desired.routes {
+        routes.insert(
+            *net,
+            Route {
+                gateway: net.network(),
+                oif: cni,
+                onlink: true,
+                mtu: Some(mtu),
+            },
+        );
+        neighbours.insert(net.network(), r.vtep_mac);
+    }
+    (routes, neighbours)
 }
 
 /// Identity of the lease file's current version (modification time, size, inode).
@@ -361,4 +744,116 @@ fn fingerprint(path: &PathBuf) -> Option<(SystemTime, u64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{IpipConfig, UdpConfig, VxlanConfig};
+
+    fn lease(n: u8, ip: [u8; 4], kind: &str, data: serde_json::Value) -> Lease {
+        Lease {
+            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
+            public_ip: ip.into(),
+            backend_type: kind.into(),
+            backend_data: data,
+        }
+    }
+
+    fn vx_data(n: u8) -> serde_json::Value {
+        serde_json::json!({"VNI": 1, "VtepMAC": format!("0e:fe:00:00:00:{n:02x}")})
+    }
+
+    /// This node 198.18.0.11 on 198.18.0.0/24; 198.18.1.0/24 behind a gateway.
+    fn table() -> RouteTable {
+        RouteTable::new(vec![
+            ("198.18.0.0/24".parse().unwrap(), None),
+            (
+                "198.18.1.0/24".parse().unwrap(),
+                Some([198, 18, 0, 1].into()),
+            ),
+            ("0.0.0.0/0".parse().unwrap(), Some([198, 18, 0, 1].into())),
+        ])
+    }
+
+    fn plan(backend: &Backend, kind: &str, data: fn(u8) -> serde_json::Value) -> Plan {
+        let leases = [
+            lease(1, [198, 18, 0, 11], kind, data(1)),
+            lease(2, [198, 18, 0, 12], kind, data(2)),
+            lease(3, [198, 18, 1, 13], kind, data(3)),
+            lease(4, [198, 18, 0, 14], "other", data(4)),
+        ];
+        Plan::new(
+            &leases,
+            backend,
+            [198, 18, 0, 11].into(),
+            &table(),
+            None,
+            Path::new("leases.json"),
+        )
+        .unwrap()
+    }
+
+    fn kinds(plan: &Plan) -> Vec<(u8, u8)> {
+        plan.desired
+            .routes
+            .iter()
+            .map(|(net, r)| (net.network().octets()[2], r.backend))
+            .collect()
+    }
+
+    #[test]
+    fn direct_routing_is_decided_per_peer() {
+        let vx = |dr| {
+            Backend::Vxlan(VxlanConfig {
+                vni: 1,
+                port: 8472,
+                mtu: 0,
+                gbp: false,
+                direct_routing: dr,
+            })
+        };
+        let p = plan(&vx(true), "vxlan", vx_data);
+        assert_eq!(kinds(&p), [(2, backend::HOST_GW), (3, backend::VXLAN)]);
+        assert_eq!(p.desired.nodes.len(), 2, "the other-type lease is skipped");
+        let p = plan(&vx(false), "vxlan", vx_data);
+        assert_eq!(kinds(&p), [(2, backend::VXLAN), (3, backend::VXLAN)]);
+        let ipip = Backend::Ipip(IpipConfig {
+            direct_routing: true,
+        });
+        let p = plan(&ipip, "ipip", |_| serde_json::Value::Null);
+        assert_eq!(kinds(&p), [(2, backend::HOST_GW), (3, backend::IPIP)]);
+        let udp = Backend::Udp(UdpConfig { port: 8285 });
+        let p = plan(&udp, "", |_| serde_json::Value::Null);
+        assert_eq!(kinds(&p), [(2, backend::UDP), (3, backend::UDP)]);
+    }
+
+    #[test]
+    fn host_gw_peers_off_the_segment_are_not_routed() {
+        let p = plan(&Backend::HostGw, "host-gw", |_| serde_json::Value::Null);
+        assert_eq!(kinds(&p), [(2, backend::HOST_GW)]);
+        assert_eq!(
+            p.unreachable.into_iter().collect::<Vec<_>>(),
+            [(
+                "10.244.3.0/24".parse().unwrap(),
+                Ipv4Addr::new(198, 18, 1, 13)
+            )]
+        );
+    }
+
+    #[test]
+    fn own_lease_must_match_the_backend() {
+        let leases = [lease(1, [198, 18, 0, 11], "vxlan", vx_data(1))];
+        let e = Plan::new(
+            &leases,
+            &Backend::HostGw,
+            [198, 18, 0, 11].into(),
+            &table(),
+            None,
+            Path::new("leases.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("BackendType") && e.contains("host-gw"), "{e}");
+    }
 }

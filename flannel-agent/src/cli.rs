@@ -12,7 +12,22 @@ pub enum SubnetMgr {
     Static,
 }
 
+/// Which dataplane programs the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataplaneKind {
+    /// eBPF where it can be loaded; otherwise the kernel objects flanneld makes (vxlan, host-gw).
+    Auto,
+    /// eBPF only: fail if it cannot be loaded.
+    Ebpf,
+    /// The kernel objects flanneld makes (vxlan, host-gw), no eBPF.
+    Netlink,
+}
+
 #[derive(Debug, Clone, Parser)]
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one field per command-line switch, as clap derives them"
+)]
 #[command(
     name = "flannel-agent",
     version,
@@ -73,7 +88,30 @@ pub struct Args {
     )]
     pub pin_dir: PathBuf,
 
-    /// Where VXLAN is decapsulated on the uplink.
+    /// Which dataplane to use. The wireguard backend always uses its WireGuard device.
+    #[arg(
+        long = "dataplane",
+        env = "FLANNELD_DATAPLANE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub dataplane: DataplaneKind,
+
+    /// The wireguard backend's private key file (flanneld's path and environment variable);
+    /// created with mode 0400 if missing, reused otherwise.
+    #[arg(
+        long = "wg-key-file",
+        env = "WIREGUARD_KEY_FILE",
+        default_value = "/run/flannel/wgkey"
+    )]
+    pub wg_key_file: PathBuf,
+
+    /// Print the `BackendData` this node advertises in its lease (for the wireguard backend its
+    /// public key, generating the key if needed) and exit: what to put in a static lease file.
+    #[arg(long)]
+    pub print_backend_data: bool,
+
+    /// Where tunnel traffic is decapsulated on the uplink (eBPF dataplane).
     #[arg(long = "decap", value_enum, default_value = "tc")]
     pub decap: DecapMode,
 

@@ -23,8 +23,64 @@ pub struct NetConf {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Backend {
     Vxlan(VxlanConfig),
-    /// A backend type flannel knows that this version does not implement.
+    HostGw,
+    Ipip(IpipConfig),
+    Udp(UdpConfig),
+    Wireguard(WireguardConfig),
+    /// A backend type flannel knows that this version does not implement (`alloc`).
     Other(String),
+}
+
+impl Backend {
+    /// The backend's name in net-conf.json.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Vxlan(_) => "vxlan",
+            Self::HostGw => "host-gw",
+            Self::Ipip(_) => "ipip",
+            Self::Udp(_) => "udp",
+            Self::Wireguard(_) => "wireguard",
+            Self::Other(kind) => kind,
+        }
+    }
+
+    /// The `BackendType` of this backend's leases (flannel's udp backend leaves it empty).
+    #[must_use]
+    pub fn lease_type(&self) -> &str {
+        match self {
+            Self::Udp(_) => "",
+            other => other.name(),
+        }
+    }
+}
+
+/// `Backend` options of the ipip backend (pkg/backend/ipip/ipip.go).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IpipConfig {
+    pub direct_routing: bool,
+}
+
+/// `Backend` options of the udp backend (pkg/backend/udp/udp.go).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpConfig {
+    /// UDP port, source and destination (default 8285).
+    pub port: u16,
+}
+
+/// `Backend` options of the wireguard backend (pkg/backend/wireguard/wireguard.go).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// `ListenPort` (default 51820).
+    pub listen_port: u16,
+    /// `PSK`: a pre-shared key (base64), if any.
+    pub psk: Option<String>,
+    /// `PersistentKeepaliveInterval` in seconds (0: off).
+    pub persistent_keepalive: u16,
+    /// `MTU` before the overhead (0: the uplink's); the device gets it minus 80.
+    pub mtu: u32,
+    /// `Mode`: `separate` (default), `auto` or `ipv4` (IPv6 networks are not supported).
+    pub mode: String,
 }
 
 /// `Backend` options of the vxlan backend (pkg/backend/vxlan/vxlan.go).
@@ -38,6 +94,11 @@ pub struct VxlanConfig {
     pub gbp: bool,
     pub direct_routing: bool,
 }
+
+/// flannel's udp backend port.
+pub const UDP_DEFAULT_PORT: u16 = 8285;
+/// flannel's wireguard `ListenPort` default.
+pub const WIREGUARD_DEFAULT_PORT: u16 = 51_820;
 
 /// Backend types flannel accepts.
 pub const KNOWN_BACKENDS: [&str; 6] = ["vxlan", "host-gw", "udp", "ipip", "wireguard", "alloc"];
@@ -139,7 +200,9 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
 fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error> {
     // As flannel's parseBackendType: no Backend at all means udp (the docs say vxlan; the code wins).
     let Some(backend) = backend else {
-        return Ok(Backend::Other("udp".into()));
+        return Ok(Backend::Udp(UdpConfig {
+            port: UDP_DEFAULT_PORT,
+        }));
     };
     let obj = backend
         .as_object()
@@ -147,6 +210,26 @@ fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error>
     let kind = str_field(path, obj, "Type")?
         .unwrap_or_default()
         .to_string();
+    let port = |default: u16| -> Result<u16, Error> {
+        let port = u64_field(path, obj, "Port")?.unwrap_or(0);
+        match u16::try_from(port) {
+            Ok(0) => Ok(default),
+            Ok(port) => Ok(port),
+            Err(_) => Err(Error::config(
+                path,
+                "Backend.Port",
+                format!("{port} is not a UDP port"),
+            )),
+        }
+    };
+    let mtu = || -> Result<u32, Error> {
+        let mtu = u64_field(path, obj, "MTU")?.unwrap_or(0);
+        u32::try_from(mtu)
+            .ok()
+            .filter(|m| *m == 0 || (68..=65_535).contains(m))
+            .ok_or_else(|| Error::config(path, "Backend.MTU", format!("{mtu} is not an MTU")))
+    };
+    let direct_routing = bool_field(path, obj, "DirectRouting")?.unwrap_or(false);
     match kind.as_str() {
         "vxlan" => {
             let vni = u64_field(path, obj, "VNI")?.unwrap_or(1);
@@ -160,25 +243,20 @@ fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error>
                         format!("{vni} does not fit in 24 bits"),
                     )
                 })?;
-            let port = u64_field(path, obj, "Port")?.unwrap_or(0);
-            let port = u16::try_from(port).map_err(|_| {
-                Error::config(path, "Backend.Port", format!("{port} is not a UDP port"))
-            })?;
-            let mtu = u64_field(path, obj, "MTU")?.unwrap_or(0);
-            let mtu = u32::try_from(mtu)
-                .map_err(|_| Error::config(path, "Backend.MTU", "out of range"))?;
             Ok(Backend::Vxlan(VxlanConfig {
                 vni,
-                port: if port == 0 {
-                    flannel_ebpf_common::vxlan::DEFAULT_PORT
-                } else {
-                    port
-                },
-                mtu,
+                port: port(flannel_ebpf_common::vxlan::DEFAULT_PORT)?,
+                mtu: mtu()?,
                 gbp: bool_field(path, obj, "GBP")?.unwrap_or(false),
-                direct_routing: bool_field(path, obj, "DirectRouting")?.unwrap_or(false),
+                direct_routing,
             }))
         }
+        "host-gw" => Ok(Backend::HostGw),
+        "ipip" => Ok(Backend::Ipip(IpipConfig { direct_routing })),
+        "udp" => Ok(Backend::Udp(UdpConfig {
+            port: port(UDP_DEFAULT_PORT)?,
+        })),
+        "wireguard" => parse_wireguard(path, obj, mtu()?),
         "" => Err(Error::config(
             path,
             "Backend.Type",
@@ -194,6 +272,65 @@ fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error>
             ),
         )),
     }
+}
+
+/// The wireguard backend's options.
+fn parse_wireguard(path: &Path, obj: &Map<String, Value>, mtu: u32) -> Result<Backend, Error> {
+    let listen_port = u64_field(path, obj, "ListenPort")?.unwrap_or(0);
+    let listen_port = match u16::try_from(listen_port) {
+        Ok(0) => WIREGUARD_DEFAULT_PORT,
+        Ok(p) => p,
+        Err(_) => {
+            return Err(Error::config(
+                path,
+                "Backend.ListenPort",
+                format!("{listen_port} is not a UDP port"),
+            ));
+        }
+    };
+    let psk = str_field(path, obj, "PSK")?
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            crate::backend::wireguard::Key::from_base64(s)
+                .map(|_| s.to_string())
+                .map_err(|e| Error::config(path, "Backend.PSK", e))
+        })
+        .transpose()?;
+    let keepalive = u64_field(path, obj, "PersistentKeepaliveInterval")?.unwrap_or(0);
+    let persistent_keepalive = u16::try_from(keepalive).map_err(|_| {
+        Error::config(
+            path,
+            "Backend.PersistentKeepaliveInterval",
+            format!("{keepalive} s is out of range (at most 65535)"),
+        )
+    })?;
+    let mode = str_field(path, obj, "Mode")?
+        .filter(|s| !s.is_empty())
+        .unwrap_or("separate")
+        .to_string();
+    match mode.as_str() {
+        "separate" | "auto" | "ipv4" => {}
+        "ipv6" => {
+            return Err(Error::Unsupported(format!(
+                "{}: Backend.Mode \"ipv6\": IPv6 pod networks are not supported by flannel-ebpf",
+                path.display()
+            )));
+        }
+        other => {
+            return Err(Error::config(
+                path,
+                "Backend.Mode",
+                format!("unknown mode {other:?} (separate, auto, ipv4 or ipv6)"),
+            ));
+        }
+    }
+    Ok(Backend::Wireguard(WireguardConfig {
+        listen_port,
+        psk,
+        persistent_keepalive,
+        mtu,
+        mode,
+    }))
 }
 
 fn str_field<'a>(
@@ -272,7 +409,7 @@ mod tests {
     #[test]
     fn missing_backend_is_udp_and_keys_are_case_insensitive() {
         let c = p(r#"{"network":"10.244.0.0/16"}"#).unwrap();
-        assert_eq!(c.backend, Backend::Other("udp".into()));
+        assert_eq!(c.backend, Backend::Udp(UdpConfig { port: 8285 }));
         let c = p(r#"{"Network":"10.244.0.0/16","backend":{"type":"vxlan","vni":42,"port":4789}}"#)
             .unwrap();
         let Backend::Vxlan(v) = c.backend else {
@@ -306,5 +443,90 @@ mod tests {
         assert!(e.contains("Backend.VNI"), "{e}");
         let e = p("{not json").unwrap_err().to_string();
         assert!(e.contains("net-conf.json: invalid JSON"), "{e}");
+    }
+
+    #[test]
+    fn every_backend_with_flannels_defaults() {
+        let b = |json: &str| {
+            p(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{json}}}"#
+            ))
+            .map(|c| c.backend)
+        };
+        assert_eq!(b(r#"{"Type":"host-gw"}"#).unwrap(), Backend::HostGw);
+        assert_eq!(
+            b(r#"{"Type":"ipip","DirectRouting":true}"#).unwrap(),
+            Backend::Ipip(IpipConfig {
+                direct_routing: true
+            })
+        );
+        assert_eq!(
+            b(r#"{"Type":"udp"}"#).unwrap(),
+            Backend::Udp(UdpConfig { port: 8285 })
+        );
+        assert_eq!(
+            b(r#"{"Type":"udp","Port":9000}"#).unwrap(),
+            Backend::Udp(UdpConfig { port: 9000 })
+        );
+        assert_eq!(
+            b(r#"{"Type":"wireguard"}"#).unwrap(),
+            Backend::Wireguard(WireguardConfig {
+                listen_port: 51820,
+                psk: None,
+                persistent_keepalive: 0,
+                mtu: 0,
+                mode: "separate".into(),
+            })
+        );
+        let Backend::Wireguard(wg) = b(
+            r#"{"Type":"wireguard","ListenPort":51000,"PersistentKeepaliveInterval":25,"MTU":1400,"Mode":"auto"}"#,
+        )
+        .unwrap() else {
+            panic!("not wireguard")
+        };
+        assert_eq!(
+            (
+                wg.listen_port,
+                wg.persistent_keepalive,
+                wg.mtu,
+                wg.mode.as_str()
+            ),
+            (51000, 25, 1400, "auto")
+        );
+        let Backend::Vxlan(vx) = b(r#"{"Type":"vxlan","DirectRouting":true}"#).unwrap() else {
+            panic!("not vxlan")
+        };
+        assert!(vx.direct_routing);
+        assert_eq!(
+            b(r#"{"Type":"alloc"}"#).unwrap(),
+            Backend::Other("alloc".into())
+        );
+        assert_eq!(Backend::Udp(UdpConfig { port: 8285 }).lease_type(), "");
+        assert_eq!(Backend::HostGw.lease_type(), "host-gw");
+    }
+
+    #[test]
+    fn bad_backend_options_are_named() {
+        let e = |json: &str| {
+            p(&format!(
+                r#"{{"Network":"10.244.0.0/16","Backend":{json}}}"#
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        assert!(e(r#"{"Type":"udp","Port":70000}"#).contains("Backend.Port"));
+        assert!(e(r#"{"Type":"udp","Port":"x"}"#).contains("Port"));
+        assert!(e(r#"{"Type":"ipip","DirectRouting":"yes"}"#).contains("DirectRouting"));
+        assert!(e(r#"{"Type":"wireguard","ListenPort":65536}"#).contains("Backend.ListenPort"));
+        assert!(e(r#"{"Type":"wireguard","PSK":"not base64"}"#).contains("Backend.PSK"));
+        assert!(e(r#"{"Type":"wireguard","Mode":"both"}"#).contains("Backend.Mode"));
+        assert!(e(r#"{"Type":"wireguard","Mode":"ipv6"}"#).contains("IPv6"));
+        assert!(
+            e(r#"{"Type":"wireguard","PersistentKeepaliveInterval":70000}"#)
+                .contains("PersistentKeepaliveInterval")
+        );
+        assert!(e(r#"{"Type":"vxlan","MTU":20}"#).contains("Backend.MTU"));
+        assert!(e(r#"{"Type":"Vxlan"}"#).contains("unknown backend type"));
+        assert!(e(r#"{"Port":1}"#).contains("Backend.Type: missing"));
     }
 }

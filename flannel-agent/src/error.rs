@@ -45,11 +45,24 @@ pub enum Error {
     },
     #[error("pinned state {}: {message}", path.display())]
     Pin { path: PathBuf, message: String },
+    #[error("wireguard: {context}: {message}")]
+    Wireguard { context: String, message: String },
     #[error("{0}")]
     Unsupported(String),
 }
 
 impl Error {
+    /// True if the error means eBPF cannot be used on this machine (the object does not load or
+    /// verify, bpffs cannot be mounted, a program cannot attach), rather than bad input or
+    /// incompatible pinned state.
+    #[must_use]
+    pub fn is_ebpf_unavailable(&self) -> bool {
+        matches!(
+            self,
+            Self::Load(_) | Self::Program { .. } | Self::Bpffs { .. }
+        )
+    }
+
     pub(crate) fn config(
         path: &std::path::Path,
         field: impl Into<String>,

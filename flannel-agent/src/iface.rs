@@ -152,6 +152,68 @@ impl Netlink {
     }
 }
 
+/// The main routing table, for flannel's "directly reachable" test (pkg/ip `DirectRouting`: the
+/// route to a peer's public IP has no gateway, so it is on this node's L2 segment).
+#[derive(Debug, Clone, Default)]
+pub struct RouteTable {
+    /// (destination, gateway) of each IPv4 unicast route of the main table.
+    routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>,
+}
+
+impl RouteTable {
+    #[must_use]
+    pub fn new(routes: Vec<(Ipv4Net, Option<Ipv4Addr>)>) -> Self {
+        Self { routes }
+    }
+
+    /// True if the longest-prefix route to `ip` exists and has no gateway.
+    #[must_use]
+    pub fn is_direct(&self, ip: Ipv4Addr) -> bool {
+        self.routes
+            .iter()
+            .filter(|(net, _)| net.contains(&ip))
+            .max_by_key(|(net, _)| net.prefix_len())
+            .is_some_and(|(_, gw)| gw.is_none())
+    }
+}
+
+impl Netlink {
+    /// A snapshot of the main table's IPv4 unicast routes.
+    pub async fn route_table(&self) -> Result<RouteTable, Error> {
+        use rtnetlink::packet_route::route::{RouteAddress, RouteType};
+        let msgs: Vec<_> = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink {
+                context: "listing routes".into(),
+                source,
+            })?;
+        let mut routes = Vec::new();
+        for m in msgs {
+            if m.header.kind != RouteType::Unicast {
+                continue;
+            }
+            let mut dst = Ipv4Addr::UNSPECIFIED;
+            let mut gw = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                    RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                    _ => {}
+                }
+            }
+            if let Ok(net) = Ipv4Net::new(dst, m.header.destination_prefix_length) {
+                routes.push((net, gw));
+            }
+        }
+        Ok(RouteTable { routes })
+    }
+}
+
 /// One neighbour (ARP) or bridge forwarding-database entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Neighbour {

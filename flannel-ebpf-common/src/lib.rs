@@ -15,7 +15,7 @@
 use bytemuck::{Pod, Zeroable};
 
 /// Version of the pinned map layout. Pins live under `<pin-dir>/v<LAYOUT_VERSION>/`.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Names of the maps as they appear in the object file, in bpffs and in `bpftool map show`
 /// (kernel map names are at most 15 bytes).
@@ -48,9 +48,19 @@ pub const MAX_NODES: u32 = 16_384;
 pub const MAX_ENDPOINTS: u32 = 4_096;
 
 /// Backend types, as stored in [`NodeConfig::backend`] and [`RemoteSubnet::backend`].
+/// For a route, how packets reach the remote subnet; for this node, what it decapsulates
+/// (plain packets for local pods are always delivered: host-gw and `DirectRouting` peers send them).
 pub mod backend {
     pub const NONE: u8 = 0;
+    /// VXLAN, as the kernel device flanneld creates (`flannel.<VNI>`).
     pub const VXLAN: u8 = 1;
+    /// Unencapsulated, to the remote node's public IP as the next hop (host-gw, and `DirectRouting`
+    /// peers of vxlan and ipip).
+    pub const HOST_GW: u8 = 2;
+    /// IPv4 in IPv4 (protocol 4), as flanneld's `flannel.ipip` device.
+    pub const IPIP: u8 = 3;
+    /// flannel's udp backend: the inner IPv4 packet is the whole UDP payload.
+    pub const UDP: u8 = 4;
 }
 
 /// This node's configuration: the single entry (key 0) of the `FLANNEL_CONFIG` array.
@@ -74,7 +84,8 @@ pub struct NodeConfig {
     pub gateway_ip: [u8; 4],
     /// VXLAN network identifier (24 bits).
     pub vni: u32,
-    /// VXLAN UDP destination port (host order).
+    /// The backend's UDP port, host order: VXLAN destination port, or the udp backend's port
+    /// (its source and destination).
     pub port: u16,
     pub _pad0: u16,
     /// MTU of the uplink: non-GSO packets that would not fit once encapsulated are dropped.
@@ -146,53 +157,78 @@ pub struct RouteKey {
 /// Verdicts and drop reasons: the index into `FLANNEL_STATS`. Every path through every program
 /// ends in exactly one of these.
 pub mod reason {
-    // Forwarding verdicts.
-    /// A pod's packet encapsulated and redirected out of the uplink.
+    // Forwarding verdicts. `_HOST`: the node's own packet (routed through `cni0`), not a pod's.
+    /// A pod's packet VXLAN-encapsulated and redirected out of the uplink.
     pub const ENCAP_VXLAN: u32 = 0;
-    /// The node's own packet (routed through `cni0`) encapsulated and redirected out of the uplink.
     pub const ENCAP_VXLAN_HOST: u32 = 1;
+    /// IPIP-encapsulated and redirected out of the uplink.
+    pub const ENCAP_IPIP: u32 = 2;
+    pub const ENCAP_IPIP_HOST: u32 = 3;
+    /// udp-backend-encapsulated and redirected out of the uplink.
+    pub const ENCAP_UDP: u32 = 4;
+    pub const ENCAP_UDP_HOST: u32 = 5;
+    /// Sent unencapsulated to the remote node (host-gw, `DirectRouting`).
+    pub const DIRECT: u32 = 6;
+    pub const DIRECT_HOST: u32 = 7;
     /// Decapsulated by tc and delivered straight to the pod's veth.
-    pub const DECAP_VXLAN: u32 = 2;
+    pub const DECAP_VXLAN: u32 = 8;
+    pub const DECAP_IPIP: u32 = 9;
+    pub const DECAP_UDP: u32 = 10;
     /// Decapsulated by tc and handed to `cni0` (pod not learnt yet, or the node itself).
-    pub const DECAP_VXLAN_BRIDGE: u32 = 3;
-    /// Decapsulated by XDP (then delivered by tc).
-    pub const DECAP_VXLAN_XDP: u32 = 4;
-    /// Plain IPv4 for a local pod delivered straight to its veth.
-    pub const DELIVER_LOCAL: u32 = 5;
+    pub const DECAP_BRIDGE: u32 = 11;
+    /// Decapsulated by XDP (then delivered by tc, which counts the delivery too).
+    pub const DECAP_VXLAN_XDP: u32 = 12;
+    pub const DECAP_IPIP_XDP: u32 = 13;
+    pub const DECAP_UDP_XDP: u32 = 14;
+    /// Plain IPv4 for a local pod (host-gw, `DirectRouting`, or decapsulated by XDP) delivered
+    /// straight to its veth.
+    pub const DELIVER_LOCAL: u32 = 15;
     /// Plain IPv4 for a local pod handed to `cni0`.
-    pub const DELIVER_LOCAL_BRIDGE: u32 = 6;
+    pub const DELIVER_LOCAL_BRIDGE: u32 = 16;
     // Traffic that is not ours and goes on untouched.
-    pub const PASS_NOT_IPV4: u32 = 7;
-    pub const PASS_NOT_OVERLAY: u32 = 8;
-    pub const PASS_LOCAL_SUBNET: u32 = 9;
-    pub const PASS_NOT_CONFIGURED: u32 = 10;
-    pub const PASS_FRAGMENT: u32 = 11;
-    pub const PASS_UNPARSED: u32 = 12;
+    pub const PASS_NOT_IPV4: u32 = 17;
+    pub const PASS_NOT_OVERLAY: u32 = 18;
+    pub const PASS_LOCAL_SUBNET: u32 = 19;
+    pub const PASS_NOT_CONFIGURED: u32 = 20;
+    pub const PASS_FRAGMENT: u32 = 21;
+    pub const PASS_UNPARSED: u32 = 22;
     // Drops.
-    pub const DROP_TRUNCATED: u32 = 13;
-    pub const DROP_BAD_IPV4: u32 = 14;
-    pub const DROP_NO_ROUTE: u32 = 15;
-    pub const DROP_TTL_EXCEEDED: u32 = 16;
-    pub const DROP_TOO_BIG: u32 = 17;
-    pub const DROP_VXLAN_FLAGS: u32 = 18;
-    pub const DROP_UNKNOWN_VNI: u32 = 19;
-    pub const DROP_UNKNOWN_SOURCE: u32 = 20;
-    pub const DROP_BAD_INNER_MAC: u32 = 21;
-    pub const DROP_INNER_NOT_IPV4: u32 = 22;
-    pub const DROP_INNER_NOT_LOCAL: u32 = 23;
-    pub const DROP_ADJUST_ROOM: u32 = 24;
-    pub const DROP_REDIRECT: u32 = 25;
-    pub const DROP_UNSUPPORTED_BACKEND: u32 = 26;
-    /// Number of reasons; the size of `FLANNEL_STATS`.
-    pub const COUNT: u32 = 27;
+    pub const DROP_TRUNCATED: u32 = 23;
+    pub const DROP_BAD_IPV4: u32 = 24;
+    pub const DROP_NO_ROUTE: u32 = 25;
+    pub const DROP_TTL_EXCEEDED: u32 = 26;
+    pub const DROP_TOO_BIG: u32 = 27;
+    pub const DROP_VXLAN_FLAGS: u32 = 28;
+    pub const DROP_UNKNOWN_VNI: u32 = 29;
+    pub const DROP_UNKNOWN_SOURCE: u32 = 30;
+    pub const DROP_BAD_INNER_MAC: u32 = 31;
+    pub const DROP_INNER_NOT_IPV4: u32 = 32;
+    pub const DROP_INNER_NOT_LOCAL: u32 = 33;
+    pub const DROP_ADJUST_ROOM: u32 = 34;
+    pub const DROP_REDIRECT: u32 = 35;
+    pub const DROP_UNSUPPORTED_BACKEND: u32 = 36;
+    /// Number of reasons in use.
+    pub const COUNT: u32 = 37;
+    /// Slots of `FLANNEL_STATS`: room for new reasons without changing the pinned map's shape.
+    pub const SLOTS: u32 = 64;
 
     /// Human-readable names, indexed by reason.
     pub const NAMES: [&str; COUNT as usize] = [
         "encap_vxlan",
         "encap_vxlan_host",
+        "encap_ipip",
+        "encap_ipip_host",
+        "encap_udp",
+        "encap_udp_host",
+        "direct",
+        "direct_host",
         "decap_vxlan",
-        "decap_vxlan_bridge",
+        "decap_ipip",
+        "decap_udp",
+        "decap_bridge",
         "decap_vxlan_xdp",
+        "decap_ipip_xdp",
+        "decap_udp_xdp",
         "deliver_local",
         "deliver_local_bridge",
         "pass_not_ipv4",
@@ -240,6 +276,21 @@ pub mod vxlan {
     pub const OUTER_TTL: u8 = 64;
 }
 
+/// IPIP wire constants (flanneld's `flannel.ipip` device).
+pub mod ipip {
+    /// The outer IPv4 header.
+    pub const MTU_OVERHEAD: u32 = 20;
+    /// IP protocol number of IPv4-in-IPv4.
+    pub const PROTO: u8 = 4;
+}
+
+/// flannel's udp backend wire constants (pkg/backend/udp).
+pub mod udp {
+    /// Outer IPv4 + UDP headers; the inner IPv4 packet is the whole payload.
+    pub const MTU_OVERHEAD: u32 = 28;
+    pub const DEFAULT_PORT: u16 = 8285;
+}
+
 const _: () = assert!(size_of::<NodeConfig>() == 72);
 const _: () = assert!(size_of::<Endpoint>() == 12);
 const _: () = assert!(size_of::<RemoteSubnet>() == 12);
@@ -247,6 +298,7 @@ const _: () = assert!(size_of::<RemoteNode>() == 8);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<RouteKey>() == 8);
 const _: () = assert!(reason::NAMES.len() == reason::COUNT as usize);
+const _: () = assert!(reason::COUNT <= reason::SLOTS);
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,6 +1,8 @@
-//! VXLAN encapsulation, byte-compatible with the Linux VXLAN device as flanneld configures it
-//! (`vxlan id <VNI> dstport <Port> nolearning`, no UDP checksum, TTL 64, DF clear).
-use flannel_ebpf_common::{NodeConfig, RemoteSubnet, vxlan};
+//! Outer headers, byte-compatible with the kernel devices flanneld creates: VXLAN as
+//! `flannel.<VNI>` (`vxlan id <VNI> dstport <Port> nolearning`: no UDP checksum, TTL 64, DF clear,
+//! flow-hash source port), IPIP as `flannel.ipip`, and flannel's udp backend (the inner IPv4 packet
+//! as the whole payload of a UDP datagram from and to its port).
+use flannel_ebpf_common::{NodeConfig, RemoteSubnet, ipip, udp, vxlan};
 
 use crate::{
     csum,
@@ -10,8 +12,10 @@ use crate::{
 /// Ephemeral port range the kernel draws VXLAN source ports from (ip_local_port_range default).
 const SRC_PORT_MIN: u32 = 32_768;
 const SRC_PORT_MAX: u32 = 61_000;
+/// The Don't Fragment flag of the IPv4 `frag_off` field (network order bytes).
+pub const IP_DF: [u8; 2] = [0x40, 0];
 
-/// What `bpf_skb_adjust_room` inserts after the outer Ethernet header.
+/// What `bpf_skb_adjust_room` inserts after the outer Ethernet header for VXLAN.
 #[repr(C)]
 pub struct VxlanEncapHdr {
     pub ip: [u8; IPV4_HLEN],
@@ -22,7 +26,17 @@ pub struct VxlanEncapHdr {
     pub inner_type: [u8; 2],
 }
 
+/// What is inserted for the udp backend.
+#[repr(C)]
+pub struct UdpEncapHdr {
+    pub ip: [u8; IPV4_HLEN],
+    pub udp: [u8; 8],
+}
+
 const _: () = assert!(size_of::<VxlanEncapHdr>() + ETH_HLEN == vxlan::ENCAP_LEN);
+const _: () = assert!(size_of::<VxlanEncapHdr>() == vxlan::MTU_OVERHEAD as usize);
+const _: () = assert!(size_of::<UdpEncapHdr>() == udp::MTU_OVERHEAD as usize);
+const _: () = assert!(IPV4_HLEN == ipip::MTU_OVERHEAD as usize);
 
 /// The outer UDP source port for a flow hash, spread over the ephemeral range as the kernel's
 /// `udp_flow_src_port` does, so ECMP and RSS in the underlay see per-flow entropy.
@@ -33,35 +47,45 @@ pub fn source_port(hash: u32) -> u16 {
     (((u64::from(hash) * span) >> 32) as u32 + SRC_PORT_MIN) as u16
 }
 
-/// Writes outer IPv4, UDP, VXLAN and inner Ethernet headers into the room after the Ethernet
-/// header. `inner_len` is the length of the inner IPv4 packet.
+/// The outer TOS of a tunnel device with `tos 0` for an inner TOS: only the ECN field is carried
+/// over, and CE becomes ECT(0) (the kernel's `INET_ECN_encapsulate`).
 #[inline(always)]
-pub fn write_vxlan(
-    pkt: &impl Packet,
-    cfg: &NodeConfig,
-    remote: &RemoteSubnet,
-    inner_len: u32,
-    hash: u32,
-    ip_id: u16,
-) -> Result<(), u32> {
-    let hdr = ptr_at::<VxlanEncapHdr>(pkt, ETH_HLEN)?;
-    let tot_len = (inner_len + vxlan::MTU_OVERHEAD) as u16;
-    let udp_len = tot_len - IPV4_HLEN as u16;
-    let [tl0, tl1] = tot_len.to_be_bytes();
-    let [id0, id1] = ip_id.to_be_bytes();
+pub fn ecn_encap(inner_tos: u8) -> u8 {
+    match inner_tos & 0x03 {
+        0x03 => 0x02,
+        ecn => ecn,
+    }
+}
+
+/// The fields of an outer IPv4 header that differ between encapsulations.
+pub struct Outer {
+    /// Length of everything the outer header carries, itself included.
+    pub tot_len: u16,
+    pub id: u16,
+    pub frag_off: [u8; 2],
+    pub ttl: u8,
+    pub tos: u8,
+    pub proto: u8,
+}
+
+/// An outer IPv4 header without options from this node to the remote node, checksummed.
+#[inline(always)]
+fn outer_ipv4(cfg: &NodeConfig, remote: &RemoteSubnet, o: &Outer) -> [u8; IPV4_HLEN] {
+    let [tl0, tl1] = o.tot_len.to_be_bytes();
+    let [id0, id1] = o.id.to_be_bytes();
     let [s0, s1, s2, s3] = cfg.public_ip;
     let [d0, d1, d2, d3] = remote.public_ip;
     let mut ip = [
         IPV4_VIHL_NO_OPTIONS,
-        0,
+        o.tos,
         tl0,
         tl1,
         id0,
         id1,
-        0,
-        0,
-        vxlan::OUTER_TTL,
-        IPPROTO_UDP,
+        o.frag_off[0],
+        o.frag_off[1],
+        o.ttl,
+        o.proto,
         0,
         0,
         s0,
@@ -76,6 +100,36 @@ pub fn write_vxlan(
     let [c0, c1] = csum::ipv4_header(&ip);
     ip[10] = c0;
     ip[11] = c1;
+    ip
+}
+
+/// Writes outer IPv4, UDP, VXLAN and inner Ethernet headers into the room after the Ethernet
+/// header. `inner_len` is the length of the inner IPv4 packet.
+#[inline(always)]
+pub fn write_vxlan(
+    pkt: &impl Packet,
+    cfg: &NodeConfig,
+    remote: &RemoteSubnet,
+    inner_len: u32,
+    hash: u32,
+    ip_id: u16,
+    tos: u8,
+) -> Result<(), u32> {
+    let hdr = ptr_at::<VxlanEncapHdr>(pkt, ETH_HLEN)?;
+    let tot_len = (inner_len + vxlan::MTU_OVERHEAD) as u16;
+    let udp_len = tot_len - IPV4_HLEN as u16;
+    let ip = outer_ipv4(
+        cfg,
+        remote,
+        &Outer {
+            tot_len,
+            id: ip_id,
+            frag_off: [0, 0],
+            ttl: vxlan::OUTER_TTL,
+            tos,
+            proto: IPPROTO_UDP,
+        },
+    );
     let [sp0, sp1] = source_port(hash).to_be_bytes();
     let [dp0, dp1] = cfg.port.to_be_bytes();
     let [ul0, ul1] = udp_len.to_be_bytes();
@@ -97,6 +151,42 @@ pub fn write_vxlan(
         (*hdr).inner_dst = remote.vtep_mac;
         (*hdr).inner_src = cfg.vtep_mac;
         (*hdr).inner_type = ETH_P_IP;
+    }
+    Ok(())
+}
+
+/// Writes the outer IPv4 header of an IPIP packet (protocol 4) after the Ethernet header.
+#[inline(always)]
+pub fn write_ipip(
+    pkt: &impl Packet,
+    cfg: &NodeConfig,
+    remote: &RemoteSubnet,
+    outer: &Outer,
+) -> Result<(), u32> {
+    let hdr = ptr_at::<[u8; IPV4_HLEN]>(pkt, ETH_HLEN)?;
+    let ip = outer_ipv4(cfg, remote, outer);
+    // SAFETY: `hdr` came from `ptr_at`.
+    unsafe { *hdr = ip };
+    Ok(())
+}
+
+/// Writes the outer IPv4 and UDP headers of flannel's udp backend after the Ethernet header:
+/// from and to the configured port, UDP checksum 0 (legal for IPv4, accepted by flanneld's socket).
+#[inline(always)]
+pub fn write_udp(
+    pkt: &impl Packet,
+    cfg: &NodeConfig,
+    remote: &RemoteSubnet,
+    outer: &Outer,
+) -> Result<(), u32> {
+    let hdr = ptr_at::<UdpEncapHdr>(pkt, ETH_HLEN)?;
+    let ip = outer_ipv4(cfg, remote, outer);
+    let [p0, p1] = cfg.port.to_be_bytes();
+    let [ul0, ul1] = (outer.tot_len - IPV4_HLEN as u16).to_be_bytes();
+    // SAFETY: `hdr` came from `ptr_at`; every field is a byte array (alignment 1).
+    unsafe {
+        (*hdr).ip = ip;
+        (*hdr).udp = [p0, p1, p0, p1, ul0, ul1, 0, 0];
     }
     Ok(())
 }

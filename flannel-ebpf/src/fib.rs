@@ -1,6 +1,6 @@
 //! Forwarding out of a device with the kernel's neighbour resolution.
 use aya_ebpf::{
-    bindings::TC_ACT_REDIRECT,
+    bindings::{TC_ACT_REDIRECT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
     helpers::{bpf_redirect, bpf_redirect_neigh},
 };
 use flannel_ebpf_common::reason;
@@ -12,6 +12,36 @@ use flannel_ebpf_common::reason;
 pub fn redirect_neigh(ifindex: u32) -> Result<i32, u32> {
     // SAFETY: a NULL `params` with size 0 asks the kernel to do the FIB lookup itself.
     let action = unsafe { bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) } as i32;
+    if action == TC_ACT_REDIRECT {
+        Ok(action)
+    } else {
+        Err(reason::DROP_REDIRECT)
+    }
+}
+
+/// `AF_INET`.
+const AF_INET: u32 = 2;
+
+/// Redirects the packet to the egress of `ifindex` with `next_hop` (an on-link IPv4 address) as
+/// its gateway: the kernel resolves the neighbour and writes the Ethernet header, without a route
+/// lookup. This is host-gw's forwarding without kernel routes for the pod subnets.
+#[inline(always)]
+pub fn redirect_neigh_via(ifindex: u32, next_hop: [u8; 4]) -> Result<i32, u32> {
+    let mut params = bpf_redir_neigh {
+        nh_family: AF_INET,
+        __bindgen_anon_1: bpf_redir_neigh__bindgen_ty_1 {
+            ipv4_nh: u32::from_ne_bytes(next_hop),
+        },
+    };
+    // SAFETY: `params` lives on the stack for the call and its size is passed with it.
+    let action = unsafe {
+        bpf_redirect_neigh(
+            ifindex,
+            &raw mut params,
+            size_of::<bpf_redir_neigh>() as i32,
+            0,
+        )
+    } as i32;
     if action == TC_ACT_REDIRECT {
         Ok(action)
     } else {

@@ -1,14 +1,11 @@
 //! tc egress on `cni0`: packets the node itself sends (or its stack forwards, e.g. NodePort
 //! traffic after kube-proxy's DNAT) to pods on other nodes. The agent routes each remote subnet
 //! through `cni0` as flanneld routes it through `flannel.1` (`<subnet> via <subnet>.0 onlink`),
-//! and this program encapsulates those frames; frames for local pods pass untouched.
+//! and this program sends those frames on as `from_pods` does; frames for local pods pass untouched.
 use aya_ebpf::programs::TcContext;
-use flannel_ebpf_common::reason;
 
-use crate::{drop::tc_counted, from_pods::encap_to_remote};
+use crate::{drop::tc_counted, from_pods::to_remote};
 
 pub fn run(ctx: &TcContext) -> i32 {
-    tc_counted(ctx, |ctx, cfg| {
-        encap_to_remote(ctx, cfg, false, reason::ENCAP_VXLAN_HOST)
-    })
+    tc_counted(ctx, |ctx, cfg| to_remote(ctx, cfg, true))
 }

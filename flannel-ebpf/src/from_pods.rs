@@ -1,6 +1,7 @@
 //! tc ingress on `cni0`: packets from local pods addressed (through the gateway) to pods on other
-//! nodes are VXLAN-encapsulated and sent straight out of the uplink. [`encap_to_remote`] is shared
-//! with `from_host`.
+//! nodes leave straight out of the uplink, encapsulated as the remote subnet's route says (VXLAN,
+//! IPIP, udp) or unencapsulated to the remote node (host-gw, DirectRouting). [`to_remote`] is
+//! shared with `from_host`.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4, BPF_F_ADJ_ROOM_ENCAP_L4_UDP,
@@ -10,11 +11,12 @@ use aya_ebpf::{
     helpers::{bpf_get_hash_recalc, bpf_get_prandom_u32},
     programs::TcContext,
 };
-use flannel_ebpf_common::{NodeConfig, backend, reason, vxlan};
+use flannel_ebpf_common::{NodeConfig, backend, ipip, reason, udp, vxlan};
 
 use crate::{
     drop::tc_counted,
-    encap, fib,
+    encap::{self, IP_DF, Outer},
+    fib,
     maps::FLANNEL_ROUTES,
     parse::{ETH_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4},
 };
@@ -27,29 +29,30 @@ const fn encap_l2(len: u64) -> u64 {
 /// Room for a VXLAN encapsulation with GSO kept intact (SKB_GSO_UDP_TUNNEL, inner headers set).
 /// `FIXED_GSO`: pods already use an MTU reduced by the overhead (FLANNEL_MTU), so segments keep
 /// their size and the outer packets are exactly uplink-MTU sized.
-const ENCAP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+const VXLAN_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
     | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
     | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64
     | BPF_F_ADJ_ROOM_ENCAP_L2_ETH as u64
     | encap_l2(ETH_HLEN as u64);
+/// IPIP: SKB_GSO_IPXIP4; the inner packet starts with its IPv4 header.
+const IPIP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64 | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64;
+/// udp backend: SKB_GSO_UDP_TUNNEL with an IPv4 inner packet and no inner L2 (as FOU).
+const UDP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 as u64
+    | BPF_F_ADJ_ROOM_ENCAP_L4_UDP as u64;
+
+/// Outer TTL of flanneld's udp socket (the kernel's default TTL).
+const UDP_OUTER_TTL: u8 = 64;
 
 pub fn run(ctx: &TcContext) -> i32 {
-    tc_counted(ctx, |ctx, cfg| {
-        encap_to_remote(ctx, cfg, true, reason::ENCAP_VXLAN)
-    })
+    tc_counted(ctx, |ctx, cfg| to_remote(ctx, cfg, false))
 }
 
-/// Encapsulates an IPv4 packet for a pod on another node and sends it out of the uplink; passes
-/// what is not for another node. `forwarded`: the packet crosses this node as a router hop (from
-/// a pod), so its TTL is decremented; the node's own packets (and those its stack already
-/// forwarded) are not.
+/// Sends an IPv4 packet for a pod on another node out of the uplink; passes what is not for
+/// another node. `host`: the node's own packet (or one its stack already forwarded), whose TTL
+/// this hop does not decrement; a pod's packet crosses this node as a router hop and does.
 #[inline(always)]
-pub fn encap_to_remote(
-    ctx: &TcContext,
-    cfg: &NodeConfig,
-    forwarded: bool,
-    why: u32,
-) -> Result<(i32, u32), u32> {
+pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, u32), u32> {
     let eth = eth(ctx)?;
     if !is_ipv4(eth) {
         return Ok((TC_ACT_OK, reason::PASS_NOT_IPV4));
@@ -66,24 +69,92 @@ pub fn encap_to_remote(
     let remote = *FLANNEL_ROUTES
         .get(&Key::new(32, dst))
         .ok_or(reason::DROP_NO_ROUTE)?;
-    if remote.backend != backend::VXLAN {
-        return Err(reason::DROP_UNSUPPORTED_BACKEND);
-    }
+    let (overhead, verdict) = match remote.backend {
+        backend::VXLAN => (vxlan::MTU_OVERHEAD, reason::ENCAP_VXLAN),
+        backend::IPIP => (ipip::MTU_OVERHEAD, reason::ENCAP_IPIP),
+        backend::UDP => (udp::MTU_OVERHEAD, reason::ENCAP_UDP),
+        backend::HOST_GW => (0, reason::DIRECT),
+        _ => return Err(reason::DROP_UNSUPPORTED_BACKEND),
+    };
+    // Each `_HOST` verdict follows its pod verdict.
+    let verdict = verdict + u32::from(host);
     let inner_len = ctx.len() - ETH_HLEN as u32;
     // SAFETY: reading a field of the program's own context.
     let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if gso_size == 0 && inner_len + vxlan::MTU_OVERHEAD > cfg.uplink_mtu {
+    if gso_size == 0 && inner_len + overhead > cfg.uplink_mtu {
         return Err(reason::DROP_TOO_BIG);
     }
-    if forwarded {
+    if !host {
         decrement_ttl(ip)?;
     }
-    // SAFETY: helpers called with the program's own context.
-    let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) } as u32;
-    // SAFETY: no arguments.
-    let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
-    ctx.adjust_room(vxlan::MTU_OVERHEAD as i32, BPF_ADJ_ROOM_MAC, ENCAP_FLAGS)
-        .map_err(|_| reason::DROP_ADJUST_ROOM)?;
-    encap::write_vxlan(ctx, cfg, &remote, inner_len, hash, ip_id)?;
-    fib::redirect_neigh(cfg.uplink_ifindex).map(|action| (action, why))
+    if remote.backend == backend::UDP {
+        // flanneld's proxy decrements the TTL once more at each tunnel end (proxy_amd64.c).
+        decrement_ttl(ip)?;
+    }
+    // SAFETY: `ip` came from `ptr_at`; read before the packet is resized.
+    let (tos, ttl) = unsafe { ((*ip).tos, (*ip).ttl) };
+    match remote.backend {
+        backend::HOST_GW => {
+            return fib::redirect_neigh_via(cfg.uplink_ifindex, remote.public_ip)
+                .map(|action| (action, verdict));
+        }
+        backend::VXLAN => {
+            // SAFETY: helpers called with the program's own context.
+            let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) } as u32;
+            // SAFETY: no arguments.
+            let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
+            ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, VXLAN_FLAGS)
+                .map_err(|_| reason::DROP_ADJUST_ROOM)?;
+            encap::write_vxlan(
+                ctx,
+                cfg,
+                &remote,
+                inner_len,
+                hash,
+                ip_id,
+                encap::ecn_encap(tos),
+            )?;
+        }
+        backend::IPIP => {
+            // SAFETY: no arguments.
+            let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
+            ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, IPIP_FLAGS)
+                .map_err(|_| reason::DROP_ADJUST_ROOM)?;
+            // As `flannel.ipip` (ttl inherit, tos 0, pmtudisc): the inner TTL, the inner ECN,
+            // DF set.
+            encap::write_ipip(
+                ctx,
+                cfg,
+                &remote,
+                &Outer {
+                    tot_len: (inner_len + overhead) as u16,
+                    id: ip_id,
+                    frag_off: IP_DF,
+                    ttl,
+                    tos: encap::ecn_encap(tos),
+                    proto: ipip::PROTO,
+                },
+            )?;
+        }
+        _ => {
+            ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, UDP_FLAGS)
+                .map_err(|_| reason::DROP_ADJUST_ROOM)?;
+            // As flanneld's unconnected UDP socket: DF set (path MTU discovery), so IP ID 0,
+            // default TTL and TOS.
+            encap::write_udp(
+                ctx,
+                cfg,
+                &remote,
+                &Outer {
+                    tot_len: (inner_len + overhead) as u16,
+                    id: 0,
+                    frag_off: IP_DF,
+                    ttl: UDP_OUTER_TTL,
+                    tos: 0,
+                    proto: crate::parse::IPPROTO_UDP,
+                },
+            )?;
+        }
+    }
+    fib::redirect_neigh(cfg.uplink_ifindex).map(|action| (action, verdict))
 }

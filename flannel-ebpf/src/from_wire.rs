@@ -1,10 +1,12 @@
 //! The uplink's receive path.
 //!
-//! VXLAN addressed to this node (its public IP, the configured port and VNI) from a known node,
-//! carrying IPv4 for a local pod behind this node's VTEP MAC, is decapsulated: by XDP
-//! (`from_wire_xdp`) before the stack sees it, or by tc (`from_wire`) where XDP is not attached.
-//! tc then hands every IPv4 packet for a local pod straight to `cni0`. Everything else passes
-//! untouched; anything that claims to be our VXLAN but is malformed is dropped and counted.
+//! Encapsulated traffic addressed to this node (its public IP) in this node's backend — VXLAN on
+//! the configured port and VNI, IPIP, or flannel's udp backend on its port — from a known node,
+//! carrying IPv4 for a local pod, is decapsulated: by XDP (`from_wire_xdp`) before the stack sees
+//! it, or by tc (`from_wire`) where XDP is not attached. tc then hands every IPv4 packet for a
+//! local pod (decapsulated, or sent unencapsulated by a host-gw or DirectRouting peer) straight to
+//! the pod. Everything else passes untouched; anything that claims to be our tunnel traffic but is
+//! malformed is dropped and counted. Nothing here needs a tunnel device or module.
 use aya_ebpf::{
     bindings::{
         BPF_F_ADJ_ROOM_DECAP_L3_IPV4, BPF_F_ADJ_ROOM_FIXED_GSO, TC_ACT_OK,
@@ -14,7 +16,7 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use flannel_ebpf_common::{NodeConfig, reason, vxlan};
+use flannel_ebpf_common::{NodeConfig, backend, ipip, reason, udp, vxlan};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -22,30 +24,68 @@ use crate::{
     fib,
     maps::{FLANNEL_ENDPTS, FLANNEL_NODES, config},
     parse::{
-        ETH_HLEN, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN, VXLAN_HLEN,
-        VxlanHdr, decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment, is_ipv4,
-        ptr_at, udp_at,
+        ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN,
+        VXLAN_HLEN, VxlanHdr, decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment,
+        is_ipv4, ptr_at, udp_at,
     },
 };
 
 /// Offsets of the encapsulated headers.
 const VXLAN_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
 const INNER_ETH_OFF: usize = VXLAN_OFF + VXLAN_HLEN;
-const INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
-/// Bytes that must be linear for classification.
-const PARSE_LEN: u32 = (INNER_IP_OFF + IPV4_HLEN) as u32;
+const VXLAN_INNER_IP_OFF: usize = INNER_ETH_OFF + ETH_HLEN;
+const IPIP_INNER_IP_OFF: usize = ETH_HLEN + IPV4_HLEN;
+const UDP_INNER_IP_OFF: usize = ETH_HLEN + IPV4_HLEN + UDP_HLEN;
+/// Bytes that must be linear for classification (the deepest: VXLAN's inner IPv4 header).
+const PARSE_LEN: u32 = (VXLAN_INNER_IP_OFF + IPV4_HLEN) as u32;
+
+/// The encapsulations this node decapsulates.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Tunnel {
+    Vxlan,
+    Ipip,
+    Udp,
+}
+
+impl Tunnel {
+    /// Bytes between the outer Ethernet header and the inner IPv4 header.
+    #[inline(always)]
+    fn overhead(self) -> u32 {
+        match self {
+            Self::Vxlan => vxlan::MTU_OVERHEAD,
+            Self::Ipip => ipip::MTU_OVERHEAD,
+            Self::Udp => udp::MTU_OVERHEAD,
+        }
+    }
+    #[inline(always)]
+    fn tc_verdict(self) -> u32 {
+        match self {
+            Self::Vxlan => reason::DECAP_VXLAN,
+            Self::Ipip => reason::DECAP_IPIP,
+            Self::Udp => reason::DECAP_UDP,
+        }
+    }
+    #[inline(always)]
+    fn xdp_verdict(self) -> u32 {
+        match self {
+            Self::Vxlan => reason::DECAP_VXLAN_XDP,
+            Self::Ipip => reason::DECAP_IPIP_XDP,
+            Self::Udp => reason::DECAP_UDP_XDP,
+        }
+    }
+}
 
 /// What arrived on the wire.
 enum Wire {
     /// Not ours: let it go on, counted under this reason.
     Pass(u32),
-    /// Valid VXLAN for a local pod: decapsulate.
-    Vxlan,
+    /// Valid tunnel traffic for a local pod: decapsulate.
+    Decap(Tunnel),
     /// Plain IPv4 for a local pod (already decapsulated by XDP, or unencapsulated).
     Local,
 }
 
-/// Classifies a packet; `Err` is a drop reason for our VXLAN that cannot be delivered.
+/// Classifies a packet; `Err` is a drop reason for our tunnel traffic that cannot be delivered.
 #[inline(always)]
 fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     let Ok(eth) = eth(pkt) else {
@@ -70,11 +110,22 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
         return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
     }
     // Addressed to this node. Headers we do not parse (IP options, fragments) go to the stack.
-    if vihl != IPV4_VIHL_NO_OPTIONS || proto != IPPROTO_UDP {
+    let ours = match cfg.backend as u8 {
+        backend::VXLAN | backend::UDP => proto == IPPROTO_UDP,
+        backend::IPIP => proto == ipip::PROTO,
+        _ => false,
+    };
+    if vihl != IPV4_VIHL_NO_OPTIONS || !ours {
         return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
     }
     if is_fragment(ip) {
         return Ok(Wire::Pass(reason::PASS_FRAGMENT));
+    }
+    if cfg.backend as u8 == backend::IPIP {
+        // Our IPIP from here on: whatever is wrong is a counted drop.
+        known_source(src)?;
+        check_inner::<IPIP_INNER_IP_OFF>(pkt, cfg)?;
+        return Ok(Wire::Decap(Tunnel::Ipip));
     }
     let Ok(udp) = udp_at(pkt, ETH_HLEN + IPV4_HLEN) else {
         return Ok(Wire::Pass(reason::PASS_UNPARSED));
@@ -82,6 +133,12 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     // SAFETY: `udp` came from `ptr_at`.
     if u16::from_be_bytes(unsafe { (*udp).dst }) != cfg.port {
         return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
+    }
+    if cfg.backend as u8 == backend::UDP {
+        // flannel's udp backend: the payload is the inner IPv4 packet.
+        known_source(src)?;
+        check_inner::<UDP_INNER_IP_OFF>(pkt, cfg)?;
+        return Ok(Wire::Decap(Tunnel::Udp));
     }
 
     // Our VXLAN from here on: whatever is wrong is a counted drop.
@@ -94,9 +151,7 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     if u32::from_be_bytes([0, vni[0], vni[1], vni[2]]) != cfg.vni {
         return Err(reason::DROP_UNKNOWN_VNI);
     }
-    if FLANNEL_NODES.get_ptr(src).is_none() {
-        return Err(reason::DROP_UNKNOWN_SOURCE);
-    }
+    known_source(src)?;
     let inner_eth = ptr_at::<EthHdr>(pkt, INNER_ETH_OFF)?;
     // SAFETY: `inner_eth` came from `ptr_at`.
     if unsafe { (*inner_eth).dst_addr } != cfg.vtep_mac {
@@ -105,7 +160,24 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     if !is_ipv4(inner_eth) {
         return Err(reason::DROP_INNER_NOT_IPV4);
     }
-    let inner = ipv4_checked_at(pkt, INNER_IP_OFF)?;
+    check_inner::<VXLAN_INNER_IP_OFF>(pkt, cfg)?;
+    Ok(Wire::Decap(Tunnel::Vxlan))
+}
+
+/// Tunnel traffic is accepted only from nodes with a lease.
+#[inline(always)]
+fn known_source(src: [u8; 4]) -> Result<(), u32> {
+    if FLANNEL_NODES.get_ptr(src).is_none() {
+        return Err(reason::DROP_UNKNOWN_SOURCE);
+    }
+    Ok(())
+}
+
+/// Checks the inner IPv4 header at `OFF` as a router would, that its length fits what arrived,
+/// and that it is for this node's subnet.
+#[inline(always)]
+fn check_inner<const OFF: usize>(pkt: &impl Packet, cfg: &NodeConfig) -> Result<(), u32> {
+    let inner = ipv4_checked_at(pkt, OFF)?;
     // SAFETY: `inner` came from `ptr_at`.
     let (inner_vihl, inner_len, inner_dst) = unsafe {
         (
@@ -115,14 +187,14 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
         )
     };
     let header_len = u32::from(inner_vihl & 0x0f) * 4;
-    let room = pkt.len().saturating_sub(INNER_IP_OFF as u32);
+    let room = pkt.len().saturating_sub(OFF as u32);
     if u32::from(inner_len) < header_len || u32::from(inner_len) > room {
         return Err(reason::DROP_BAD_IPV4);
     }
     if !in_subnet(inner_dst, cfg.subnet_addr, cfg.subnet_mask) {
         return Err(reason::DROP_INNER_NOT_LOCAL);
     }
-    Ok(Wire::Vxlan)
+    Ok(())
 }
 
 pub fn run_tc(ctx: &TcContext) -> i32 {
@@ -152,15 +224,19 @@ fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32
                 reason::DELIVER_LOCAL_BRIDGE,
             )
         }
-        Wire::Vxlan => {
+        Wire::Decap(tunnel) => {
             ctx.adjust_room(
-                -(vxlan::MTU_OVERHEAD as i32),
+                -(tunnel.overhead() as i32),
                 BPF_ADJ_ROOM_MAC,
                 // FIXED_GSO: segments keep the size the sender's pod chose (it fits the pod MTU).
                 u64::from(BPF_F_ADJ_ROOM_FIXED_GSO | BPF_F_ADJ_ROOM_DECAP_L3_IPV4),
             )
             .map_err(|_| reason::DROP_ADJUST_ROOM)?;
-            deliver_local(ctx, cfg, reason::DECAP_VXLAN, reason::DECAP_VXLAN_BRIDGE)
+            if tunnel == Tunnel::Udp {
+                // flanneld's proxy decrements the TTL at each tunnel end (proxy_amd64.c).
+                decrement_ttl(ipv4_at(ctx, ETH_HLEN)?)?;
+            }
+            deliver_local(ctx, cfg, tunnel.tc_verdict(), reason::DECAP_BRIDGE)
         }
     }
 }
@@ -223,19 +299,35 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
 
 #[inline(always)]
 fn try_from_wire_xdp(ctx: &XdpContext, cfg: &NodeConfig) -> Result<Option<u32>, u32> {
-    match classify(ctx, cfg)? {
-        Wire::Pass(_) | Wire::Local => Ok(None),
-        Wire::Vxlan => {
-            // SAFETY: the program's own context; shrinking by headers we have bounds-checked.
-            if unsafe { bpf_xdp_adjust_head(ctx.ctx, vxlan::MTU_OVERHEAD as i32) } != 0 {
-                return Err(reason::DROP_ADJUST_ROOM);
-            }
-            // The inner Ethernet header is now the frame's: address it to the uplink so the stack
-            // takes it as PACKET_HOST; tc then delivers it to the pod.
-            let eth = eth(ctx)?;
-            // SAFETY: `eth` came from `ptr_at`.
-            unsafe { (*eth).dst_addr = cfg.uplink_mac };
-            Ok(Some(reason::DECAP_VXLAN_XDP))
+    let tunnel = match classify(ctx, cfg)? {
+        Wire::Pass(_) | Wire::Local => return Ok(None),
+        Wire::Decap(tunnel) => tunnel,
+    };
+    let outer_eth = eth(ctx)?;
+    // SAFETY: `outer_eth` came from `ptr_at`; read before the head moves.
+    let peer_mac = unsafe { (*outer_eth).src_addr };
+    // SAFETY: the program's own context; shrinking by headers we have bounds-checked.
+    if unsafe { bpf_xdp_adjust_head(ctx.ctx, tunnel.overhead() as i32) } != 0 {
+        return Err(reason::DROP_ADJUST_ROOM);
+    }
+    // The frame now starts 14 bytes before the inner IPv4 header: with VXLAN that is the inner
+    // Ethernet header, otherwise bytes of the outer headers that become a new Ethernet header.
+    // Either way it is addressed to the uplink, so the stack takes it as PACKET_HOST and tc then
+    // delivers it to the pod.
+    let eth = eth(ctx)?;
+    // SAFETY: `eth` came from `ptr_at`.
+    unsafe {
+        (*eth).dst_addr = cfg.uplink_mac;
+        if tunnel != Tunnel::Vxlan {
+            (*eth).src_addr = peer_mac;
+            core::ptr::addr_of_mut!((*eth).ether_type)
+                .cast::<[u8; 2]>()
+                .write(ETH_P_IP);
         }
     }
+    if tunnel == Tunnel::Udp {
+        // As the tc path: flanneld's proxy decrements the TTL at each tunnel end.
+        decrement_ttl(ipv4_at(ctx, ETH_HLEN)?)?;
+    }
+    Ok(Some(tunnel.xdp_verdict()))
 }

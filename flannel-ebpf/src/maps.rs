@@ -26,7 +26,7 @@ pub static FLANNEL_ENDPTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }
 
 /// Per-CPU packet and byte counters, indexed by verdict or drop reason.
 #[btf_map]
-pub static FLANNEL_STATS: PerCpuArray<Counter, { reason::COUNT as usize }> = PerCpuArray::new();
+pub static FLANNEL_STATS: PerCpuArray<Counter, { reason::SLOTS as usize }> = PerCpuArray::new();
 
 /// This node's configuration, if the agent has enabled the dataplane.
 #[inline(always)]

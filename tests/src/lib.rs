@@ -31,16 +31,112 @@ pub const NETWORK: &str = "10.244.0.0/16";
 /// Underlay MTU.
 pub const UNDERLAY_MTU: u32 = 1500;
 
+/// Capability numbers (linux/capability.h).
+const CAP_SYS_ADMIN: libc::c_ulong = 21;
+const CAP_PERFMON: libc::c_ulong = 38;
+const CAP_BPF: libc::c_ulong = 39;
+
 static RUN_COUNTER: AtomicU32 = AtomicU32::new(0);
 static PORT_COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How a node forwards pod traffic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeKind {
-    /// Runs flannel-agent (eBPF dataplane).
+    /// Runs flannel-agent (eBPF dataplane; the wireguard backend uses its `WireGuard` device).
     Ebpf,
-    /// Runs no agent: configured exactly as stock flanneld configures a vxlan node.
+    /// Runs flannel-agent with `--dataplane=netlink`: the kernel objects flanneld makes.
+    Netlink,
+    /// Runs flannel-agent (default dataplane) without the capabilities BPF needs (`CAP_BPF`,
+    /// `CAP_SYS_ADMIN`, `CAP_PERFMON`): it must fall back to netlink.
+    NoBpf,
+    /// Runs no agent: configured by the testbed exactly as stock flanneld configures a node
+    /// (vxlan: `flannel.1` with its neighbours, fdb entries and routes; host-gw: routes).
     Stock,
+}
+
+impl NodeKind {
+    /// True if the node runs flannel-agent.
+    #[must_use]
+    pub fn has_agent(self) -> bool {
+        self != Self::Stock
+    }
+}
+
+/// The flannel backend of a testbed, with its options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Vxlan { direct_routing: bool },
+    HostGw,
+    Ipip { direct_routing: bool },
+    Udp,
+    Wireguard,
+}
+
+impl Backend {
+    /// Parses a backend name as `cargo xtask run --backend` takes it.
+    pub fn parse(name: &str) -> Result<Self> {
+        Ok(match name {
+            "vxlan" => Self::Vxlan {
+                direct_routing: false,
+            },
+            "vxlan-directrouting" => Self::Vxlan {
+                direct_routing: true,
+            },
+            "host-gw" => Self::HostGw,
+            "ipip" => Self::Ipip {
+                direct_routing: false,
+            },
+            "ipip-directrouting" => Self::Ipip {
+                direct_routing: true,
+            },
+            "udp" => Self::Udp,
+            "wireguard" => Self::Wireguard,
+            other => bail!(
+                "unknown backend {other:?} (vxlan, vxlan-directrouting, host-gw, ipip, ipip-directrouting, udp, wireguard)"
+            ),
+        })
+    }
+
+    /// The `Backend` section of net-conf.json.
+    #[must_use]
+    pub fn net_conf(self) -> String {
+        let backend = match self {
+            Self::Vxlan { direct_routing } => {
+                format!(r#"{{"Type":"vxlan","DirectRouting":{direct_routing}}}"#)
+            }
+            Self::HostGw => r#"{"Type":"host-gw"}"#.into(),
+            Self::Ipip { direct_routing } => {
+                format!(r#"{{"Type":"ipip","DirectRouting":{direct_routing}}}"#)
+            }
+            Self::Udp => r#"{"Type":"udp"}"#.into(),
+            Self::Wireguard => r#"{"Type":"wireguard"}"#.into(),
+        };
+        format!(r#"{{"Network":"{NETWORK}","Backend":{backend}}}"#)
+    }
+
+    /// The lease `BackendType` (flannel's udp backend leaves it empty).
+    #[must_use]
+    pub fn lease_type(self) -> &'static str {
+        match self {
+            Self::Vxlan { .. } => "vxlan",
+            Self::HostGw => "host-gw",
+            Self::Ipip { .. } => "ipip",
+            Self::Udp => "",
+            Self::Wireguard => "wireguard",
+        }
+    }
+
+    /// Bytes of encapsulation (what `FLANNEL_MTU` is below the underlay MTU).
+    #[must_use]
+    pub fn overhead(self) -> u32 {
+        match self {
+            Self::Vxlan { .. } => 50,
+            Self::HostGw => 0,
+            Self::Ipip { .. } => 20,
+            Self::Udp => 28,
+            Self::Wireguard => 80,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -56,15 +152,29 @@ pub struct Node {
     pub netns: String,
     pub kind: NodeKind,
     pub public_ip: Ipv4Addr,
+    /// The underlay segment: 0 = 198.18.0.0/24, 1 = 198.18.1.0/24 (routed through the underlay).
+    pub segment: u8,
+    /// The wireguard backend's key file and advertised `BackendData`.
+    pub wg_key_file: PathBuf,
+    pub wg_backend_data: Option<serde_json::Value>,
     pub subnet: String,
     pub vtep_mac: String,
     pub pin_dir: PathBuf,
     pub subnet_file: PathBuf,
     pub log: PathBuf,
     pub pods: Vec<Pod>,
+    /// The node's own mount namespace, if it has one (wireguard).
+    pub mount_ns: Option<PathBuf>,
 }
 
 impl Node {
+    /// The versioned directory of the node's pinned maps and links.
+    #[must_use]
+    pub fn pins(&self) -> PathBuf {
+        self.pin_dir
+            .join(format!("v{}", flannel_ebpf_common::LAYOUT_VERSION))
+    }
+
     /// The `cni0` gateway address.
     #[must_use]
     pub fn gateway(&self) -> Ipv4Addr {
@@ -79,18 +189,35 @@ pub struct Options {
     pub pods_per_node: usize,
     /// Extra agent flags (e.g. `--decap xdp`).
     pub agent_args: Vec<String>,
-    /// The net-conf.json every node reads.
+    /// The backend every node uses.
+    pub backend: Backend,
+    /// The net-conf.json every node reads (from `backend` unless replaced).
     pub net_conf: String,
+    /// Nodes (1-based) on the second underlay segment, one routed hop away from the others.
+    pub far_nodes: Vec<usize>,
 }
 
 impl Options {
     #[must_use]
     pub fn vxlan(kinds: &[NodeKind], pods_per_node: usize) -> Self {
+        Self::backend(
+            Backend::Vxlan {
+                direct_routing: false,
+            },
+            kinds,
+            pods_per_node,
+        )
+    }
+
+    #[must_use]
+    pub fn backend(backend: Backend, kinds: &[NodeKind], pods_per_node: usize) -> Self {
         Self {
             kinds: kinds.to_vec(),
             pods_per_node,
             agent_args: Vec::new(),
-            net_conf: format!(r#"{{"Network":"{NETWORK}","Backend":{{"Type":"vxlan"}}}}"#),
+            backend,
+            net_conf: backend.net_conf(),
+            far_nodes: Vec::new(),
         }
     }
 }
@@ -104,6 +231,8 @@ pub struct Testbed {
     pub options: Options,
     agents: Vec<(usize, Child)>,
     namespaces: Vec<String>,
+    /// Processes keeping the nodes' mount namespaces.
+    holders: Vec<Child>,
 }
 
 /// The agent binary the tests drive: `FLANNEL_AGENT_BIN` (set by `cargo xtask test`).
@@ -165,6 +294,8 @@ pub fn sweep_stale() {
         if let Some(pid) = owner_pid(name)
             && !Path::new(&format!("/proc/{pid}")).exists()
         {
+            // A userspace WireGuard exits when its device is deleted, not with its namespace.
+            let _ = ip(name, "link del flannel-wg");
             let _ = run("ip", &["netns", "delete", name]);
         }
     }
@@ -201,7 +332,7 @@ impl Testbed {
             prefix: prefix.clone(),
             dir,
             nodes: Vec::new(),
-            agent_bin: if options.kinds.contains(&NodeKind::Ebpf) {
+            agent_bin: if options.kinds.iter().any(|k| k.has_agent()) {
                 agent_bin()?
             } else {
                 PathBuf::new()
@@ -209,6 +340,7 @@ impl Testbed {
             options,
             agents: Vec::new(),
             namespaces: Vec::new(),
+            holders: Vec::new(),
         };
         tb.build()
             .with_context(|| format!("building testbed {prefix}"))?;
@@ -232,83 +364,192 @@ impl Testbed {
         self.add_netns(&ul)?;
         ip(&ul, "link add br0 type bridge")?;
         ip(&ul, "link set br0 up")?;
+        let routed = !self.options.far_nodes.is_empty();
+        if routed {
+            // The underlay namespace routes between its two segments.
+            ip(&ul, "addr add 198.18.0.1/24 dev br0")?;
+            ip(&ul, "addr add 198.18.1.1/24 dev br0")?;
+            in_ns(
+                &ul,
+                "sysctl",
+                &[
+                    "-qw",
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv4.conf.all.send_redirects=0",
+                    "net.ipv4.conf.br0.send_redirects=0",
+                ],
+            )?;
+        }
         fs::write(self.dir.join("net-conf.json"), &self.options.net_conf)?;
 
         for (i, kind) in self.options.kinds.clone().into_iter().enumerate() {
-            let index = i + 1;
-            let netns = format!("{}-n{index}", self.prefix);
-            self.add_netns(&netns)?;
-            let public_ip = Ipv4Addr::new(198, 18, 0, 10 + index as u8);
-            ip(
-                &ul,
-                &format!("link add n{index} type veth peer name eth0 netns {netns}"),
-            )?;
-            ip(
-                &ul,
-                &format!("link set n{index} mtu {UNDERLAY_MTU} master br0 up"),
-            )?;
-            ip(&netns, &format!("link set eth0 mtu {UNDERLAY_MTU} up"))?;
-            ip(&netns, &format!("addr add {public_ip}/24 dev eth0"))?;
-            in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-            // cni0 as the flannel CNI plugin (bridge, isGateway) makes it.
-            ip(&netns, "link add cni0 type bridge")?;
-            ip(&netns, &format!("addr add 10.244.{index}.1/24 dev cni0"))?;
-            ip(&netns, "link set cni0 up")?;
-            let node_dir = self.dir.join(format!("n{index}"));
-            fs::create_dir_all(&node_dir)?;
-            let vtep_mac = match kind {
-                NodeKind::Ebpf => format!("0e:fe:00:00:00:{index:02x}"),
-                NodeKind::Stock => {
-                    // As flanneld: a VXLAN device with a kernel-chosen MAC that the lease advertises.
-                    ip(
-                        &netns,
-                        &format!(
-                            "link add flannel.1 type vxlan id 1 local {public_ip} dev eth0 dstport 8472 nolearning"
-                        ),
-                    )?;
-                    ip(
-                        &netns,
-                        &format!("link set flannel.1 mtu {} up", UNDERLAY_MTU - 50),
-                    )?;
-                    ip(
-                        &netns,
-                        &format!("addr add 10.244.{index}.0/32 dev flannel.1"),
-                    )?;
-                    let json = ip(&netns, "-j link show flannel.1")?;
-                    let v: serde_json::Value = serde_json::from_str(&json)?;
-                    v[0]["address"]
-                        .as_str()
-                        .ok_or_else(|| anyhow!("flannel.1 has no MAC"))?
-                        .to_string()
-                }
-            };
-            self.nodes.push(Node {
-                index,
-                netns,
-                kind,
-                public_ip,
-                subnet: format!("10.244.{index}.0/24"),
-                vtep_mac,
-                pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{index}", self.prefix)),
-                subnet_file: node_dir.join("subnet.env"),
-                log: node_dir.join("agent.log"),
-                pods: Vec::new(),
-            });
+            self.add_node(i + 1, kind, routed)?;
+        }
+        if self.options.backend == Backend::Wireguard {
+            self.prepare_wireguard()?;
         }
         self.write_leases(&self.nodes.iter().map(|n| n.index).collect::<Vec<_>>())?;
         self.configure_stock_nodes()?;
         for i in 0..self.nodes.len() {
-            if self.nodes[i].kind == NodeKind::Ebpf {
+            if self.nodes[i].kind.has_agent() {
                 self.start_agent(i)?;
             }
         }
         self.add_pods()
     }
 
+    /// Node `index` (1-based) of `kind`: namespace, uplink on its segment, `cni0`, and for stock
+    /// vxlan nodes the `flannel.1` device.
+    fn add_node(&mut self, index: usize, kind: NodeKind, routed: bool) -> Result<()> {
+        let ul = self.underlay();
+        let netns = format!("{}-n{index}", self.prefix);
+        self.add_netns(&netns)?;
+        let segment = u8::from(self.options.far_nodes.contains(&index));
+        let public_ip = Ipv4Addr::new(198, 18, segment, 10 + index as u8);
+        ip(
+            &ul,
+            &format!("link add n{index} type veth peer name eth0 netns {netns}"),
+        )?;
+        ip(
+            &ul,
+            &format!("link set n{index} mtu {UNDERLAY_MTU} master br0 up"),
+        )?;
+        ip(&netns, &format!("link set eth0 mtu {UNDERLAY_MTU} up"))?;
+        ip(&netns, &format!("addr add {public_ip}/24 dev eth0"))?;
+        if routed {
+            let other = 1 - segment;
+            ip(
+                &netns,
+                &format!("route add 198.18.{other}.0/24 via 198.18.{segment}.1 dev eth0"),
+            )?;
+        }
+        in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // cni0 as the flannel CNI plugin (bridge, isGateway) makes it.
+        ip(&netns, "link add cni0 type bridge")?;
+        ip(&netns, &format!("addr add 10.244.{index}.1/24 dev cni0"))?;
+        ip(&netns, "link set cni0 up")?;
+        let node_dir = self.dir.join(format!("n{index}"));
+        fs::create_dir_all(&node_dir)?;
+        let backend = self.options.backend;
+        let vtep_mac = match (kind, backend) {
+            (NodeKind::Stock, Backend::Vxlan { direct_routing }) => {
+                ensure!(
+                    !direct_routing,
+                    "stock vxlan nodes are built without DirectRouting"
+                );
+                // As flanneld: a VXLAN device with a kernel-chosen MAC that the lease advertises.
+                ip(
+                    &netns,
+                    &format!(
+                        "link add flannel.1 type vxlan id 1 local {public_ip} dev eth0 dstport 8472 nolearning"
+                    ),
+                )?;
+                ip(
+                    &netns,
+                    &format!("link set flannel.1 mtu {} up", UNDERLAY_MTU - 50),
+                )?;
+                ip(
+                    &netns,
+                    &format!("addr add 10.244.{index}.0/32 dev flannel.1"),
+                )?;
+                let json = ip(&netns, "-j link show flannel.1")?;
+                let v: serde_json::Value = serde_json::from_str(&json)?;
+                v[0]["address"]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("flannel.1 has no MAC"))?
+                    .to_string()
+            }
+            (NodeKind::Stock, Backend::HostGw) => String::new(),
+            (NodeKind::Stock, other) => bail!("no stock node for backend {other:?}"),
+            _ => format!("0e:fe:00:00:00:{index:02x}"),
+        };
+        self.nodes.push(Node {
+            index,
+            netns,
+            kind,
+            public_ip,
+            segment,
+            wg_key_file: node_dir.join("wgkey"),
+            wg_backend_data: None,
+            subnet: format!("10.244.{index}.0/24"),
+            vtep_mac,
+            pin_dir: PathBuf::from(format!("/sys/fs/bpf/{}-n{index}", self.prefix)),
+            subnet_file: node_dir.join("subnet.env"),
+            log: node_dir.join("agent.log"),
+            pods: Vec::new(),
+            mount_ns: None,
+        });
+        Ok(())
+    }
+
+    /// wireguard: each node gets its own `/run/wireguard` (the userspace implementation's socket
+    /// directory, fixed at build time) in a mount namespace kept by a holder process, as if it were
+    /// its own machine; and its key, generated by the agent, whose public half goes in its lease.
+    fn prepare_wireguard(&mut self) -> Result<()> {
+        fs::create_dir_all("/run/wireguard")?;
+        for i in 0..self.nodes.len() {
+            let holder = Command::new("unshare")
+                .args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    "mount -t tmpfs -o mode=0700 flannel-test /run/wireguard && exec sleep 3600",
+                ])
+                .stdin(Stdio::null())
+                .spawn()
+                .context("starting the mount-namespace holder")?;
+            let pid = holder.id();
+            self.holders.push(holder);
+            wait_for("the node's mount namespace", Duration::from_secs(5), || {
+                fs::read_to_string(format!("/proc/{pid}/mounts"))
+                    .is_ok_and(|m| m.contains("flannel-test /run/wireguard"))
+            })?;
+            self.nodes[i].mount_ns = Some(PathBuf::from(format!("/proc/{pid}/ns/mnt")));
+            let key_file = self.nodes[i].wg_key_file.to_string_lossy().into_owned();
+            let net_conf = self
+                .dir
+                .join("net-conf.json")
+                .to_string_lossy()
+                .into_owned();
+            let (ok, out, err) = self.agent_once(
+                i,
+                &[
+                    "--print-backend-data",
+                    "--net-config-path",
+                    &net_conf,
+                    "--wg-key-file",
+                    &key_file,
+                ],
+            )?;
+            ensure!(ok, "--print-backend-data: {err}");
+            self.nodes[i].wg_backend_data = Some(serde_json::from_str(out.trim())?);
+        }
+        Ok(())
+    }
+
     /// Stock nodes: per remote lease, the route, neighbour and fdb entry flanneld adds, and the
     /// subnet file flanneld writes.
     fn configure_stock_nodes(&self) -> Result<()> {
         for node in self.nodes.iter().filter(|n| n.kind == NodeKind::Stock) {
+            let mtu = UNDERLAY_MTU - self.options.backend.overhead();
+            fs::write(
+                &node.subnet_file,
+                format!(
+                    "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
+                    node.index,
+                ),
+            )?;
+            if self.options.backend == Backend::HostGw {
+                for peer in self.nodes.iter().filter(|p| p.index != node.index) {
+                    ip(
+                        &node.netns,
+                        &format!("route add {} via {} dev eth0", peer.subnet, peer.public_ip),
+                    )?;
+                }
+                continue;
+            }
             for peer in self.nodes.iter().filter(|p| p.index != node.index) {
                 let gw = format!("10.244.{}.0", peer.index);
                 ip(
@@ -338,14 +579,6 @@ impl Testbed {
                     &format!("route add {} via {gw} dev flannel.1 onlink", peer.subnet),
                 )?;
             }
-            fs::write(
-                &node.subnet_file,
-                format!(
-                    "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU={}\nFLANNEL_IPMASQ=false\n",
-                    node.index,
-                    UNDERLAY_MTU - 50
-                ),
-            )?;
         }
         Ok(())
     }
@@ -390,9 +623,14 @@ impl Testbed {
             .iter()
             .filter(|n| indexes.contains(&n.index))
             .map(|n| {
+                let data = match self.options.backend {
+                    Backend::Vxlan { .. } => serde_json::json!({"VNI": 1, "VtepMAC": n.vtep_mac}),
+                    Backend::Wireguard => n.wg_backend_data.clone().unwrap_or_default(),
+                    _ => serde_json::Value::Null,
+                };
                 serde_json::json!({
-                    "Subnet": n.subnet, "PublicIP": n.public_ip.to_string(), "BackendType": "vxlan",
-                    "BackendData": {"VNI": 1, "VtepMAC": n.vtep_mac},
+                    "Subnet": n.subnet, "PublicIP": n.public_ip.to_string(),
+                    "BackendType": self.options.backend.lease_type(), "BackendData": data,
                 })
             })
             .collect();
@@ -425,26 +663,48 @@ impl Testbed {
             &node.pin_dir.to_string_lossy(),
             "--subnet-file",
             &node.subnet_file.to_string_lossy(),
+            "--wg-key-file",
+            &node.wg_key_file.to_string_lossy(),
         ]
         .iter()
         .map(ToString::to_string)
         .collect();
+        if node.kind == NodeKind::Netlink {
+            args.push("--dataplane=netlink".into());
+        }
         args.extend(self.options.agent_args.iter().cloned());
         args
     }
 
-    /// A command that runs `program` inside node `i`'s network namespace (but the root mount
-    /// namespace, so that pins land on the machine's bpffs and outlive the process).
+    /// A command that runs `program` inside node `i`'s network namespace (and its mount
+    /// namespace if it has one; otherwise the root one, so that pins land on the machine's bpffs
+    /// and outlive the process).
     #[must_use]
     pub fn command_in_node(&self, i: usize, program: &Path) -> Command {
         let netns_path = format!("/run/netns/{}", self.nodes[i].netns);
+        let mount_ns = self.nodes[i].mount_ns.clone();
+        let no_bpf = self.nodes[i].kind == NodeKind::NoBpf;
         let mut cmd = Command::new(program);
         // SAFETY: only async-signal-safe calls (open, setns, close) between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(mnt) = &mount_ns {
+                    let f = fs::File::open(mnt)?;
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNS)
+                        .map_err(std::io::Error::from)?;
+                }
                 let f = fs::File::open(&netns_path)?;
                 nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
                     .map_err(std::io::Error::from)?;
+                if no_bpf {
+                    // Out of the bounding set, so the exec'd agent (uid 0) never gets them.
+                    for cap in [CAP_SYS_ADMIN, CAP_PERFMON, CAP_BPF] {
+                        // prctl with integer arguments is async-signal-safe.
+                        if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                }
                 Ok(())
             });
         }
@@ -467,10 +727,10 @@ impl Testbed {
             .spawn()
             .context("spawning flannel-agent")?;
         self.agents.push((i, child));
-        let marks_before = self.log(i).matches("eBPF dataplane active").count();
+        let marks_before = self.log(i).matches("dataplane active").count();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if self.log(i).matches("eBPF dataplane active").count() > marks_before {
+            if self.log(i).matches("dataplane active").count() > marks_before {
                 return Ok(());
             }
             if let Some((_, child)) = self.agents.iter_mut().find(|(n, _)| *n == i)
@@ -576,6 +836,43 @@ impl Testbed {
             .collect())
     }
 
+    /// Node `i` itself as a traffic end: its network namespace and its `cni0` address.
+    #[must_use]
+    pub fn host(&self, i: usize) -> Pod {
+        Pod {
+            netns: self.nodes[i].netns.clone(),
+            ip: self.nodes[i].gateway(),
+            node: i,
+        }
+    }
+
+    /// Fails if node `i`'s dataplane counted any drop.
+    pub fn no_drops(&self, i: usize) -> Result<()> {
+        let stats = self.stats(i)?;
+        let drops: Vec<_> = stats
+            .iter()
+            .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
+            .collect();
+        ensure!(
+            drops.is_empty(),
+            "node {} dropped packets: {drops:?}",
+            i + 1
+        );
+        Ok(())
+    }
+
+    /// Every pod to every pod on another node: TCP echoed byte for byte both ways, and ping.
+    pub fn all_pairs(&self, bytes: usize) -> Result<()> {
+        let pods = self.pods();
+        for a in &pods {
+            for b in pods.iter().filter(|b| b.node != a.node) {
+                tcp_echo(a, b, bytes).with_context(|| format!("{} -> {}", a.ip, b.ip))?;
+                ping(a, b.ip)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every pod of the cluster.
     #[must_use]
     pub fn pods(&self) -> Vec<Pod> {
@@ -593,13 +890,21 @@ impl Testbed {
         }
         for node in &self.nodes {
             let _ = fs::remove_dir_all(&node.pin_dir);
+            // A userspace WireGuard exits when its device is deleted, not with its namespace.
+            if self.options.backend == Backend::Wireguard {
+                let _ = ip(&node.netns, "link del flannel-wg");
+            }
         }
         for ns in self.namespaces.drain(..).rev() {
             let _ = run("ip", &["netns", "delete", &ns]);
         }
+        for mut holder in self.holders.drain(..) {
+            let _ = holder.kill();
+            let _ = holder.wait();
+        }
         if thread::panicking() {
             for (i, node) in self.nodes.iter().enumerate() {
-                if node.kind == NodeKind::Ebpf {
+                if node.kind.has_agent() {
                     eprintln!("---- agent log of node {} ----\n{}", i + 1, self.log(i));
                 }
             }
@@ -713,6 +1018,33 @@ pub fn ping(from: &Pod, dst: Ipv4Addr) -> Result<()> {
     )
     .map(|_| ())
     .with_context(|| format!("ping {} → {dst}", from.ip))
+}
+
+/// Pings with DF set and a payload that fills `mtu` exactly: succeeds only if a packet of the
+/// pod MTU crosses whole (no fragmentation, no black hole). Returns the reply's TTL.
+pub fn ping_mtu(from: &Pod, dst: Ipv4Addr, mtu: u32) -> Result<u8> {
+    let size = (mtu - 28).to_string();
+    let out = in_ns(
+        &from.netns,
+        "ping",
+        &[
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "2",
+            "-M",
+            "do",
+            "-s",
+            &size,
+            &dst.to_string(),
+        ],
+    )
+    .with_context(|| format!("ping -M do -s {size} {} → {dst}", from.ip))?;
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("ttl=")?.parse().ok())
+        .ok_or_else(|| anyhow!("no ttl in ping output:\n{out}"))
 }
 
 /// A one-line summary of counters, for logs.

@@ -102,6 +102,43 @@ pub fn vxlan_around(outer_src: [u8; 4], vni: u32, inner_eth: &[u8]) -> Vec<u8> {
     eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
 }
 
+/// flannel's udp backend port.
+pub const UDP_PORT: u16 = 8285;
+
+/// IPIP as node A's `flannel.ipip` (or our encap) sends it to node B, around an IPv4 packet.
+pub fn ipip_frame(outer_src: [u8; 4], inner: &[u8]) -> Vec<u8> {
+    let outer = ipv4(outer_src, NODE_B, 63, 4, inner);
+    eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
+}
+
+/// flannel's udp backend as node A's flanneld sends it to node B: the IPv4 packet is the payload.
+pub fn udp_frame(outer_src: [u8; 4], inner: &[u8]) -> Vec<u8> {
+    let outer = ipv4(outer_src, NODE_B, 64, 17, &udp(UDP_PORT, UDP_PORT, inner));
+    eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, &outer)
+}
+
+/// As [`config`], for another backend ([`backend`] constant), with that backend's port.
+#[must_use]
+pub fn config_for(
+    kind: u8,
+    public_ip: [u8; 4],
+    subnet: [u8; 4],
+    vtep: [u8; 6],
+    uplink_mac: [u8; 6],
+) -> NodeConfig {
+    let mut cfg = config(public_ip, subnet, vtep, uplink_mac);
+    cfg.backend = u32::from(kind);
+    cfg.port = match kind {
+        backend::VXLAN => PORT,
+        backend::UDP => UDP_PORT,
+        _ => 0,
+    };
+    if kind != backend::VXLAN {
+        cfg.vni = 0;
+    }
+    cfg
+}
+
 /// This node's configuration as the agent writes it.
 #[must_use]
 pub fn config(

@@ -13,18 +13,9 @@ use nix::sys::signal::Signal;
 const KIB: usize = 1024;
 const MIB: usize = 1024 * KIB;
 
-/// Node `i` itself as a traffic end: its network namespace and its `cni0` address.
-fn host(tb: &Testbed, i: usize) -> Pod {
-    Pod {
-        netns: tb.nodes[i].netns.clone(),
-        ip: tb.nodes[i].gateway(),
-        node: i,
-    }
-}
-
 /// The node's own traffic to and from pods on other nodes, both ways.
 fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
-    let me = host(tb, i);
+    let me = tb.host(i);
     tcp_echo(&me, remote, MIB)?;
     tcp_echo(remote, &me, MIB)?;
     ping(remote, me.ip)?;
@@ -47,25 +38,11 @@ fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
 
 /// `bpftool map dump` of a pinned map of node `i`.
 fn dump_pinned(tb: &Testbed, i: usize, map: &str) -> Result<String> {
-    let path = tb.nodes[i].pin_dir.join("v1").join(map);
+    let path = tb.nodes[i].pins().join(map);
     run(
         "bpftool",
         &["map", "dump", "pinned", &path.to_string_lossy()],
     )
-}
-
-fn no_drops(tb: &Testbed, i: usize) -> Result<()> {
-    let stats = tb.stats(i)?;
-    let drops: Vec<_> = stats
-        .iter()
-        .filter(|(k, v)| k.starts_with("drop_") && **v > 0)
-        .collect();
-    ensure!(
-        drops.is_empty(),
-        "node {} dropped packets: {drops:?}",
-        i + 1
-    );
-    Ok(())
 }
 
 #[test]
@@ -108,7 +85,7 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
             "node {} forwarded nothing",
             i + 1
         );
-        no_drops(&tb, i)?;
+        tb.no_drops(i)?;
     }
     // Pinned maps carry BTF: bpftool prints field names.
     let dump = dump_pinned(&tb, 0, "FLANNEL_CONFIG")?;
@@ -150,8 +127,8 @@ fn vxlan_interoperates_with_a_stock_flannel_node() -> Result<()> {
     for i in 0..2 {
         let stats = tb.stats(i)?;
         eprintln!("node {}: {}", i + 1, summarize(&stats));
-        ensure!(stats["encap_vxlan"] > 0 && stats["decap_vxlan"] + stats["decap_vxlan_bridge"] > 0);
-        no_drops(&tb, i)?;
+        ensure!(stats["encap_vxlan"] > 0 && stats["decap_vxlan"] + stats["decap_bridge"] > 0);
+        tb.no_drops(i)?;
     }
     Ok(())
 }
@@ -180,7 +157,7 @@ fn xdp_decapsulation_carries_pod_traffic() -> Result<()> {
             stats["decap_vxlan_xdp"] > 0 && stats["deliver_local"] > 0,
             "XDP did not decapsulate"
         );
-        no_drops(&tb, i)?;
+        tb.no_drops(i)?;
     }
     Ok(())
 }
@@ -191,8 +168,8 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
     let (p1, p2) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone());
     tcp_echo(&p1, &p2, MIB)?;
     let routes = tb.nodes[0]
-        .pin_dir
-        .join("v1/FLANNEL_ROUTES")
+        .pins()
+        .join("FLANNEL_ROUTES")
         .to_string_lossy()
         .into_owned();
     let before = run("bpftool", &["map", "dump", "pinned", &routes])?;
@@ -200,7 +177,7 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
     let status = tb.stop_agent(0, Signal::SIGTERM)?;
     ensure!(status.success(), "SIGTERM exit: {status}");
     ensure!(
-        tb.log(0).contains("stay and keep forwarding"),
+        tb.log(0).contains("stays and keeps forwarding"),
         "{}",
         tb.log(0)
     );
@@ -409,7 +386,7 @@ fn incompatible_pins_are_refused_not_reused() -> Result<()> {
     std::fs::remove_dir(pin_dir.join("v0"))?;
 
     // A pinned map whose shape changed without a version bump.
-    let nodes = pin_dir.join("v1/FLANNEL_NODES");
+    let nodes = tb.nodes[0].pins().join("FLANNEL_NODES");
     std::fs::remove_file(&nodes)?;
     run(
         "bpftool",
@@ -475,5 +452,5 @@ fn a_recreated_cni0_is_picked_up_again() -> Result<()> {
         routes.contains("10.244.1.0/24 via 10.244.1.0 dev cni0"),
         "routes not restored:\n{routes}"
     );
-    no_drops(&tb, 1)
+    tb.no_drops(1)
 }

@@ -8,7 +8,16 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 /// Debian packages the tests, the demo and the benchmark use.
-const DEBIAN_PACKAGES: [&str; 4] = ["iproute2", "iputils-ping", "bpftool", "iperf3"];
+const DEBIAN_PACKAGES: [&str; 6] = [
+    "iproute2",
+    "iputils-ping",
+    "bpftool",
+    "iperf3",
+    // The userspace WireGuard the wireguard backend falls back to (no kernel module here).
+    "wireguard-go",
+    // Underlay captures in the wireguard e2e test.
+    "tcpdump",
+];
 
 pub fn say(msg: &str) {
     eprintln!("xtask: {msg}");

@@ -13,7 +13,9 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use bootstrap::{say, sh};
 use clap::{Parser, Subcommand, ValueEnum};
-use flannel_tests::{Iperf3Server, NodeKind, Options, Testbed, iperf3, ping, summarize, tcp_echo};
+use flannel_tests::{
+    Backend, Iperf3Server, NodeKind, Options, Testbed, iperf3, ping, summarize, tcp_echo,
+};
 
 #[derive(Parser)]
 #[command(about = "flannel-ebpf developer tasks")]
@@ -25,6 +27,34 @@ struct Cli {
 #[derive(Clone, Copy, ValueEnum)]
 enum BackendArg {
     Vxlan,
+    VxlanDirectrouting,
+    HostGw,
+    Ipip,
+    IpipDirectrouting,
+    Udp,
+    Wireguard,
+}
+
+impl BackendArg {
+    fn backend(self) -> Backend {
+        match self {
+            Self::Vxlan => Backend::Vxlan {
+                direct_routing: false,
+            },
+            Self::VxlanDirectrouting => Backend::Vxlan {
+                direct_routing: true,
+            },
+            Self::HostGw => Backend::HostGw,
+            Self::Ipip => Backend::Ipip {
+                direct_routing: false,
+            },
+            Self::IpipDirectrouting => Backend::Ipip {
+                direct_routing: true,
+            },
+            Self::Udp => Backend::Udp,
+            Self::Wireguard => Backend::Wireguard,
+        }
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -49,14 +79,20 @@ enum Task {
     /// Build, start a demo cluster of network namespaces with an agent per node, show cross-node
     /// pod traffic and counters, and keep it up until Ctrl-C (or --duration); then clean up.
     Run {
+        /// flannel backend of the cluster. With DirectRouting the last node sits on a second
+        /// underlay segment, so that its peers tunnel to it and reach the others directly.
         #[arg(long, value_enum, default_value = "vxlan")]
         backend: BackendArg,
         /// Nodes running flannel-agent.
         #[arg(long, default_value_t = 3)]
         nodes: usize,
-        /// Extra nodes configured as stock flanneld configures them (kernel VXLAN device).
-        #[arg(long, default_value_t = 1)]
-        stock_nodes: usize,
+        /// Extra nodes configured as stock flanneld configures them (vxlan: kernel VXLAN device;
+        /// host-gw: routes). Default: 1 for vxlan and host-gw, none for the other backends.
+        #[arg(long)]
+        stock_nodes: Option<usize>,
+        /// Extra nodes running flannel-agent with `--dataplane=netlink` (vxlan, host-gw).
+        #[arg(long, default_value_t = 0)]
+        netlink_nodes: usize,
         #[arg(long, default_value_t = 2)]
         pods: usize,
         #[arg(long, value_enum, default_value = "tc")]
@@ -119,8 +155,9 @@ fn build_agent(release: bool) -> Result<PathBuf> {
         cmd.arg("--release");
     }
     sh(&mut cmd)?;
-    let bin = workspace_root()
-        .join("target")
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
+    let bin = target
         .join(if release { "release" } else { "debug" })
         .join("flannel-agent");
     ensure!(bin.exists(), "{} was not built", bin.display());
@@ -143,13 +180,29 @@ fn main() -> Result<()> {
     match cli.task {
         Task::Test => test(),
         Task::Run {
-            backend: BackendArg::Vxlan,
+            backend,
             nodes,
             stock_nodes,
+            netlink_nodes,
             pods,
             decap,
             duration,
-        } => run(nodes, stock_nodes, pods, decap, duration),
+        } => {
+            let backend = backend.backend();
+            let stock = stock_nodes.unwrap_or(usize::from(matches!(
+                backend,
+                Backend::Vxlan {
+                    direct_routing: false
+                } | Backend::HostGw
+            )));
+            run(
+                backend,
+                [nodes, netlink_nodes, stock],
+                pods,
+                decap,
+                duration,
+            )
+        }
         Task::Bench { quick, reps } => bench(quick, reps),
     }
 }
@@ -216,51 +269,73 @@ fn set_agent_env(agent: &std::path::Path) {
     unsafe { std::env::set_var("FLANNEL_AGENT_BIN", agent) };
 }
 
-fn run(
-    nodes: usize,
-    stock: usize,
+/// Checks the demo's node counts against what exists for `backend`; returns the node total.
+fn check_demo_shape(
+    backend: Backend,
+    [nodes, netlink, stock]: [usize; 3],
     pods: usize,
-    decap: DecapArg,
-    duration: Option<u64>,
-) -> Result<()> {
+) -> Result<usize> {
+    let total = nodes + netlink + stock;
     ensure!(
-        nodes + stock >= 2 && nodes + stock <= 200,
-        "--nodes plus --stock-nodes must be between 2 and 200"
+        (2..=200).contains(&total),
+        "--nodes, --netlink-nodes and --stock-nodes must add up to between 2 and 200"
     );
+    if stock > 0 {
+        ensure!(
+            matches!(
+                backend,
+                Backend::Vxlan {
+                    direct_routing: false
+                } | Backend::HostGw
+            ),
+            "stock nodes exist for vxlan (without DirectRouting) and host-gw only"
+        );
+    }
+    if netlink > 0 {
+        ensure!(
+            matches!(backend, Backend::Vxlan { .. } | Backend::HostGw),
+            "the netlink dataplane exists for vxlan and host-gw only"
+        );
+    }
     ensure!(
         (1..=200).contains(&pods),
         "--pods must be between 1 and 200"
     );
+    Ok(total)
+}
+
+fn run(
+    backend: Backend,
+    [nodes, netlink, stock]: [usize; 3],
+    pods: usize,
+    decap: DecapArg,
+    duration: Option<u64>,
+) -> Result<()> {
+    let total = check_demo_shape(backend, [nodes, netlink, stock], pods)?;
     bootstrap::ensure_all()?;
     let agent = build_agent(true)?;
     set_agent_env(&agent);
     install_stop_handlers()?;
     let mut kinds = vec![NodeKind::Ebpf; nodes];
+    kinds.extend(std::iter::repeat_n(NodeKind::Netlink, netlink));
     kinds.extend(std::iter::repeat_n(NodeKind::Stock, stock));
-    let mut options = Options::vxlan(&kinds, pods);
+    let mut options = Options::backend(backend, &kinds, pods);
     options.agent_args = vec!["--decap".into(), decap.flag().into()];
+    if matches!(
+        backend,
+        Backend::Vxlan {
+            direct_routing: true
+        } | Backend::Ipip {
+            direct_routing: true
+        }
+    ) {
+        options.far_nodes = vec![total];
+    }
     say(&format!(
-        "creating the demo cluster: {nodes} eBPF node(s), {stock} stock-flannel node(s), {pods} pod(s) each"
+        "creating the demo cluster ({backend:?}): {nodes} flannel-agent node(s), {netlink} netlink node(s), {stock} stock-flannel node(s), {pods} pod(s) each"
     ));
     let tb = Testbed::start("demo", options)?;
-    println!(
-        "\nCluster {} (underlay bridge in netns {}):",
-        tb.prefix,
-        tb.underlay()
-    );
-    for node in &tb.nodes {
-        let kind = match node.kind {
-            NodeKind::Ebpf => "flannel-agent (eBPF)",
-            NodeKind::Stock => "stock flannel config (kernel flannel.1)",
-        };
-        println!(
-            "  {:<22} {:<14} {:<15} vtep {}  {kind}",
-            node.netns, node.public_ip, node.subnet, node.vtep_mac
-        );
-        for pod in &node.pods {
-            println!("    pod {:<26} {}", pod.netns, pod.ip);
-        }
-    }
+    print_cluster(&tb, backend);
     let all = tb.pods();
     let (first, last) = (&all[0], &all[all.len() - 1]);
     println!("\nCross-node pod traffic:");
@@ -281,8 +356,16 @@ fn run(
         );
     }
     print_counters(&tb)?;
+    if backend == Backend::Wireguard {
+        println!("\nThe wireguard backend runs on its WireGuard device, not on eBPF:");
+        println!(
+            "  ip netns exec {} ip -d link show flannel-wg",
+            tb.nodes[0].netns
+        );
+        println!("  agent logs: {}/n*/agent.log", tb.dir.display());
+    }
     println!("\nInspect the dataplane (BTF-described pinned maps):");
-    let pins = tb.nodes[0].pin_dir.join("v1");
+    let pins = tb.nodes[0].pins();
     println!(
         "  bpftool map dump pinned {}/FLANNEL_CONFIG",
         pins.display()
@@ -321,7 +404,35 @@ fn run(
     Ok(())
 }
 
+/// The demo cluster's nodes and pods.
+fn print_cluster(tb: &Testbed, backend: Backend) {
+    println!(
+        "\nCluster {} (underlay bridge in netns {}):",
+        tb.prefix,
+        tb.underlay()
+    );
+    for node in &tb.nodes {
+        let kind = match (node.kind, backend) {
+            (NodeKind::Ebpf, Backend::Wireguard) => "flannel-agent (WireGuard device)",
+            (NodeKind::Ebpf, _) => "flannel-agent (eBPF)",
+            (NodeKind::Netlink | NodeKind::NoBpf, _) => "flannel-agent --dataplane=netlink",
+            (NodeKind::Stock, Backend::HostGw) => "stock flannel config (kernel routes)",
+            (NodeKind::Stock, _) => "stock flannel config (kernel flannel.1)",
+        };
+        println!(
+            "  {:<22} {:<14} {:<15} vtep {}  {kind}",
+            node.netns, node.public_ip, node.subnet, node.vtep_mac
+        );
+        for pod in &node.pods {
+            println!("    pod {:<26} {}", pod.netns, pod.ip);
+        }
+    }
+}
+
 fn print_counters(tb: &Testbed) -> Result<()> {
+    if tb.options.backend == Backend::Wireguard {
+        return Ok(());
+    }
     println!("\nDataplane counters (flannel-agent --stats):");
     for (i, node) in tb.nodes.iter().enumerate() {
         if node.kind == NodeKind::Ebpf {

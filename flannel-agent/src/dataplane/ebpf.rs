@@ -120,7 +120,7 @@ fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 5] {
             MapType::PerCpuArray,
             4,
             size_of::<Counter>() as u32,
-            reason::COUNT,
+            reason::SLOTS,
         ),
         (
             map_name::ENDPOINTS,

@@ -1,6 +1,8 @@
 //! Programming the kernel: the eBPF dataplane (and, later, the netlink fallback).
 pub mod ebpf;
-pub mod host_routes;
+pub mod netlink;
+pub mod routes;
+pub mod wireguard;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
