@@ -127,10 +127,9 @@ impl Netlink {
         Ok(out)
     }
 
-    /// The output interface of the IPv4 default route, if there is one.
-    pub async fn default_route_oif(&self) -> Result<Option<u32>, Error> {
-        let msgs: Vec<_> = self
-            .handle
+    /// Every IPv4 route of every table.
+    async fn routes(&self) -> Result<Vec<rtnetlink::packet_route::route::RouteMessage>, Error> {
+        self.handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
@@ -139,7 +138,12 @@ impl Netlink {
             .map_err(|source| Error::Netlink {
                 context: "listing routes".into(),
                 source,
-            })?;
+            })
+    }
+
+    /// The output interface of the IPv4 default route, if there is one.
+    pub async fn default_route_oif(&self) -> Result<Option<u32>, Error> {
+        let msgs = self.routes().await?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.destination_prefix_length == 0)
@@ -181,17 +185,7 @@ impl Netlink {
     /// A snapshot of the main table's IPv4 unicast routes.
     pub async fn route_table(&self) -> Result<RouteTable, Error> {
         use rtnetlink::packet_route::route::{RouteAddress, RouteType};
-        let msgs: Vec<_> = self
-            .handle
-            .route()
-            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|source| Error::Netlink {
-                context: "listing routes".into(),
-                source,
-            })?;
+        let msgs = self.routes().await?;
         let mut routes = Vec::new();
         for m in msgs {
             if m.header.kind != RouteType::Unicast {
