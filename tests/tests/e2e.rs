@@ -210,6 +210,10 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
         tb.agent_once(0, &["--cleanup", "--pin-dir", &pin, "--subnet-file", &file])?;
     ensure!(ok, "cleanup failed: {err}");
     ensure!(
+        !err.contains("detaching"),
+        "links not detached at once: {err}"
+    );
+    ensure!(
         !tb.nodes[0].pin_dir.exists() && !tb.nodes[0].subnet_file.exists(),
         "cleanup left pins or subnet.env"
     );

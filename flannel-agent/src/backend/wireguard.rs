@@ -122,6 +122,9 @@ pub fn load_or_generate(path: &Path) -> Result<(Key, bool), Error> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LeaseData {
     pub public_key: Key,
+    /// The peer's `ListenPort`; 0 when the lease has none: flanneld before v0.26.6 advertised
+    /// only its `PublicKey`, and flanneld then uses its own `ListenPort` for that peer (so does
+    /// [`crate::dataplane::wireguard::WireguardDevice::sync`] for an endpoint port of 0).
     pub port: u16,
 }
 
@@ -135,11 +138,14 @@ pub fn lease_data(data: &Value) -> Result<LeaseData, String> {
         .ok_or("BackendData.PublicKey: missing")
         .and_then(|s| Key::from_base64(s).map_err(|_| "BackendData.PublicKey: not a base64 key"))
         .map_err(str::to_string)?;
-    let port = field(obj, "Port")
-        .and_then(Value::as_u64)
-        .and_then(|p| u16::try_from(p).ok())
-        .filter(|p| *p != 0)
-        .ok_or("BackendData.Port: missing or not a UDP port")?;
+    let port = match field(obj, "Port") {
+        // flanneld < v0.26.6 (no `Port`): the peer listens on our port, as flanneld assumes.
+        None => 0,
+        Some(p) => p
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .ok_or("BackendData.Port: not a UDP port")?,
+    };
     Ok(LeaseData { public_key, port })
 }
 
@@ -220,16 +226,27 @@ mod tests {
             lease_data(&serde_json::json!({"publickey": key.to_base64(), "port": 1})).is_ok(),
             "keys matched case-insensitively"
         );
+        assert_eq!(
+            lease_data(&serde_json::json!({"PublicKey": key.to_base64()}))
+                .unwrap()
+                .port,
+            0,
+            "flanneld before v0.26.6 advertises no Port"
+        );
         assert!(
             lease_data(&serde_json::json!({"Port": 1}))
                 .unwrap_err()
                 .contains("PublicKey")
         );
+        assert!(lease_data(&serde_json::json!("x")).is_err());
         assert!(lease_data(&serde_json::json!({"PublicKey": "x", "Port": 1})).is_err());
         assert!(
             lease_data(&serde_json::json!({"PublicKey": key.to_base64(), "Port": 70000}))
                 .unwrap_err()
                 .contains("Port")
+        );
+        assert!(
+            lease_data(&serde_json::json!({"PublicKey": key.to_base64(), "Port": "1"})).is_err()
         );
     }
 

@@ -535,6 +535,36 @@ fn missing_map(name: &str) -> Error {
     Error::Unsupported(format!("map {name} missing from the eBPF object"))
 }
 
+/// Detaches the link pinned at `pin` now (`BPF_OBJ_GET`, then `BPF_LINK_DETACH`); aya has no
+/// call for it.
+fn detach_pinned_link(pin: &Path) -> std::io::Result<()> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_DETACH: libc::c_long = 34;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    // `union bpf_attr` as 128 zeroed bytes; `obj_get.pathname` and `link_detach.link_fd` are both
+    // its first field.
+    let mut attr = [0u64; 16];
+    attr[0] = path.as_ptr() as u64;
+    // SAFETY: `attr` outlives the call and its size is passed; `path` outlives `attr[0]`'s use.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_OBJ_GET, attr.as_mut_ptr(), 128) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut attr = [0u64; 16];
+    attr[0] = u64::from(fd.as_raw_fd().cast_unsigned());
+    // SAFETY: as above.
+    if unsafe { libc::syscall(libc::SYS_bpf, BPF_LINK_DETACH, attr.as_mut_ptr(), 128) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn remove_pins(paths: &[PathBuf]) {
     for p in paths {
         match fs::remove_file(p) {
@@ -651,6 +681,25 @@ pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, Counter)>, Error> {
 /// Removes every pin under `root` (which detaches the programs) and the subnet file.
 pub fn cleanup(root: &Path, subnet_file: &Path) -> Result<(), Error> {
     if root.exists() {
+        // Detach every pinned link first: unpinning alone releases a link later, from a kernel
+        // work queue, so the programs could still forward for a moment after we return.
+        let versions = fs::read_dir(root)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok);
+        for dir in versions.filter(|d| d.path().is_dir()) {
+            for pin in fs::read_dir(dir.path())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+            {
+                if pin.file_name().to_string_lossy().starts_with("link-")
+                    && let Err(e) = detach_pinned_link(&pin.path())
+                {
+                    warn!(pin = %pin.path().display(), "detaching: {e}");
+                }
+            }
+        }
         fs::remove_dir_all(root).map_err(|e| Error::Pin {
             path: root.into(),
             message: format!("removing: {e}"),
