@@ -3,13 +3,16 @@ use std::{
     collections::BTreeMap,
     net::{Ipv4Addr, SocketAddrV4},
     path::{Path, PathBuf},
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use aya::programs::TcAttachType;
 use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name};
 use ipnet::Ipv4Net;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
 use tracing::{debug, error, info, warn};
 
 use crate::{
@@ -25,7 +28,11 @@ use crate::{
         wireguard::{Peer, WireguardDevice},
     },
     iface::{self, ExtIface, Link, Netlink, RouteTable},
-    lease::{Lease, static_file},
+    lease::{
+        Lease,
+        kube::{self, Annotations, KubeClient, KubeManager, retry},
+        static_file,
+    },
     subnet_env::SubnetEnv,
 };
 
@@ -511,6 +518,103 @@ async fn start_kernel(nl: &Netlink, node: &Node<'_>, plan: &Plan) -> Result<Acti
     Ok(Active::Kernel(dp))
 }
 
+/// Joins the cluster through the Kubernetes API: this node's subnet from its podCIDR, its lease
+/// published in its annotations, and all nodes watched into `tx`. Waits (with back-off, saying so)
+/// while the API is unreachable. Returns the manager and the public IP this node's lease carries
+/// (`public-ip-overwrite` if set); `public_ip` becomes `node-public-ip` if that is set.
+async fn start_kube(
+    args: &Args,
+    netconf: &NetConf,
+    public_ip: &mut Ipv4Addr,
+    wg_key: Option<&wireguard::Key>,
+    tx: watch::Sender<Vec<Lease>>,
+) -> Result<(KubeManager, Ipv4Addr), Error> {
+    let name = args.node_name.clone().ok_or_else(|| {
+        Error::Unsupported("--kube-subnet-mgr needs --node-name (or NODE_NAME)".into())
+    })?;
+    let client = KubeClient::new(
+        args.kube_api_url.as_deref(),
+        args.kubeconfig_file.as_deref(),
+    )?;
+    let mgr = KubeManager {
+        client,
+        node: name,
+        annotations: Annotations::new(&args.kube_annotation_prefix)?,
+    };
+    let what = format!(
+        "the Kubernetes API at {} (node {})",
+        mgr.client.server(),
+        mgr.node
+    );
+    let node = retry(&what, || async {
+        let node = mgr.client.get_node(&mgr.node).await?;
+        if kube::pod_cidr(&node).is_none() {
+            return Err(Error::Api {
+                context: format!("node {}", mgr.node),
+                message: "no podCIDR assigned yet".into(),
+            });
+        }
+        Ok(node)
+    })
+    .await;
+    let subnet = kube::pod_cidr(&node).expect("checked above");
+    if !netconf.network.contains(&subnet) {
+        return Err(Error::Unsupported(format!(
+            "node {}: podCIDR {subnet} is outside the Network {}",
+            mgr.node, netconf.network
+        )));
+    }
+    let annotation = |key: &str| {
+        node["metadata"]["annotations"][key]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .and_then(|s| s.parse::<Ipv4Addr>().ok())
+    };
+    if let Some(ip) = annotation(&mgr.annotations.node_public_ip) {
+        info!(%ip, "public IP from the node-public-ip annotation");
+        *public_ip = ip;
+    }
+    let lease_ip = annotation(&mgr.annotations.public_ip_overwrite).unwrap_or(*public_ip);
+    let backend = &netconf.backend;
+    let existing = kube::node_lease(&node, &mgr.annotations).ok();
+    let backend_data = match backend {
+        Backend::Vxlan(vx) => {
+            // The VTEP MAC survives restarts: reuse the one already advertised.
+            let mac = existing
+                .filter(|l| l.backend_type == "vxlan")
+                .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
+                .map_or_else(random_mac, |d| d.vtep_mac);
+            serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
+        }
+        Backend::Wireguard(wg) => wireguard::advertised(
+            wg_key.expect("the key is loaded for the wireguard backend"),
+            wg.listen_port,
+        ),
+        _ => serde_json::Value::Null,
+    };
+    let want = kube::Publish {
+        backend_type: backend.lease_type().to_string(),
+        backend_data,
+        public_ip: *public_ip,
+    };
+    retry(&what, || async {
+        let node = mgr.client.get_node(&mgr.node).await?;
+        mgr.publish(&node, &want).await
+    })
+    .await;
+    mgr.watch(tx);
+    Ok((mgr, lease_ip))
+}
+
+/// A random locally administered unicast MAC (a new VTEP).
+fn random_mac() -> Mac {
+    let mut mac = [0u8; 6];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut mac));
+    mac[0] = (mac[0] & 0xfe) | 0x02;
+    Mac(mac)
+}
+
 /// Removes everything the agent created (`--cleanup`).
 async fn cleanup(args: &Args) -> Result<(), Error> {
     let nl = Netlink::connect()?;
@@ -584,15 +688,32 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         println!("{data}");
         return Ok(());
     }
-    let leases_path = match args.subnet_mgr {
-        SubnetMgr::Static => args
-            .leases
-            .clone()
-            .ok_or_else(|| Error::Unsupported("--subnet-mgr static needs --leases FILE".into()))?,
-    };
     let nl = Netlink::connect()?;
     let ext = iface::select(&nl, &args.iface, &args.iface_regex).await?;
-    let public_ip = args.public_ip.unwrap_or(ext.addr);
+    let mut public_ip = args.public_ip.unwrap_or(ext.addr);
+    // The lease source: the current lease set on a watch channel.
+    let (tx, mut leases_rx) = watch::channel(Vec::new());
+    let subnet_mgr = if args.kube_subnet_mgr {
+        SubnetMgr::Kube
+    } else {
+        args.subnet_mgr
+    };
+    let (source, lease_ip, kube) = match subnet_mgr {
+        SubnetMgr::Static => {
+            let path = args.leases.clone().ok_or_else(|| {
+                Error::Unsupported("--subnet-mgr static needs --leases FILE".into())
+            })?;
+            tx.send_replace(static_file::read(&path, &netconf)?);
+            static_file::follow(path.clone(), netconf.clone(), tx);
+            (path, public_ip, None)
+        }
+        SubnetMgr::Kube => {
+            let (mgr, lease_ip) =
+                start_kube(args, &netconf, &mut public_ip, wg_key.as_ref(), tx).await?;
+            let source = PathBuf::from(format!("node {}", mgr.node));
+            (source, lease_ip, Some(mgr))
+        }
+    };
     if netconf.backend == Backend::HostGw && public_ip != ext.addr {
         // As flanneld: host-gw peers route to the public IP, which must be the interface's.
         return Err(Error::Unsupported(format!(
@@ -600,15 +721,20 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             ext.link.name, ext.addr
         )));
     }
-    let leases = static_file::read(&leases_path, &netconf)?;
+    // The first set that holds this node's own lease.
+    let leases = leases_rx
+        .wait_for(|l| l.iter().any(|l| l.public_ip == lease_ip))
+        .await
+        .map_err(|_| Error::Unsupported("the lease source stopped".into()))?
+        .clone();
     let mut table = nl.route_table().await?;
     let mut plan = Plan::new(
         &leases,
         &netconf.backend,
-        public_ip,
+        lease_ip,
         &table,
         wg_key.as_ref(),
-        &leases_path,
+        &source,
     )?;
     plan.report_unreachable(None);
     let pod_mtu = backends::mtu(&netconf.backend, ext.link.mtu);
@@ -646,26 +772,43 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         context: "installing the SIGINT handler".into(),
         source,
     })?;
+    if let Some(mgr) = kube {
+        // As flanneld once it is up; in the background, so that forwarding never waits for it.
+        tokio::spawn(async move {
+            retry("the Kubernetes API (node condition)", || {
+                mgr.set_network_available()
+            })
+            .await;
+            info!(node = %mgr.node, "node condition NetworkUnavailable=False (FlannelIsUp)");
+        });
+    }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut seen = fingerprint(&leases_path);
     let mut repaired = Instant::now();
     let mut table_read = Instant::now();
     loop {
+        let mut changed = false;
         tokio::select! {
             _ = term.recv() => break,
             _ = interrupt.recv() => break,
+            r = leases_rx.changed() => {
+                if r.is_err() {
+                    return Err(Error::Unsupported("the lease source stopped".into()));
+                }
+                changed = true;
+            }
             _ = tick.tick() => {}
         }
         let repair = repaired.elapsed() >= Duration::from_secs(10);
         if repair {
             repaired = Instant::now();
         }
-        active.tick(&nl, &node, &plan, repair).await;
-        // The lease file changed (or, every 10 s, the routes that decide which peers are direct):
-        // re-read, validate, apply only the difference.
-        let now = fingerprint(&leases_path);
+        if !changed {
+            active.tick(&nl, &node, &plan, repair).await;
+        }
+        // The leases changed (or, every 10 s, the routes that decide which peers are direct):
+        // plan again, apply only the difference.
         let reread_table = table_read.elapsed() >= Duration::from_secs(10);
-        if now == seen && !reread_table {
+        if !changed && !reread_table {
             continue;
         }
         if reread_table {
@@ -675,28 +818,26 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 Err(e) => warn!("{e}"),
             }
         }
-        seen = now;
-        let next = static_file::read(&leases_path, &node.netconf).and_then(|leases| {
-            Plan::new(
-                &leases,
-                &node.netconf.backend,
-                public_ip,
-                &table,
-                wg_key.as_ref(),
-                &leases_path,
-            )
-        });
-        match next {
+        let leases = leases_rx.borrow_and_update().clone();
+        match Plan::new(
+            &leases,
+            &node.netconf.backend,
+            lease_ip,
+            &table,
+            wg_key.as_ref(),
+            &source,
+        ) {
             Err(e) => warn!("{e}; keeping the current leases"),
             Ok(next) if next == plan => {}
             Ok(next) => {
                 next.report_unreachable(Some(&plan));
+                let started = Instant::now();
                 let report = active.apply(&nl, &node, &next).await?;
                 if next.own != plan.own {
                     info!(subnet = %next.own.subnet, "this node's lease changed");
                     subnet_env(&next).write(&args.subnet_file)?;
                 }
-                info!(%report, "leases changed");
+                info!(%report, leases = leases.len(), took = ?started.elapsed(), "leases changed");
                 plan = next;
             }
         }
@@ -737,123 +878,4 @@ pub fn host_routes(
         neighbours.insert(net.network(), r.vtep_mac);
     }
     (routes, neighbours)
-}
-
-/// Identity of the lease file's current version (modification time, size, inode).
-fn fingerprint(path: &PathBuf) -> Option<(SystemTime, u64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some((m.modified().ok()?, m.len(), m.ino()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::{IpipConfig, UdpConfig, VxlanConfig};
-
-    fn lease(n: u8, ip: [u8; 4], kind: &str, data: serde_json::Value) -> Lease {
-        Lease {
-            subnet: format!("10.244.{n}.0/24").parse().unwrap(),
-            public_ip: ip.into(),
-            backend_type: kind.into(),
-            backend_data: data,
-        }
-    }
-
-    fn vx_data(n: u8) -> serde_json::Value {
-        serde_json::json!({"VNI": 1, "VtepMAC": format!("0e:fe:00:00:00:{n:02x}")})
-    }
-
-    /// This node 198.18.0.11 on 198.18.0.0/24; 198.18.1.0/24 behind a gateway.
-    fn table() -> RouteTable {
-        RouteTable::new(vec![
-            ("198.18.0.0/24".parse().unwrap(), None),
-            (
-                "198.18.1.0/24".parse().unwrap(),
-                Some([198, 18, 0, 1].into()),
-            ),
-            ("0.0.0.0/0".parse().unwrap(), Some([198, 18, 0, 1].into())),
-        ])
-    }
-
-    fn plan(backend: &Backend, kind: &str, data: fn(u8) -> serde_json::Value) -> Plan {
-        let leases = [
-            lease(1, [198, 18, 0, 11], kind, data(1)),
-            lease(2, [198, 18, 0, 12], kind, data(2)),
-            lease(3, [198, 18, 1, 13], kind, data(3)),
-            lease(4, [198, 18, 0, 14], "other", data(4)),
-        ];
-        Plan::new(
-            &leases,
-            backend,
-            [198, 18, 0, 11].into(),
-            &table(),
-            None,
-            Path::new("leases.json"),
-        )
-        .unwrap()
-    }
-
-    fn kinds(plan: &Plan) -> Vec<(u8, u8)> {
-        plan.desired
-            .routes
-            .iter()
-            .map(|(net, r)| (net.network().octets()[2], r.backend))
-            .collect()
-    }
-
-    #[test]
-    fn direct_routing_is_decided_per_peer() {
-        let vx = |dr| {
-            Backend::Vxlan(VxlanConfig {
-                vni: 1,
-                port: 8472,
-                mtu: 0,
-                gbp: false,
-                direct_routing: dr,
-            })
-        };
-        let p = plan(&vx(true), "vxlan", vx_data);
-        assert_eq!(kinds(&p), [(2, backend::HOST_GW), (3, backend::VXLAN)]);
-        assert_eq!(p.desired.nodes.len(), 2, "the other-type lease is skipped");
-        let p = plan(&vx(false), "vxlan", vx_data);
-        assert_eq!(kinds(&p), [(2, backend::VXLAN), (3, backend::VXLAN)]);
-        let ipip = Backend::Ipip(IpipConfig {
-            direct_routing: true,
-        });
-        let p = plan(&ipip, "ipip", |_| serde_json::Value::Null);
-        assert_eq!(kinds(&p), [(2, backend::HOST_GW), (3, backend::IPIP)]);
-        let udp = Backend::Udp(UdpConfig { port: 8285 });
-        let p = plan(&udp, "", |_| serde_json::Value::Null);
-        assert_eq!(kinds(&p), [(2, backend::UDP), (3, backend::UDP)]);
-    }
-
-    #[test]
-    fn host_gw_peers_off_the_segment_are_not_routed() {
-        let p = plan(&Backend::HostGw, "host-gw", |_| serde_json::Value::Null);
-        assert_eq!(kinds(&p), [(2, backend::HOST_GW)]);
-        assert_eq!(
-            p.unreachable.into_iter().collect::<Vec<_>>(),
-            [(
-                "10.244.3.0/24".parse().unwrap(),
-                Ipv4Addr::new(198, 18, 1, 13)
-            )]
-        );
-    }
-
-    #[test]
-    fn own_lease_must_match_the_backend() {
-        let leases = [lease(1, [198, 18, 0, 11], "vxlan", vx_data(1))];
-        let e = Plan::new(
-            &leases,
-            &Backend::HostGw,
-            [198, 18, 0, 11].into(),
-            &table(),
-            None,
-            Path::new("leases.json"),
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("BackendType") && e.contains("host-gw"), "{e}");
-    }
 }

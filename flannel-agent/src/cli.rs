@@ -10,6 +10,8 @@ use crate::dataplane::ebpf::DecapMode;
 pub enum SubnetMgr {
     /// Leases from a file (`--leases`), for clusters without Kubernetes or etcd.
     Static,
+    /// Leases in Kubernetes node annotations (flanneld's `--kube-subnet-mgr`).
+    Kube,
 }
 
 /// Which dataplane programs the kernel.
@@ -71,9 +73,33 @@ pub struct Args {
     #[arg(long = "ip-masq", env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     pub ip_masq: bool,
 
-    /// Where leases come from.
+    /// Where leases come from (`--kube-subnet-mgr` selects `kube`).
     #[arg(long = "subnet-mgr", value_enum, default_value = "static")]
     pub subnet_mgr: SubnetMgr,
+
+    /// Use the Kubernetes API for leases (flanneld's flag; same as `--subnet-mgr kube`).
+    #[arg(long = "kube-subnet-mgr", env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
+    pub kube_subnet_mgr: bool,
+
+    /// The Kubernetes API server URL (default: in-cluster, or the kubeconfig's).
+    #[arg(long = "kube-api-url", env = "FLANNELD_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+
+    /// A kubeconfig file (default: the in-cluster service account).
+    #[arg(long = "kubeconfig-file", env = "FLANNELD_KUBECONFIG_FILE")]
+    pub kubeconfig_file: Option<PathBuf>,
+
+    /// Prefix of flannel's node annotations.
+    #[arg(
+        long = "kube-annotation-prefix",
+        env = "FLANNELD_KUBE_ANNOTATION_PREFIX",
+        default_value = "flannel.alpha.coreos.com"
+    )]
+    pub kube_annotation_prefix: String,
+
+    /// This node's name in Kubernetes.
+    #[arg(long = "node-name", env = "NODE_NAME")]
+    pub node_name: Option<String>,
 
     /// The lease file of `--subnet-mgr static` (flannel's lease format, re-read when it changes).
     #[arg(long = "leases", env = "FLANNELD_LEASES")]

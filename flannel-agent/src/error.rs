@@ -45,6 +45,8 @@ pub enum Error {
     },
     #[error("pinned state {}: {message}", path.display())]
     Pin { path: PathBuf, message: String },
+    #[error("API: {context}: {message}")]
+    Api { context: String, message: String },
     #[error("wireguard: {context}: {message}")]
     Wireguard { context: String, message: String },
     #[error("{0}")]

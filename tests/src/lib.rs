@@ -24,6 +24,8 @@ use std::{
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
+pub mod kube_api;
+
 /// Prefix of every namespace and pin directory the testbed creates.
 pub const PREFIX: &str = "fe-";
 /// The flannel Network of every testbed.
@@ -61,6 +63,18 @@ impl NodeKind {
         self != Self::Stock
     }
 }
+
+/// Where the agents get their leases from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubnetMgr {
+    /// A lease file the testbed writes.
+    Static,
+    /// Node annotations in a fake Kubernetes API server in the underlay namespace.
+    Kube,
+}
+
+/// Where the underlay namespace serves the cluster's control plane (API server, etcd).
+pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 
 /// The flannel backend of a testbed, with its options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -195,6 +209,7 @@ pub struct Options {
     pub net_conf: String,
     /// Nodes (1-based) on the second underlay segment, one routed hop away from the others.
     pub far_nodes: Vec<usize>,
+    pub subnet_mgr: SubnetMgr,
 }
 
 impl Options {
@@ -218,6 +233,7 @@ impl Options {
             backend,
             net_conf: backend.net_conf(),
             far_nodes: Vec::new(),
+            subnet_mgr: SubnetMgr::Static,
         }
     }
 }
@@ -233,6 +249,8 @@ pub struct Testbed {
     namespaces: Vec<String>,
     /// Processes keeping the nodes' mount namespaces.
     holders: Vec<Child>,
+    /// The fake Kubernetes API (`SubnetMgr::Kube`).
+    pub kube: Option<kube_api::FakeKube>,
 }
 
 /// The agent binary the tests drive: `FLANNEL_AGENT_BIN` (set by `cargo xtask test`).
@@ -341,6 +359,7 @@ impl Testbed {
             agents: Vec::new(),
             namespaces: Vec::new(),
             holders: Vec::new(),
+            kube: None,
         };
         tb.build()
             .with_context(|| format!("building testbed {prefix}"))?;
@@ -381,12 +400,52 @@ impl Testbed {
             )?;
         }
         fs::write(self.dir.join("net-conf.json"), &self.options.net_conf)?;
+        if self.options.subnet_mgr == SubnetMgr::Kube {
+            ip(&ul, &format!("addr add {CONTROL_PLANE_IP}/24 dev br0"))?;
+            let api = kube_api::FakeKube::start(&ul, SocketAddr::from((CONTROL_PLANE_IP, 6443)))?;
+            fs::write(self.dir.join("kubeconfig"), api.kubeconfig())?;
+            self.kube = Some(api);
+        }
 
         for (i, kind) in self.options.kinds.clone().into_iter().enumerate() {
             self.add_node(i + 1, kind, routed)?;
         }
         if self.options.backend == Backend::Wireguard {
             self.prepare_wireguard()?;
+        }
+        if self.kube.is_some() {
+            // Nodes as the kubelet registers them (a podCIDR each); stock nodes already carry
+            // the annotations their flanneld wrote.
+            for node in &self.nodes {
+                let annotations = if node.kind == NodeKind::Stock {
+                    self.stock_annotations(node)
+                } else {
+                    serde_json::json!({})
+                };
+                self.kube.as_ref().expect("kube").add_node(
+                    &format!("n{}", node.index),
+                    Some(&node.subnet),
+                    &annotations,
+                );
+            }
+            for i in 0..self.nodes.len() {
+                if self.nodes[i].kind.has_agent() {
+                    self.start_agent(i)?;
+                    // The agent chose its VTEP MAC and published it.
+                    let api = self.kube.as_ref().expect("kube");
+                    let node = api.node(&format!("n{}", i + 1)).unwrap_or_default();
+                    let data: serde_json::Value = serde_json::from_str(
+                        node["metadata"]["annotations"]["flannel.alpha.coreos.com/backend-data"]
+                            .as_str()
+                            .unwrap_or("null"),
+                    )?;
+                    if let Some(mac) = data["VtepMAC"].as_str() {
+                        self.nodes[i].vtep_mac = mac.to_string();
+                    }
+                }
+            }
+            self.configure_stock_nodes()?;
+            return self.add_pods();
         }
         self.write_leases(&self.nodes.iter().map(|n| n.index).collect::<Vec<_>>())?;
         self.configure_stock_nodes()?;
@@ -396,6 +455,21 @@ impl Testbed {
             }
         }
         self.add_pods()
+    }
+
+    /// The annotations stock flanneld writes on its node.
+    #[must_use]
+    pub fn stock_annotations(&self, node: &Node) -> serde_json::Value {
+        let data = match self.options.backend {
+            Backend::Vxlan { .. } => serde_json::json!({"VNI": 1, "VtepMAC": node.vtep_mac}),
+            _ => serde_json::Value::Null,
+        };
+        serde_json::json!({
+            "flannel.alpha.coreos.com/backend-type": self.options.backend.lease_type(),
+            "flannel.alpha.coreos.com/backend-data": data.to_string(),
+            "flannel.alpha.coreos.com/public-ip": node.public_ip.to_string(),
+            "flannel.alpha.coreos.com/kube-subnet-manager": "true",
+        })
     }
 
     /// Node `index` (1-based) of `kind`: namespace, uplink on its segment, `cni0`, and for stock
@@ -650,15 +724,26 @@ impl Testbed {
     #[must_use]
     pub fn agent_args(&self, i: usize) -> Vec<String> {
         let node = &self.nodes[i];
+        let source = match self.options.subnet_mgr {
+            SubnetMgr::Static => vec![
+                "--subnet-mgr".to_string(),
+                "static".into(),
+                "--leases".into(),
+                self.leases_path().to_string_lossy().into_owned(),
+            ],
+            SubnetMgr::Kube => vec![
+                "--kube-subnet-mgr".to_string(),
+                "--kubeconfig-file".into(),
+                self.dir.join("kubeconfig").to_string_lossy().into_owned(),
+                "--node-name".into(),
+                format!("n{}", node.index),
+            ],
+        };
         let mut args: Vec<String> = [
             "--iface",
             "eth0",
             "--net-config-path",
             &self.dir.join("net-conf.json").to_string_lossy(),
-            "--subnet-mgr",
-            "static",
-            "--leases",
-            &self.leases_path().to_string_lossy(),
             "--pin-dir",
             &node.pin_dir.to_string_lossy(),
             "--subnet-file",
@@ -669,6 +754,7 @@ impl Testbed {
         .iter()
         .map(ToString::to_string)
         .collect();
+        args.extend(source);
         if node.kind == NodeKind::Netlink {
             args.push("--dataplane=netlink".into());
         }
@@ -713,21 +799,8 @@ impl Testbed {
 
     /// Starts the agent of node `i` and waits until its dataplane is active.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
-        let log = fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.nodes[i].log)?;
-        let child = self
-            .command_in_node(i, &self.agent_bin.clone())
-            .args(self.agent_args(i))
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("spawning flannel-agent")?;
-        self.agents.push((i, child));
         let marks_before = self.log(i).matches("dataplane active").count();
+        self.spawn_agent(i)?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if self.log(i).matches("dataplane active").count() > marks_before {
@@ -750,6 +823,25 @@ impl Testbed {
             );
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Starts the agent of node `i` without waiting for it.
+    pub fn spawn_agent(&mut self, i: usize) -> Result<()> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.nodes[i].log)?;
+        let child = self
+            .command_in_node(i, &self.agent_bin.clone())
+            .args(self.agent_args(i))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawning flannel-agent")?;
+        self.agents.push((i, child));
+        Ok(())
     }
 
     /// Stops the agent of node `i` with `signal` and waits for it to exit.
@@ -945,6 +1037,16 @@ pub fn pattern(len: usize, seed: u8) -> Vec<u8> {
 /// Sends `bytes` from pod `from` to pod `to` over TCP; `to` echoes them back. Both directions are
 /// compared byte for byte. Bounded by a 30 s timeout. Returns the round-trip time.
 pub fn tcp_echo(from: &Pod, to: &Pod, bytes: usize) -> Result<Duration> {
+    tcp_echo_paced(from, to, bytes, None)
+}
+
+/// As [`tcp_echo`], the sender pausing `pace` after each 64 KiB: a connection that lasts.
+pub fn tcp_echo_paced(
+    from: &Pod,
+    to: &Pod,
+    bytes: usize,
+    pace: Option<Duration>,
+) -> Result<Duration> {
     let port = 20_000 + (PORT_COUNTER.fetch_add(1, Ordering::Relaxed) % 20_000) as u16;
     let addr = SocketAddr::from((to.ip, port));
     let listener = with_netns(&to.netns, move || Ok(TcpListener::bind(addr)?))?;
@@ -978,7 +1080,15 @@ pub fn tcp_echo(from: &Pod, to: &Pod, bytes: usize) -> Result<Duration> {
     let mut writer = stream.try_clone()?;
     let to_send = data.clone();
     let sender = thread::spawn(move || -> Result<()> {
-        writer.write_all(&to_send)?;
+        match pace {
+            None => writer.write_all(&to_send)?,
+            Some(pause) => {
+                for part in to_send.chunks(65_536) {
+                    writer.write_all(part)?;
+                    thread::sleep(pause);
+                }
+            }
+        }
         writer.shutdown(std::net::Shutdown::Write)?;
         Ok(())
     });

@@ -9,6 +9,45 @@ use serde_json::Value;
 use super::Lease;
 use crate::{Error, config::NetConf, json::field};
 
+/// Follows the lease file (polled once a second by modification time, size and inode): sends the
+/// validated lease set whenever the file changes; a broken file is reported and the last good
+/// set kept.
+pub fn follow(
+    path: std::path::PathBuf,
+    netconf: NetConf,
+    tx: tokio::sync::watch::Sender<Vec<Lease>>,
+) {
+    tokio::spawn(async move {
+        let mut seen = fingerprint(&path);
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        while !tx.is_closed() {
+            tick.tick().await;
+            let now = fingerprint(&path);
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match read(&path, &netconf) {
+                Ok(leases) => {
+                    tx.send_if_modified(|cur| {
+                        let changed = *cur != leases;
+                        *cur = leases;
+                        changed
+                    });
+                }
+                Err(e) => tracing::warn!("{e}; keeping the current leases"),
+            }
+        }
+    });
+}
+
+/// Identity of the file's current version (modification time, size, inode).
+fn fingerprint(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len(), m.ino()))
+}
+
 /// Reads and validates the lease file against the network configuration.
 pub fn read(path: &Path, netconf: &NetConf) -> Result<Vec<Lease>, Error> {
     let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
