@@ -30,6 +30,7 @@ use crate::{
     iface::{self, ExtIface, Link, Netlink, RouteTable},
     lease::{
         Lease,
+        etcd::{EtcdClient, EtcdManager, EtcdOptions},
         kube::{self, Annotations, KubeClient, KubeManager, retry},
         static_file,
     },
@@ -606,6 +607,60 @@ async fn start_kube(
     Ok((mgr, lease_ip))
 }
 
+/// Acquires this node's subnet in etcd (waiting, with back-off, while etcd is unreachable) and
+/// follows every lease into `tx`.
+async fn start_etcd(
+    args: &Args,
+    client: EtcdClient,
+    netconf: &NetConf,
+    public_ip: Ipv4Addr,
+    wg_key: Option<&wireguard::Key>,
+    tx: watch::Sender<Vec<Lease>>,
+) {
+    let backend = &netconf.backend;
+    let data = |existing: Option<&Lease>| match backend {
+        Backend::Vxlan(vx) => {
+            // The VTEP MAC survives restarts: reuse the one already advertised.
+            let mac = existing
+                .filter(|l| l.backend_type == "vxlan")
+                .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
+                .map_or_else(random_mac, |d| d.vtep_mac);
+            serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
+        }
+        Backend::Wireguard(wg) => wireguard::advertised(
+            wg_key.expect("the key is loaded for the wireguard backend"),
+            wg.listen_port,
+        ),
+        _ => serde_json::Value::Null,
+    };
+    // After a lapse, flanneld tries the subnet it had (from subnet.env) first.
+    let previous = std::fs::read_to_string(&args.subnet_file)
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+                .and_then(|s| s.parse::<Ipv4Net>().ok())
+                .map(|n| n.trunc())
+        });
+    let what = format!("etcd at {} (this node's subnet lease)", client.endpoints());
+    let margin = Duration::from_secs(args.subnet_lease_renew_margin * 60);
+    let (mgr, own) = retry(&what, || {
+        EtcdManager::acquire(
+            client.clone(),
+            &args.etcd_prefix,
+            netconf,
+            public_ip,
+            backend.lease_type(),
+            data,
+            previous,
+            margin,
+        )
+    })
+    .await;
+    info!(subnet = %own.subnet, key = %mgr.key, "this node's lease in etcd");
+    mgr.run(tx);
+}
+
 /// A random locally administered unicast MAC (a new VTEP).
 fn random_mac() -> Mac {
     let mut mac = [0u8; 6];
@@ -647,9 +702,44 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         return Ok(());
     }
 
+    let subnet_mgr = if args.kube_subnet_mgr {
+        SubnetMgr::Kube
+    } else {
+        args.subnet_mgr.unwrap_or(if args.leases.is_some() {
+            SubnetMgr::Static
+        } else {
+            // flanneld's default.
+            SubnetMgr::Etcd
+        })
+    };
     // Validate every input before touching the kernel: bad input leaves nothing half-programmed.
-    let netconf = config::load(&args.net_config_path)?;
-    let source = args.net_config_path.display();
+    let etcd = match subnet_mgr {
+        SubnetMgr::Etcd => Some(EtcdClient::new(&EtcdOptions {
+            endpoints: args.etcd_endpoints.clone(),
+            cafile: args.etcd_cafile.clone(),
+            certfile: args.etcd_certfile.clone(),
+            keyfile: args.etcd_keyfile.clone(),
+            username: args.etcd_username.clone(),
+            password: args.etcd_password.clone(),
+        })?),
+        _ => None,
+    };
+    let (netconf, source) = match &etcd {
+        // With etcd, the network configuration is flannel's `<prefix>/config`.
+        Some(client) => {
+            let what = format!(
+                "{}/config in etcd at {}",
+                args.etcd_prefix,
+                client.endpoints()
+            );
+            let netconf = retry(&what, || EtcdManager::config(client, &args.etcd_prefix)).await;
+            (netconf, format!("etcd:{}/config", args.etcd_prefix))
+        }
+        None => (
+            config::load(&args.net_config_path)?,
+            args.net_config_path.display().to_string(),
+        ),
+    };
     match &netconf.backend {
         Backend::Other(kind) => {
             return Err(Error::Unsupported(format!(
@@ -693,11 +783,6 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let mut public_ip = args.public_ip.unwrap_or(ext.addr);
     // The lease source: the current lease set on a watch channel.
     let (tx, mut leases_rx) = watch::channel(Vec::new());
-    let subnet_mgr = if args.kube_subnet_mgr {
-        SubnetMgr::Kube
-    } else {
-        args.subnet_mgr
-    };
     let (source, lease_ip, kube) = match subnet_mgr {
         SubnetMgr::Static => {
             let path = args.leases.clone().ok_or_else(|| {
@@ -712,6 +797,12 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 start_kube(args, &netconf, &mut public_ip, wg_key.as_ref(), tx).await?;
             let source = PathBuf::from(format!("node {}", mgr.node));
             (source, lease_ip, Some(mgr))
+        }
+        SubnetMgr::Etcd => {
+            let client = etcd.expect("an etcd client for the etcd subnet manager");
+            start_etcd(args, client, &netconf, public_ip, wg_key.as_ref(), tx).await;
+            let source = PathBuf::from(format!("etcd:{}/subnets", args.etcd_prefix));
+            (source, public_ip, None)
         }
     };
     if netconf.backend == Backend::HostGw && public_ip != ext.addr {

@@ -12,6 +12,8 @@ pub enum SubnetMgr {
     Static,
     /// Leases in Kubernetes node annotations (flanneld's `--kube-subnet-mgr`).
     Kube,
+    /// Leases in etcd under `--etcd-prefix` (flanneld's default).
+    Etcd,
 }
 
 /// Which dataplane programs the kernel.
@@ -73,9 +75,49 @@ pub struct Args {
     #[arg(long = "ip-masq", env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     pub ip_masq: bool,
 
-    /// Where leases come from (`--kube-subnet-mgr` selects `kube`).
-    #[arg(long = "subnet-mgr", value_enum, default_value = "static")]
-    pub subnet_mgr: SubnetMgr,
+    /// Where leases come from. Default: `kube` with `--kube-subnet-mgr`, `static` with
+    /// `--leases`, else `etcd` (as flanneld).
+    #[arg(long = "subnet-mgr", value_enum)]
+    pub subnet_mgr: Option<SubnetMgr>,
+
+    /// etcd endpoints (comma-separated).
+    #[arg(
+        long = "etcd-endpoints",
+        env = "FLANNELD_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:4001,http://127.0.0.1:2379"
+    )]
+    pub etcd_endpoints: Vec<String>,
+
+    /// etcd prefix of flannel's keys.
+    #[arg(
+        long = "etcd-prefix",
+        env = "FLANNELD_ETCD_PREFIX",
+        default_value = "/coreos.com/network"
+    )]
+    pub etcd_prefix: String,
+
+    /// TLS: CA, client certificate and key for etcd.
+    #[arg(long = "etcd-cafile", env = "FLANNELD_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    #[arg(long = "etcd-certfile", env = "FLANNELD_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    #[arg(long = "etcd-keyfile", env = "FLANNELD_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+
+    /// etcd authentication.
+    #[arg(long = "etcd-username", env = "FLANNELD_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    #[arg(long = "etcd-password", env = "FLANNELD_ETCD_PASSWORD")]
+    pub etcd_password: Option<String>,
+
+    /// Minutes before the 24 h lease expires at which it is renewed.
+    #[arg(
+        long = "subnet-lease-renew-margin",
+        env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
+        default_value_t = 60
+    )]
+    pub subnet_lease_renew_margin: u64,
 
     /// Use the Kubernetes API for leases (flanneld's flag; same as `--subnet-mgr kube`).
     #[arg(long = "kube-subnet-mgr", env = "FLANNELD_KUBE_SUBNET_MGR", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]

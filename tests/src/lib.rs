@@ -71,7 +71,12 @@ pub enum SubnetMgr {
     Static,
     /// Node annotations in a fake Kubernetes API server in the underlay namespace.
     Kube,
+    /// A real etcd server in the underlay namespace; the agents pick their subnets.
+    Etcd,
 }
+
+/// flannel's etcd prefix.
+pub const ETCD_PREFIX: &str = "/coreos.com/network";
 
 /// Where the underlay namespace serves the cluster's control plane (API server, etcd).
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
@@ -192,7 +197,17 @@ impl Node {
     /// The `cni0` gateway address.
     #[must_use]
     pub fn gateway(&self) -> Ipv4Addr {
-        Ipv4Addr::new(10, 244, self.index as u8, 1)
+        self.subnet_net()
+            .map_or(Ipv4Addr::new(10, 244, self.index as u8, 1), |n| {
+                Ipv4Addr::from(u32::from(n.network()) + 1)
+            })
+    }
+
+    /// The node's pod subnet.
+    pub fn subnet_net(&self) -> Result<ipnet::Ipv4Net> {
+        self.subnet
+            .parse()
+            .with_context(|| format!("node {}: subnet {:?}", self.index, self.subnet))
     }
 }
 
@@ -251,6 +266,8 @@ pub struct Testbed {
     holders: Vec<Child>,
     /// The fake Kubernetes API (`SubnetMgr::Kube`).
     pub kube: Option<kube_api::FakeKube>,
+    /// The etcd server (`SubnetMgr::Etcd`).
+    etcd: Option<Child>,
 }
 
 /// The agent binary the tests drive: `FLANNEL_AGENT_BIN` (set by `cargo xtask test`).
@@ -360,6 +377,7 @@ impl Testbed {
             namespaces: Vec::new(),
             holders: Vec::new(),
             kube: None,
+            etcd: None,
         };
         tb.build()
             .with_context(|| format!("building testbed {prefix}"))?;
@@ -400,6 +418,10 @@ impl Testbed {
             )?;
         }
         fs::write(self.dir.join("net-conf.json"), &self.options.net_conf)?;
+        if self.options.subnet_mgr == SubnetMgr::Etcd {
+            ip(&ul, &format!("addr add {CONTROL_PLANE_IP}/24 dev br0"))?;
+            self.start_etcd()?;
+        }
         if self.options.subnet_mgr == SubnetMgr::Kube {
             ip(&ul, &format!("addr add {CONTROL_PLANE_IP}/24 dev br0"))?;
             let api = kube_api::FakeKube::start(&ul, SocketAddr::from((CONTROL_PLANE_IP, 6443)))?;
@@ -412,6 +434,9 @@ impl Testbed {
         }
         if self.options.backend == Backend::Wireguard {
             self.prepare_wireguard()?;
+        }
+        if self.etcd.is_some() {
+            return self.build_etcd_nodes();
         }
         if self.kube.is_some() {
             // Nodes as the kubelet registers them (a podCIDR each); stock nodes already carry
@@ -457,6 +482,178 @@ impl Testbed {
         self.add_pods()
     }
 
+    /// etcd mode: stock nodes' leases written as flanneld writes them (with `etcdctl`, bound to a
+    /// 24 h etcd lease); each agent then picks its own subnet, and its `cni0` is addressed from
+    /// the subnet.env it wrote, as the flannel CNI plugin does.
+    fn build_etcd_nodes(&mut self) -> Result<()> {
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].kind == NodeKind::Stock {
+                let node = &self.nodes[i];
+                let value = serde_json::json!({
+                    "PublicIP": node.public_ip.to_string(), "PublicIPv6": null,
+                    "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": node.vtep_mac},
+                });
+                let key = format!("{ETCD_PREFIX}/subnets/{}", node.subnet.replace('/', "-"));
+                self.etcdctl_put_with_lease(&key, &value.to_string())?;
+            }
+        }
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].kind.has_agent() {
+                continue;
+            }
+            self.start_agent(i)?;
+            let subnet: ipnet::Ipv4Net = self.subnet_env(i)?["FLANNEL_SUBNET"].parse()?;
+            let node = &mut self.nodes[i];
+            node.subnet = subnet.trunc().to_string();
+            ip(&node.netns, &format!("addr add {subnet} dev cni0"))?;
+            let key = format!("{ETCD_PREFIX}/subnets/{}", node.subnet.replace('/', "-"));
+            let value = self
+                .etcd_get(&key)?
+                .ok_or_else(|| anyhow!("no lease {key} in etcd"))?;
+            let value: serde_json::Value = serde_json::from_str(&value)?;
+            if let Some(mac) = value["BackendData"]["VtepMAC"].as_str() {
+                self.nodes[i].vtep_mac = mac.to_string();
+            }
+        }
+        self.configure_stock_nodes()?;
+        self.add_pods()
+    }
+
+    /// Starts etcd in the underlay namespace and stores the network configuration.
+    fn start_etcd(&mut self) -> Result<()> {
+        let data = self.dir.join("etcd");
+        let log = fs::File::create(self.dir.join("etcd.log"))?;
+        let client = format!("http://{CONTROL_PLANE_IP}:2379");
+        let child = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &self.underlay(),
+                "etcd",
+                "--name",
+                "test",
+                "--data-dir",
+            ])
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+                "--listen-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-advertise-peer-urls",
+                "http://127.0.0.1:2380",
+                "--initial-cluster",
+                "test=http://127.0.0.1:2380",
+            ])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd (Debian's etcd-server)")?;
+        self.etcd = Some(child);
+        wait_for("etcd to serve", Duration::from_secs(20), || {
+            self.etcd_call("/v3/kv/range", &serde_json::json!({"key": "eA=="}))
+                .is_ok()
+        })?;
+        self.etcd_put(&format!("{ETCD_PREFIX}/config"), &self.options.net_conf)
+    }
+
+    /// One call to etcd's JSON gateway, from the underlay namespace.
+    pub fn etcd_call(&self, path: &str, body: &serde_json::Value) -> Result<serde_json::Value> {
+        let body = body.to_string();
+        let path = path.to_string();
+        with_netns(&self.underlay(), move || {
+            let mut conn = TcpStream::connect_timeout(
+                &SocketAddr::from((CONTROL_PLANE_IP, 2379)),
+                Duration::from_secs(2),
+            )?;
+            conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+            write!(
+                conn,
+                "POST {path} HTTP/1.1\r\nHost: etcd\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )?;
+            let mut raw = Vec::new();
+            conn.read_to_end(&mut raw)?;
+            let text = String::from_utf8_lossy(&raw);
+            let (head, rest) = text
+                .split_once("\r\n\r\n")
+                .ok_or_else(|| anyhow!("bad HTTP response"))?;
+            ensure!(head.starts_with("HTTP/1.1 200"), "etcd {path}: {head}");
+            let body = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                let mut out = String::new();
+                let mut rest = rest;
+                while let Some((len, tail)) = rest.split_once("\r\n") {
+                    let n = usize::from_str_radix(len.trim(), 16)?;
+                    if n == 0 {
+                        break;
+                    }
+                    out.push_str(&tail[..n]);
+                    rest = &tail[n + 2..];
+                }
+                out
+            } else {
+                rest.to_string()
+            };
+            Ok(serde_json::from_str(&body)?)
+        })
+    }
+
+    pub fn etcd_put(&self, key: &str, value: &str) -> Result<()> {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD;
+        self.etcd_call(
+            "/v3/kv/put",
+            &serde_json::json!({"key": b.encode(key), "value": b.encode(value)}),
+        )
+        .map(|_| ())
+    }
+
+    pub fn etcd_delete(&self, key: &str) -> Result<()> {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD;
+        self.etcd_call(
+            "/v3/kv/deleterange",
+            &serde_json::json!({"key": b.encode(key)}),
+        )
+        .map(|_| ())
+    }
+
+    pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
+        use base64::Engine as _;
+        let b = base64::engine::general_purpose::STANDARD;
+        let v = self.etcd_call("/v3/kv/range", &serde_json::json!({"key": b.encode(key)}))?;
+        Ok(v["kvs"][0]["value"]
+            .as_str()
+            .and_then(|s| b.decode(s).ok())
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    }
+
+    /// `etcdctl put --lease` with a fresh 24 h lease, as an operator (or flanneld) writes it.
+    pub fn etcdctl_put_with_lease(&self, key: &str, value: &str) -> Result<()> {
+        let endpoints = format!("--endpoints=http://{CONTROL_PLANE_IP}:2379");
+        let granted = in_ns(
+            &self.underlay(),
+            "etcdctl",
+            &[&endpoints, "lease", "grant", "86400"],
+        )?;
+        let id = granted
+            .split_whitespace()
+            .nth(1)
+            .ok_or_else(|| anyhow!("etcdctl lease grant: {granted}"))?;
+        in_ns(
+            &self.underlay(),
+            "etcdctl",
+            &[&endpoints, "put", &format!("--lease={id}"), key, value],
+        )?;
+        Ok(())
+    }
+
     /// The annotations stock flanneld writes on its node.
     #[must_use]
     pub fn stock_annotations(&self, node: &Node) -> serde_json::Value {
@@ -500,7 +697,10 @@ impl Testbed {
         in_ns(&netns, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         // cni0 as the flannel CNI plugin (bridge, isGateway) makes it.
         ip(&netns, "link add cni0 type bridge")?;
-        ip(&netns, &format!("addr add 10.244.{index}.1/24 dev cni0"))?;
+        if self.options.subnet_mgr != SubnetMgr::Etcd || kind == NodeKind::Stock {
+            // With etcd an agent picks its subnet; cni0 gets its address from subnet.env then.
+            ip(&netns, &format!("addr add 10.244.{index}.1/24 dev cni0"))?;
+        }
         ip(&netns, "link set cni0 up")?;
         let node_dir = self.dir.join(format!("n{index}"));
         fs::create_dir_all(&node_dir)?;
@@ -611,8 +811,8 @@ impl Testbed {
             fs::write(
                 &node.subnet_file,
                 format!(
-                    "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET=10.244.{}.1/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
-                    node.index,
+                    "FLANNEL_NETWORK={NETWORK}\nFLANNEL_SUBNET={}/24\nFLANNEL_MTU={mtu}\nFLANNEL_IPMASQ=false\n",
+                    node.gateway(),
                 ),
             )?;
             if self.options.backend == Backend::HostGw {
@@ -625,7 +825,7 @@ impl Testbed {
                 continue;
             }
             for peer in self.nodes.iter().filter(|p| p.index != node.index) {
-                let gw = format!("10.244.{}.0", peer.index);
+                let gw = peer.subnet_net()?.network().to_string();
                 ip(
                     &node.netns,
                     &format!(
@@ -669,9 +869,10 @@ impl Testbed {
                 let node = &self.nodes[i];
                 let pod_ns = format!("{}p{j}", node.netns);
                 let node_ns = node.netns.clone();
-                let index = node.index;
+                let net = node.subnet_net()?.network();
+                let pod_ip = Ipv4Addr::from(u32::from(net) + 10 + j as u32);
+                let gateway = node.gateway();
                 self.add_netns(&pod_ns)?;
-                let pod_ip = Ipv4Addr::new(10, 244, index as u8, 10 + j as u8);
                 ip(
                     &node_ns,
                     &format!("link add veth{j} mtu {mtu} type veth peer name eth0 netns {pod_ns}"),
@@ -679,7 +880,7 @@ impl Testbed {
                 ip(&node_ns, &format!("link set veth{j} master cni0 up"))?;
                 ip(&pod_ns, &format!("link set eth0 mtu {mtu} up"))?;
                 ip(&pod_ns, &format!("addr add {pod_ip}/24 dev eth0"))?;
-                ip(&pod_ns, &format!("route add default via 10.244.{index}.1"))?;
+                ip(&pod_ns, &format!("route add default via {gateway}"))?;
                 self.nodes[i].pods.push(Pod {
                     netns: pod_ns,
                     ip: pod_ip,
@@ -730,6 +931,14 @@ impl Testbed {
                 "static".into(),
                 "--leases".into(),
                 self.leases_path().to_string_lossy().into_owned(),
+            ],
+            SubnetMgr::Etcd => vec![
+                "--subnet-mgr".to_string(),
+                "etcd".into(),
+                "--etcd-endpoints".into(),
+                format!("http://{CONTROL_PLANE_IP}:2379"),
+                "--etcd-prefix".into(),
+                ETCD_PREFIX.into(),
             ],
             SubnetMgr::Kube => vec![
                 "--kube-subnet-mgr".to_string(),
@@ -989,6 +1198,10 @@ impl Testbed {
         }
         for ns in self.namespaces.drain(..).rev() {
             let _ = run("ip", &["netns", "delete", &ns]);
+        }
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
         }
         for mut holder in self.holders.drain(..) {
             let _ = holder.kill();

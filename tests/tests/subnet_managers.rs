@@ -1,12 +1,17 @@
 //! End-to-end tests of the lease sources against their real protocols: the Kubernetes subnet
 //! manager against a fake API server that speaks list/watch/patch as kube-apiserver does, plus
 //! hitless restarts under load and an unreachable API. Run by `cargo xtask test`.
-use std::time::Duration;
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context as _, Result, ensure};
+use base64::Engine as _;
 use flannel_tests::{
+    ETCD_PREFIX,
     NodeKind::{Ebpf, Stock},
-    Options, SubnetMgr, Testbed, can_connect, run, tcp_echo, tcp_echo_paced, wait_for,
+    Options, SubnetMgr, Testbed, can_connect, in_ns, run, tcp_echo, tcp_echo_paced, wait_for,
 };
 use nix::sys::signal::Signal;
 use serde_json::json;
@@ -235,5 +240,228 @@ fn sigkill_during_a_transfer_loses_no_connection_and_no_byte() -> Result<()> {
         .join()
         .map_err(|_| anyhow::anyhow!("transfer panicked"))?
         .context("the connection across two SIGKILLed agents")?;
+    Ok(())
+}
+
+/// Node `i`'s pinned routes: subnet → (public IP, VTEP MAC), from `bpftool`'s BTF-formatted dump.
+fn route_map(tb: &Testbed, i: usize) -> Result<BTreeMap<String, (String, String)>> {
+    let path = tb.nodes[i].pins().join("FLANNEL_ROUTES");
+    let dump: serde_json::Value = serde_json::from_str(&run(
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
+    )?)?;
+    let bytes = |v: &serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(serde_json::Value::as_u64)
+            .collect()
+    };
+    let mut out = BTreeMap::new();
+    for e in dump.as_array().into_iter().flatten() {
+        let f = &e["formatted"];
+        let d = bytes(&f["key"]["data"]);
+        let ip = bytes(&f["value"]["public_ip"]);
+        let mac = bytes(&f["value"]["vtep_mac"]);
+        out.insert(
+            format!(
+                "{}.{}.{}.{}/{}",
+                d[0], d[1], d[2], d[3], f["key"]["prefix_len"]
+            ),
+            (
+                format!("{}.{}.{}.{}", ip[0], ip[1], ip[2], ip[3]),
+                mac.iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(":"),
+            ),
+        );
+    }
+    Ok(out)
+}
+
+fn etcd_testbed(
+    tag: &str,
+    kinds: &[flannel_tests::NodeKind],
+    net_conf: Option<&str>,
+) -> Result<Testbed> {
+    let mut options = Options::vxlan(kinds, 1);
+    options.subnet_mgr = SubnetMgr::Etcd;
+    if let Some(n) = net_conf {
+        options.net_conf = n.to_string();
+    }
+    Testbed::start(tag, options)
+}
+
+#[test]
+fn etcd_leases_are_flannels_own_format_and_subnets_are_taken_atomically() -> Result<()> {
+    let mut tb = etcd_testbed("etcd", &[Ebpf, Ebpf, Stock], None)?;
+    let stock_subnet = tb.nodes[2].subnet.clone();
+    let mut subnets = Vec::new();
+    for i in 0..2 {
+        let node = &tb.nodes[i];
+        ensure!(
+            node.subnet != stock_subnet,
+            "an agent took the stock node's subnet"
+        );
+        subnets.push(node.subnet.clone());
+        let key = format!("{ETCD_PREFIX}/subnets/{}", node.subnet.replace('/', "-"));
+        let value: serde_json::Value =
+            serde_json::from_str(&tb.etcd_get(&key)?.context("lease missing")?)?;
+        ensure!(
+            value
+                == json!({"PublicIP": node.public_ip.to_string(), "PublicIPv6": null, "BackendType": "vxlan",
+                            "BackendData": {"VNI": 1, "VtepMAC": node.vtep_mac}}),
+            "{key} = {value}"
+        );
+        // Bound to flannel's 24 h lease.
+        let b64 = base64::engine::general_purpose::STANDARD.encode(&key);
+        let kv = tb.etcd_call("/v3/kv/range", &json!({"key": b64}))?;
+        let lease = kv["kvs"][0]["lease"]
+            .as_str()
+            .context("no etcd lease on the key")?
+            .to_string();
+        let ttl = tb.etcd_call("/v3/lease/timetolive", &json!({"ID": lease}))?;
+        let granted: u64 = ttl["grantedTTL"].as_str().unwrap_or("0").parse()?;
+        ensure!(granted == 86_400, "TTL {ttl}");
+    }
+    ensure!(subnets[0] != subnets[1], "two agents, two subnets");
+    tb.all_pairs(256 * KIB)?;
+
+    // A restarted agent reuses the lease that carries its public IP: same subnet, same VTEP MAC.
+    let mac = tb.nodes[0].vtep_mac.clone();
+    tb.stop_agent(0, Signal::SIGKILL)?;
+    tb.start_agent(0)?;
+    ensure!(
+        tb.log(0).contains("reusing this node's lease"),
+        "{}",
+        tb.log(0)
+    );
+    let key = format!("{ETCD_PREFIX}/subnets/{}", subnets[0].replace('/', "-"));
+    let value: serde_json::Value = serde_json::from_str(&tb.etcd_get(&key)?.context("lease")?)?;
+    ensure!(
+        value["BackendData"]["VtepMAC"] == mac,
+        "VtepMAC reused: {value}"
+    );
+    ensure!(tb.subnet_env(0)?["FLANNEL_SUBNET"].starts_with(&subnets[0][..subnets[0].len() - 4]));
+
+    // The stock node's lease removed with etcdctl, then written back: exactly its route follows.
+    let stock_key = format!("{ETCD_PREFIX}/subnets/{}", stock_subnet.replace('/', "-"));
+    let stock_value = tb.etcd_get(&stock_key)?.context("stock lease")?;
+    in_ns(
+        &tb.underlay(),
+        "etcdctl",
+        &["--endpoints=http://198.18.0.254:2379", "del", &stock_key],
+    )?;
+    wait_for(
+        "the stock lease gone from node 1",
+        Duration::from_secs(10),
+        || route_map(&tb, 0).is_ok_and(|m| m.len() == 1 && !m.contains_key(&stock_subnet)),
+    )?;
+    tb.etcdctl_put_with_lease(&stock_key, &stock_value)?;
+    wait_for("the stock lease back", Duration::from_secs(10), || {
+        route_map(&tb, 0).is_ok_and(|m| m.contains_key(&stock_subnet))
+    })?;
+    tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[2].pods[0], 256 * KIB)?;
+    Ok(())
+}
+
+#[test]
+fn etcd_churn_of_a_thousand_leases_converges_exactly() -> Result<()> {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let tb = etcd_testbed(
+        "churn",
+        &[Ebpf],
+        Some(r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#),
+    )?;
+    let own = tb.nodes[0].subnet.clone();
+    let lease = |n: u32, mac_seed: u32| {
+        let subnet = format!("10.{}.{}.0/24", 100 + n / 256, n % 256);
+        let ip = format!("198.19.{}.{}", n / 200, n % 200 + 1);
+        let mac = format!(
+            "0e:aa:{:02x}:{:02x}:{:02x}:{:02x}",
+            mac_seed >> 8 & 0xff,
+            mac_seed & 0xff,
+            n >> 8,
+            n & 0xff
+        );
+        (subnet, ip, mac)
+    };
+    let write = |entries: &[(String, String, String)], delete: &[String]| -> Result<()> {
+        let mut ops: Vec<serde_json::Value> = entries
+            .iter()
+            .map(|(subnet, ip, mac)| {
+                let key = format!("{ETCD_PREFIX}/subnets/{}", subnet.replace('/', "-"));
+                let value = json!({"PublicIP": ip, "PublicIPv6": null, "BackendType": "vxlan", "BackendData": {"VNI": 1, "VtepMAC": mac}});
+                json!({"request_put": {"key": b64(&key), "value": b64(&value.to_string())}})
+            })
+            .collect();
+        ops.extend(delete.iter().map(|subnet| {
+            let key = format!("{ETCD_PREFIX}/subnets/{}", subnet.replace('/', "-"));
+            json!({"request_delete_range": {"key": b64(&key)}})
+        }));
+        // etcd allows 128 operations per transaction.
+        for batch in ops.chunks(100) {
+            tb.etcd_call("/v3/kv/txn", &json!({"success": batch}))?;
+        }
+        Ok(())
+    };
+    let expect = |entries: &BTreeMap<String, (String, String)>| {
+        let got = route_map(&tb, 0).unwrap_or_default();
+        got == *entries
+    };
+    // 1,000 leases added.
+    let mut want: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let added: Vec<_> = (0..1000).map(|n| lease(n, 1)).collect();
+    for (s, ip, mac) in &added {
+        want.insert(s.clone(), (ip.clone(), mac.clone()));
+    }
+    let t = Instant::now();
+    write(&added, &[])?;
+    wait_for("1,000 leases in the map", Duration::from_secs(30), || {
+        expect(&want)
+    })
+    .with_context(|| {
+        let log = tb.log(0);
+        let tail: Vec<&str> = log.lines().rev().take(15).collect();
+        format!(
+            "map has {:?} entries; agent log (last lines, newest first):\n{}",
+            route_map(&tb, 0).map(|m| m.len()),
+            tail.join("\n")
+        )
+    })?;
+    let add_time = t.elapsed();
+    // 300 changed (new VTEP MAC), 300 removed.
+    let changed: Vec<_> = (0..300).map(|n| lease(n, 2)).collect();
+    let removed: Vec<String> = (300..600).map(|n| lease(n, 1).0).collect();
+    for (s, ip, mac) in &changed {
+        want.insert(s.clone(), (ip.clone(), mac.clone()));
+    }
+    for s in &removed {
+        want.remove(s);
+    }
+    let t = Instant::now();
+    write(&changed, &removed)?;
+    wait_for(
+        "changes and removals in the map",
+        Duration::from_secs(30),
+        || expect(&want),
+    )?;
+    let churn_time = t.elapsed();
+    ensure!(
+        !want.contains_key(&own),
+        "the node's own subnet is not a route"
+    );
+    eprintln!(
+        "etcd churn: 1,000 leases added → map exact in {add_time:?}; 300 changed + 300 removed → exact in {churn_time:?}"
+    );
+    std::fs::write(
+        std::env::temp_dir().join("flannel-ebpf-churn.txt"),
+        format!(
+            "added_1000_ms={}\nchurn_600_ms={}\n",
+            add_time.as_millis(),
+            churn_time.as_millis()
+        ),
+    )?;
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Leases: which node owns which pod subnet (flannel's `pkg/lease`), from one of the lease
 //! sources (`static_file`, `kube`, `etcd`). Each source publishes the whole current lease set on a
 //! `tokio::sync::watch` channel; the agent's one reconciler turns every set into dataplane state.
+pub mod etcd;
 pub mod kube;
 pub mod static_file;
 

@@ -1,0 +1,639 @@
+//! The etcd subnet manager (flannel's pkg/subnet/etcd), over etcd v3's JSON gateway (`/v3/…`).
+//!
+//! - The network configuration is `<prefix>/config` (flannel's net-conf.json).
+//! - This node's lease is `<prefix>/subnets/<a.b.c.d>-<len>` = `{"PublicIP":…,"PublicIPv6":null,
+//!   "BackendType":…,"BackendData":…}` bound to an etcd lease of 24 h, renewed `renew_margin`
+//!   before it expires. A lease that already carries this node's public IP is reused; otherwise
+//!   the subnet of the previous `subnet.env`, if still free; otherwise a random free subnet of
+//!   `SubnetLen` between `SubnetMin` and `SubnetMax`, created in a transaction that succeeds only
+//!   if the key does not exist, so two nodes never take the same subnet.
+//! - `<prefix>/subnets/` is watched; a compacted watch is replaced by a fresh read. Errors never
+//!   empty the lease set.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
+use futures::StreamExt as _;
+use ipnet::Ipv4Net;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::Lease;
+use crate::{Error, config::NetConf, json::field};
+
+/// flannel's default etcd prefix.
+pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
+/// flannel's subnet lease TTL.
+pub const LEASE_TTL: Duration = Duration::from_hours(24);
+
+fn etcd_err(context: impl Into<String>, message: impl std::fmt::Display) -> Error {
+    Error::Api {
+        context: context.into(),
+        message: message.to_string(),
+    }
+}
+
+/// TLS and authentication options, as flanneld's `--etcd-*` flags.
+#[derive(Debug, Clone, Default)]
+pub struct EtcdOptions {
+    pub endpoints: Vec<String>,
+    pub cafile: Option<PathBuf>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// A connection to an etcd cluster through its JSON gateway.
+#[derive(Clone)]
+pub struct EtcdClient {
+    endpoints: Vec<String>,
+    http: reqwest::Client,
+    credentials: Option<(String, String)>,
+}
+
+fn b64(s: &str) -> String {
+    B64.encode(s)
+}
+
+fn unb64(v: &Value) -> String {
+    v.as_str()
+        .and_then(|s| B64.decode(s).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The key after every key with `prefix` (etcd's `range_end` for a prefix).
+fn prefix_end(prefix: &str) -> String {
+    let mut bytes = prefix.as_bytes().to_vec();
+    while let Some(last) = bytes.pop() {
+        if last < 0xff {
+            bytes.push(last + 1);
+            break;
+        }
+    }
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn number(v: &Value) -> u64 {
+    v.as_str()
+        .and_then(|s| s.parse().ok())
+        .or_else(|| v.as_u64())
+        .unwrap_or(0)
+}
+
+impl EtcdClient {
+    pub fn new(opts: &EtcdOptions) -> Result<Self, Error> {
+        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
+        let read = |p: &Path| {
+            std::fs::read(p).map_err(|source| Error::Read {
+                path: p.into(),
+                source,
+            })
+        };
+        if let Some(ca) = &opts.cafile {
+            builder = builder.add_root_certificate(
+                reqwest::Certificate::from_pem(&read(ca)?)
+                    .map_err(|e| etcd_err(ca.display().to_string(), e))?,
+            );
+        }
+        if let (Some(cert), Some(key)) = (&opts.certfile, &opts.keyfile) {
+            let mut pem = read(cert)?;
+            pem.push(b'\n');
+            pem.extend(read(key)?);
+            builder = builder.identity(
+                reqwest::Identity::from_pem(&pem)
+                    .map_err(|e| etcd_err(cert.display().to_string(), e))?,
+            );
+        }
+        let http = builder.build().map_err(|e| etcd_err("HTTP client", e))?;
+        let endpoints: Vec<String> = opts
+            .endpoints
+            .iter()
+            .map(|e| e.trim_end_matches('/').to_string())
+            .collect();
+        if endpoints.is_empty() {
+            return Err(Error::Unsupported("--etcd-endpoints is empty".into()));
+        }
+        Ok(Self {
+            endpoints,
+            http,
+            credentials: opts.username.clone().zip(opts.password.clone()),
+        })
+    }
+
+    #[must_use]
+    pub fn endpoints(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// A token for `--etcd-username/--etcd-password`, if set.
+    async fn token(&self, endpoint: &str) -> Result<Option<String>, Error> {
+        let Some((name, password)) = &self.credentials else {
+            return Ok(None);
+        };
+        let resp: Value = self
+            .http
+            .post(format!("{endpoint}/v3/auth/authenticate"))
+            .json(&json!({"name": name, "password": password}))
+            .send()
+            .await
+            .map_err(|e| etcd_err("etcd authentication", e))?
+            .json()
+            .await
+            .map_err(|e| etcd_err("etcd authentication", e))?;
+        Ok(resp["token"].as_str().map(str::to_string))
+    }
+
+    async fn request(&self, path: &str, body: &Value) -> Result<reqwest::Response, Error> {
+        let mut last = None;
+        for endpoint in &self.endpoints {
+            let mut req = self.http.post(format!("{endpoint}{path}")).json(body);
+            match self.token(endpoint).await {
+                Ok(Some(t)) => req = req.header("Authorization", t),
+                Ok(None) => {}
+                Err(e) => {
+                    last = Some(e);
+                    continue;
+                }
+            }
+            match req.send().await {
+                Ok(resp) => return Ok(resp),
+                Err(e) => last = Some(etcd_err(format!("etcd {endpoint}{path}"), e)),
+            }
+        }
+        Err(last.unwrap_or_else(|| etcd_err(path, "no endpoint")))
+    }
+
+    /// A unary call (`/v3/kv/range`, `/v3/kv/txn`, …).
+    async fn call(&self, path: &str, body: &Value) -> Result<Value, Error> {
+        let resp = self
+            .request(path, body)
+            .await?
+            .error_for_status()
+            .map_err(|e| etcd_err(format!("etcd {path}"), e))?;
+        let v: Value = tokio::time::timeout(Duration::from_secs(15), resp.json())
+            .await
+            .map_err(|_| etcd_err(format!("etcd {path}"), "no answer in 15 s"))?
+            .map_err(|e| etcd_err(format!("etcd {path}"), e))?;
+        if let Some(e) = v.get("error").and_then(Value::as_str) {
+            return Err(etcd_err(format!("etcd {path}"), e));
+        }
+        Ok(v)
+    }
+
+    /// The value of `key`, if it exists.
+    pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
+        let v = self.call("/v3/kv/range", &json!({"key": b64(key)})).await?;
+        Ok(v["kvs"]
+            .as_array()
+            .and_then(|k| k.first())
+            .map(|kv| unb64(&kv["value"])))
+    }
+
+    /// Every key/value under `prefix`, and the revision they were read at.
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<(String, String)>, u64), Error> {
+        let v = self
+            .call(
+                "/v3/kv/range",
+                &json!({"key": b64(prefix), "range_end": b64(&prefix_end(prefix))}),
+            )
+            .await?;
+        let kvs = v["kvs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
+            .collect();
+        Ok((kvs, number(&v["header"]["revision"])))
+    }
+
+    /// A new etcd lease of `ttl`.
+    pub async fn grant(&self, ttl: Duration) -> Result<String, Error> {
+        let v = self
+            .call(
+                "/v3/lease/grant",
+                &json!({"TTL": ttl.as_secs().to_string()}),
+            )
+            .await?;
+        v["ID"]
+            .as_str()
+            .map(str::to_string)
+            .ok_or_else(|| etcd_err("etcd lease grant", "no ID"))
+    }
+
+    /// Writes `key` bound to `lease`; only if it does not exist when `create`. Returns whether
+    /// it was written.
+    pub async fn put(
+        &self,
+        key: &str,
+        value: &str,
+        lease: &str,
+        create: bool,
+    ) -> Result<bool, Error> {
+        let put = json!({"request_put": {"key": b64(key), "value": b64(value), "lease": lease}});
+        let compare: Vec<Value> = if create {
+            vec![
+                json!({"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}),
+            ]
+        } else {
+            Vec::new()
+        };
+        let v = self
+            .call("/v3/kv/txn", &json!({"compare": compare, "success": [put]}))
+            .await?;
+        Ok(v["succeeded"].as_bool().unwrap_or(false))
+    }
+
+    /// Deletes `key`.
+    pub async fn delete(&self, key: &str) -> Result<(), Error> {
+        self.call("/v3/kv/deleterange", &json!({"key": b64(key)}))
+            .await
+            .map(|_| ())
+    }
+}
+
+/// The key of a subnet lease: `<prefix>/subnets/10.244.1.0-24`.
+#[must_use]
+pub fn subnet_key(prefix: &str, subnet: Ipv4Net) -> String {
+    format!(
+        "{}/subnets/{}-{}",
+        prefix.trim_end_matches('/'),
+        subnet.network(),
+        subnet.prefix_len()
+    )
+}
+
+/// The subnet of a lease key, if it is one.
+#[must_use]
+pub fn key_subnet(prefix: &str, key: &str) -> Option<Ipv4Net> {
+    let rest = key.strip_prefix(&format!("{}/subnets/", prefix.trim_end_matches('/')))?;
+    let (addr, len) = rest.split_once('-')?;
+    Ipv4Net::new(addr.parse().ok()?, len.parse().ok()?).ok()
+}
+
+/// A stored lease value as flannel writes it.
+#[must_use]
+pub fn lease_value(public_ip: Ipv4Addr, backend_type: &str, backend_data: &Value) -> String {
+    json!({"PublicIP": public_ip.to_string(), "PublicIPv6": null, "BackendType": backend_type, "BackendData": backend_data})
+        .to_string()
+}
+
+/// A stored lease, parsed (keys matched as Go does).
+pub fn parse_lease(subnet: Ipv4Net, value: &str) -> Result<Lease, String> {
+    let v: Value = serde_json::from_str(value).map_err(|e| format!("not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("not a JSON object")?;
+    let public_ip = field(obj, "PublicIP")
+        .and_then(Value::as_str)
+        .ok_or("no PublicIP")?
+        .parse()
+        .map_err(|_| "PublicIP is not an IPv4 address")?;
+    Ok(Lease {
+        subnet,
+        public_ip,
+        backend_type: field(obj, "BackendType")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string(),
+        backend_data: field(obj, "BackendData").cloned().unwrap_or(Value::Null),
+    })
+}
+
+/// The subnets `netconf` hands out, from `SubnetMin` to `SubnetMax`.
+fn candidates(netconf: &NetConf) -> impl Iterator<Item = Ipv4Net> {
+    let step = 1u64 << (32 - netconf.subnet_len);
+    let (min, max) = (
+        u64::from(u32::from(netconf.subnet_min)),
+        u64::from(u32::from(netconf.subnet_max)),
+    );
+    let len = netconf.subnet_len;
+    (min..=max)
+        .step_by(usize::try_from(step).unwrap_or(usize::MAX))
+        .filter_map(move |a| Ipv4Net::new(Ipv4Addr::from(u32::try_from(a).ok()?), len).ok())
+}
+
+/// This node's lease in etcd, kept alive.
+pub struct EtcdManager {
+    pub client: EtcdClient,
+    pub prefix: String,
+    pub key: String,
+    pub value: String,
+    pub renew_margin: Duration,
+}
+
+impl EtcdManager {
+    /// Reads `<prefix>/config`.
+    pub async fn config(client: &EtcdClient, prefix: &str) -> Result<NetConf, Error> {
+        let key = format!("{}/config", prefix.trim_end_matches('/'));
+        let text = client.get(&key).await?.ok_or_else(|| {
+            etcd_err(
+                format!("etcd {key}"),
+                "missing (flannel's network configuration)",
+            )
+        })?;
+        crate::config::parse(Path::new(&format!("etcd:{key}")), &text)
+    }
+
+    /// Acquires this node's subnet: the lease already carrying `public_ip`, else `previous` if
+    /// free, else a random free subnet, created atomically.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "what flanneld's AcquireLease takes, each from a different source"
+    )]
+    pub async fn acquire(
+        client: EtcdClient,
+        prefix: &str,
+        netconf: &NetConf,
+        public_ip: Ipv4Addr,
+        backend_type: &str,
+        backend_data: impl Fn(Option<&Lease>) -> Value,
+        previous: Option<Ipv4Net>,
+        renew_margin: Duration,
+    ) -> Result<(Self, Lease), Error> {
+        let prefix = prefix.trim_end_matches('/').to_string();
+        for _ in 0..10 {
+            let (kvs, _) = client.list(&format!("{prefix}/subnets/")).await?;
+            let leases: BTreeMap<Ipv4Net, Option<Lease>> = kvs
+                .iter()
+                .filter_map(|(k, v)| {
+                    let subnet = key_subnet(&prefix, k)?;
+                    Some((subnet, parse_lease(subnet, v).ok()))
+                })
+                .collect();
+            let mine = leases
+                .iter()
+                .find(|(_, l)| l.as_ref().is_some_and(|l| l.public_ip == public_ip));
+            let (subnet, existing, create) = if let Some((s, l)) = mine {
+                info!(subnet = %s, "reusing this node's lease (it carries our public IP)");
+                (*s, l.clone(), false)
+            } else {
+                let taken: BTreeSet<Ipv4Net> = leases.keys().copied().collect();
+                let free: Vec<Ipv4Net> = candidates(netconf)
+                    .filter(|c| {
+                        !taken
+                            .iter()
+                            .any(|t| t.contains(&c.network()) || c.contains(&t.network()))
+                    })
+                    .collect();
+                let pick = previous
+                    .filter(|p| free.contains(p))
+                    .or_else(|| {
+                        let r = random_index(free.len())?;
+                        free.get(r).copied()
+                    })
+                    .ok_or_else(|| {
+                        etcd_err(
+                            "etcd",
+                            format!("no free subnet left in {}", netconf.network),
+                        )
+                    })?;
+                (pick, None, true)
+            };
+            let data = backend_data(existing.as_ref());
+            let key = subnet_key(&prefix, subnet);
+            let value = lease_value(public_ip, backend_type, &data);
+            let lease = client.grant(LEASE_TTL).await?;
+            if client.put(&key, &value, &lease, create).await? {
+                if create {
+                    info!(%subnet, "acquired a new subnet lease");
+                }
+                let parsed = parse_lease(subnet, &value).map_err(|e| etcd_err(&key, e))?;
+                return Ok((
+                    Self {
+                        client,
+                        prefix,
+                        key,
+                        value,
+                        renew_margin,
+                    },
+                    parsed,
+                ));
+            }
+            info!(%subnet, "another node took this subnet first; picking again");
+        }
+        Err(etcd_err(
+            "etcd",
+            "could not acquire a subnet after 10 attempts",
+        ))
+    }
+
+    /// Renews this node's lease `renew_margin` before it expires, and watches every lease into
+    /// `tx`, in the background.
+    pub fn run(self, tx: watch::Sender<Vec<Lease>>) {
+        let watcher = self.client.clone();
+        let prefix = self.prefix.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_secs(1);
+            loop {
+                match list_and_watch(&watcher, &prefix, &tx).await {
+                    Ok(()) => backoff = Duration::from_secs(1),
+                    Err(e) => {
+                        warn!(
+                            "watching {prefix}/subnets at {}: {e}; retrying in {backoff:?} (the dataplane keeps its state)",
+                            watcher.endpoints()
+                        );
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+                if tx.is_closed() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut renewed = Instant::now();
+            loop {
+                let due = LEASE_TTL.saturating_sub(self.renew_margin);
+                tokio::time::sleep(
+                    due.saturating_sub(renewed.elapsed())
+                        .max(Duration::from_secs(1)),
+                )
+                .await;
+                let renew = async {
+                    let lease = self.client.grant(LEASE_TTL).await?;
+                    self.client.put(&self.key, &self.value, &lease, false).await
+                };
+                match renew.await {
+                    Ok(_) => {
+                        renewed = Instant::now();
+                        info!(key = %self.key, "renewed this node's subnet lease for 24 h");
+                    }
+                    Err(e) => warn!("renewing {}: {e}; retrying in 10 s", self.key),
+                }
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
+}
+
+/// A random index below `n` (from the kernel's random source), or `None` if `n` is 0.
+fn random_index(n: usize) -> Option<usize> {
+    if n == 0 {
+        return None;
+    }
+    let mut b = [0u8; 8];
+    let _ = std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
+    Some((u64::from_ne_bytes(b) % n as u64) as usize)
+}
+
+fn send(tx: &watch::Sender<Vec<Lease>>, leases: &BTreeMap<Ipv4Net, Lease>) {
+    let set: Vec<Lease> = leases.values().cloned().collect();
+    tx.send_if_modified(|cur| {
+        let changed = *cur != set;
+        *cur = set;
+        changed
+    });
+}
+
+fn apply(leases: &mut BTreeMap<Ipv4Net, Lease>, prefix: &str, key: &str, value: Option<&str>) {
+    let Some(subnet) = key_subnet(prefix, key) else {
+        return;
+    };
+    match value.map(|v| parse_lease(subnet, v)) {
+        None => {
+            leases.remove(&subnet);
+        }
+        Some(Ok(l)) => {
+            leases.insert(subnet, l);
+        }
+        Some(Err(e)) => {
+            warn!(%key, "ignoring a lease: {e}");
+            leases.remove(&subnet);
+        }
+    }
+}
+
+/// Reads every lease, then follows changes from that revision until the watch is compacted.
+async fn list_and_watch(
+    client: &EtcdClient,
+    prefix: &str,
+    tx: &watch::Sender<Vec<Lease>>,
+) -> Result<(), Error> {
+    let subnets = format!("{prefix}/subnets/");
+    let (kvs, revision) = client.list(&subnets).await?;
+    let mut leases = BTreeMap::new();
+    for (k, v) in &kvs {
+        apply(&mut leases, prefix, k, Some(v));
+    }
+    send(tx, &leases);
+    let body = json!({"create_request": {
+        "key": b64(&subnets), "range_end": b64(&prefix_end(&subnets)), "start_revision": (revision + 1).to_string(),
+    }});
+    let resp = client
+        .request("/v3/watch", &body)
+        .await?
+        .error_for_status()
+        .map_err(|e| etcd_err("etcd watch", e))?;
+    let mut stream = resp.bytes_stream();
+    let mut buf = Vec::new();
+    let mut depth = 0i32;
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut start = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| etcd_err("etcd watch", e))?;
+        // The gateway streams JSON objects back to back: split them by brace depth.
+        for &b in &chunk {
+            buf.push(b);
+            if in_string {
+                match (escaped, b) {
+                    (true, _) => escaped = false,
+                    (false, b'\\') => escaped = true,
+                    (false, b'"') => in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' => {
+                    if depth == 0 {
+                        start = buf.len() - 1;
+                    }
+                    depth += 1;
+                }
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        let msg: Value = serde_json::from_slice(&buf[start..])
+                            .map_err(|e| etcd_err("etcd watch", format!("bad message: {e}")))?;
+                        buf.clear();
+                        let result = &msg["result"];
+                        if result["canceled"].as_bool() == Some(true)
+                            || number(&result["compact_revision"]) > 0
+                        {
+                            info!("etcd watch compacted or canceled; reading the leases again");
+                            return Ok(());
+                        }
+                        if let Some(e) = msg.get("error") {
+                            return Err(etcd_err("etcd watch", e));
+                        }
+                        for ev in result["events"].as_array().into_iter().flatten() {
+                            let key = unb64(&ev["kv"]["key"]);
+                            let deleted = ev["type"].as_str() == Some("DELETE");
+                            let value = unb64(&ev["kv"]["value"]);
+                            apply(
+                                &mut leases,
+                                prefix,
+                                &key,
+                                (!deleted).then_some(value.as_str()),
+                            );
+                        }
+                        send(tx, &leases);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_as_flannel_stores_them() {
+        let s: Ipv4Net = "10.5.52.0/24".parse().unwrap();
+        let k = subnet_key("/coreos.com/network/", s);
+        assert_eq!(k, "/coreos.com/network/subnets/10.5.52.0-24");
+        assert_eq!(key_subnet("/coreos.com/network", &k), Some(s));
+        assert_eq!(
+            key_subnet("/coreos.com/network", "/coreos.com/network/config"),
+            None
+        );
+        let v = lease_value(
+            [192, 168, 64, 3].into(),
+            "vxlan",
+            &json!({"VNI": 1, "VtepMAC": "aa:bb:cc:dd:ee:ff"}),
+        );
+        assert_eq!(
+            serde_json::from_str::<Value>(&v).unwrap(),
+            json!({"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:ff"}})
+        );
+        let l = parse_lease(s, r#"{"publicip":"192.168.64.3","BackendType":"host-gw"}"#).unwrap();
+        assert_eq!(l.public_ip, Ipv4Addr::new(192, 168, 64, 3));
+        assert_eq!(l.backend_data, Value::Null);
+        assert!(parse_lease(s, "{}").is_err());
+        assert_eq!(prefix_end("/a/"), "/a0");
+    }
+
+    #[test]
+    fn candidates_span_subnet_min_to_max() {
+        let nc = crate::config::parse(
+            Path::new("x"),
+            r#"{"Network":"10.244.0.0/16","SubnetMin":"10.244.10.0","SubnetMax":"10.244.12.0"}"#,
+        )
+        .unwrap();
+        let c: Vec<String> = candidates(&nc).map(|n| n.to_string()).collect();
+        assert_eq!(c, ["10.244.10.0/24", "10.244.11.0/24", "10.244.12.0/24"]);
+    }
+}
