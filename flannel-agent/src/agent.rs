@@ -702,6 +702,24 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         return Ok(());
     }
 
+    if args.print_backend_data {
+        // What a static lease file needs: from net-conf.json, without any lease source.
+        let netconf = config::load(&args.net_config_path)?;
+        let data = match &netconf.backend {
+            Backend::Wireguard(wg) => {
+                let (key, _) = wireguard::load_or_generate(&args.wg_key_file)?;
+                wireguard::advertised(&key.public(), wg.listen_port)
+            }
+            Backend::Vxlan(_) => {
+                return Err(Error::Unsupported(
+                    "vxlan: the VtepMAC is this node's lease's own (static leases: pick a unique MAC)".into(),
+                ));
+            }
+            _ => serde_json::Value::Null,
+        };
+        println!("{data}");
+        return Ok(());
+    }
     let subnet_mgr = if args.kube_subnet_mgr {
         SubnetMgr::Kube
     } else {
@@ -765,19 +783,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         _ => None,
     };
     let wg_key = wg_private.as_ref().map(wireguard::Key::public);
-    if args.print_backend_data {
-        let data = match (&netconf.backend, &wg_key) {
-            (Backend::Wireguard(wg), Some(key)) => wireguard::advertised(key, wg.listen_port),
-            (Backend::Vxlan(_), _) => {
-                return Err(Error::Unsupported(
-                    "vxlan: the VtepMAC is this node's lease's own (static leases: pick a unique MAC)".into(),
-                ));
-            }
-            _ => serde_json::Value::Null,
-        };
-        println!("{data}");
-        return Ok(());
-    }
+
     let nl = Netlink::connect()?;
     let ext = iface::select(&nl, &args.iface, &args.iface_regex).await?;
     let mut public_ip = args.public_ip.unwrap_or(ext.addr);
@@ -812,12 +818,17 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             ext.link.name, ext.addr
         )));
     }
-    // The first set that holds this node's own lease.
-    let leases = leases_rx
-        .wait_for(|l| l.iter().any(|l| l.public_ip == lease_ip))
-        .await
-        .map_err(|_| Error::Unsupported("the lease source stopped".into()))?
-        .clone();
+    // A static file must hold this node's lease now; a control plane gets it once our own
+    // write comes back through the watch.
+    let leases = if subnet_mgr == SubnetMgr::Static {
+        leases_rx.borrow_and_update().clone()
+    } else {
+        leases_rx
+            .wait_for(|l| l.iter().any(|l| l.public_ip == lease_ip))
+            .await
+            .map_err(|_| Error::Unsupported("the lease source stopped".into()))?
+            .clone()
+    };
     let mut table = nl.route_table().await?;
     let mut plan = Plan::new(
         &leases,

@@ -846,6 +846,19 @@ fn ipip_encapsulates_like_the_kernel_ipip_device() {
     ce[24..26].copy_from_slice(&c.to_be_bytes());
     let (_, out) = run_tc(&mut a, prog_name::FROM_PODS, &ce);
     assert_eq!(out[15], 0x02);
+    // Without DF inside, none outside.
+    let mut no_df = pod_frame(POD_B, 64, 100);
+    no_df[20] = 0;
+    let c = csum(&{
+        let mut h = no_df[14..34].to_vec();
+        h[10] = 0;
+        h[11] = 0;
+        h
+    });
+    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &no_df);
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(&out[20..22], &[0, 0], "DF clear outside");
     // MTU: 20 bytes of overhead.
     let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1460));
     assert_eq!(ret, TC_ACT_REDIRECT);

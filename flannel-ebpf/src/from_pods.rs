@@ -92,7 +92,7 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
         decrement_ttl(ip)?;
     }
     // SAFETY: `ip` came from `ptr_at`; read before the packet is resized.
-    let (tos, ttl) = unsafe { ((*ip).tos, (*ip).ttl) };
+    let (tos, ttl, frags) = unsafe { ((*ip).tos, (*ip).ttl, (*ip).frags) };
     match remote.backend {
         backend::HOST_GW => {
             return fib::redirect_neigh_via(cfg.uplink_ifindex, remote.public_ip)
@@ -120,8 +120,8 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
             let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
             ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, IPIP_FLAGS)
                 .map_err(|_| reason::DROP_ADJUST_ROOM)?;
-            // As `flannel.ipip` (ttl inherit, tos 0, pmtudisc): the inner TTL, the inner ECN,
-            // DF set.
+            // As `flannel.ipip` (ttl inherit, tos 0, nopmtudisc: flannel leaves PMTUDISC 0): the
+            // inner TTL, the inner ECN, the inner DF bit.
             encap::write_ipip(
                 ctx,
                 cfg,
@@ -129,7 +129,7 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
                 &Outer {
                     tot_len: (inner_len + overhead) as u16,
                     id: ip_id,
-                    frag_off: IP_DF,
+                    frag_off: [frags[0] & IP_DF[0], 0],
                     ttl,
                     tos: encap::ecn_encap(tos),
                     proto: ipip::PROTO,

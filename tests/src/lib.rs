@@ -521,8 +521,25 @@ impl Testbed {
 
     /// Starts etcd in the underlay namespace and stores the network configuration.
     fn start_etcd(&mut self) -> Result<()> {
+        self.resume_etcd()?;
+        self.etcd_put(&format!("{ETCD_PREFIX}/config"), &self.options.net_conf)
+    }
+
+    /// Stops the etcd server (an unreachable etcd); its data stays.
+    pub fn stop_etcd(&mut self) {
+        if let Some(mut etcd) = self.etcd.take() {
+            let _ = etcd.kill();
+            let _ = etcd.wait();
+        }
+    }
+
+    /// Starts the etcd server on its data, and waits until it serves.
+    pub fn resume_etcd(&mut self) -> Result<()> {
         let data = self.dir.join("etcd");
-        let log = fs::File::create(self.dir.join("etcd.log"))?;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("etcd.log"))?;
         let client = format!("http://{CONTROL_PLANE_IP}:2379");
         let child = Command::new("ip")
             .args([

@@ -363,6 +363,35 @@ fn etcd_leases_are_flannels_own_format_and_subnets_are_taken_atomically() -> Res
         route_map(&tb, 0).is_ok_and(|m| m.contains_key(&stock_subnet))
     })?;
     tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[2].pods[0], 256 * KIB)?;
+
+    // etcd unreachable at start-up: the agent waits, saying for what, while the pinned dataplane
+    // forwards; when etcd is back it converges without a flush.
+    tb.stop_agent(1, Signal::SIGKILL)?;
+    tb.stop_etcd();
+    tb.spawn_agent(1)?;
+    wait_for(
+        "the agent waiting for etcd",
+        Duration::from_secs(15),
+        || {
+            tb.log(1)
+                .contains("waiting for /coreos.com/network/config in etcd")
+        },
+    )?;
+    tcp_echo(&tb.nodes[1].pods[0], &tb.nodes[0].pods[0], MIB)
+        .context("pinned dataplane forwards while the agent waits for etcd")?;
+    tb.resume_etcd()?;
+    wait_for(
+        "the agent up after etcd is back",
+        Duration::from_secs(40),
+        || tb.log(1).matches("dataplane active").count() == 2,
+    )?;
+    let log = tb.log(1);
+    ensure!(
+        log.contains("reusing this node's lease")
+            && log.contains("synced remote subnets report=0 added, 0 updated, 0 removed"),
+        "{log}"
+    );
+    tcp_echo(&tb.nodes[1].pods[0], &tb.nodes[2].pods[0], MIB)?;
     Ok(())
 }
 
