@@ -578,21 +578,7 @@ async fn start_kube(
     let lease_ip = annotation(&mgr.annotations.public_ip_overwrite).unwrap_or(*public_ip);
     let backend = &netconf.backend;
     let existing = kube::node_lease(&node, &mgr.annotations).ok();
-    let backend_data = match backend {
-        Backend::Vxlan(vx) => {
-            // The VTEP MAC survives restarts: reuse the one already advertised.
-            let mac = existing
-                .filter(|l| l.backend_type == "vxlan")
-                .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
-                .map_or_else(random_mac, |d| d.vtep_mac);
-            serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
-        }
-        Backend::Wireguard(wg) => wireguard::advertised(
-            wg_key.expect("the key is loaded for the wireguard backend"),
-            wg.listen_port,
-        ),
-        _ => serde_json::Value::Null,
-    };
+    let backend_data = advertised_data(backend, existing.as_ref(), wg_key);
     let want = kube::Publish {
         backend_type: backend.lease_type().to_string(),
         backend_data,
@@ -618,21 +604,7 @@ async fn start_etcd(
     tx: watch::Sender<Vec<Lease>>,
 ) {
     let backend = &netconf.backend;
-    let data = |existing: Option<&Lease>| match backend {
-        Backend::Vxlan(vx) => {
-            // The VTEP MAC survives restarts: reuse the one already advertised.
-            let mac = existing
-                .filter(|l| l.backend_type == "vxlan")
-                .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
-                .map_or_else(random_mac, |d| d.vtep_mac);
-            serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
-        }
-        Backend::Wireguard(wg) => wireguard::advertised(
-            wg_key.expect("the key is loaded for the wireguard backend"),
-            wg.listen_port,
-        ),
-        _ => serde_json::Value::Null,
-    };
+    let data = |existing: Option<&Lease>| advertised_data(backend, existing, wg_key);
     // After a lapse, flanneld tries the subnet it had (from subnet.env) first.
     let previous = std::fs::read_to_string(&args.subnet_file)
         .ok()
@@ -659,6 +631,29 @@ async fn start_etcd(
     .await;
     info!(subnet = %own.subnet, key = %mgr.key, "this node's lease in etcd");
     mgr.run(tx);
+}
+
+/// The `BackendData` this node publishes: vxlan's VNI and VTEP MAC (the one `existing` already
+/// advertises survives restarts; else a new one), wireguard's public key and port, else null.
+fn advertised_data(
+    backend: &Backend,
+    existing: Option<&Lease>,
+    wg_key: Option<&wireguard::Key>,
+) -> serde_json::Value {
+    match backend {
+        Backend::Vxlan(vx) => {
+            let mac = existing
+                .filter(|l| l.backend_type == "vxlan")
+                .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
+                .map_or_else(random_mac, |d| d.vtep_mac);
+            serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
+        }
+        Backend::Wireguard(wg) => wireguard::advertised(
+            wg_key.expect("the key is loaded for the wireguard backend"),
+            wg.listen_port,
+        ),
+        _ => serde_json::Value::Null,
+    }
 }
 
 /// A random locally administered unicast MAC (a new VTEP).

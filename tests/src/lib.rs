@@ -25,6 +25,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
 pub mod kube_api;
+pub mod traffic;
 
 /// Prefix of every namespace and pin directory the testbed creates.
 pub const PREFIX: &str = "fe-";
@@ -1094,6 +1095,15 @@ impl Testbed {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The process id of node `i`'s running agent.
+    #[must_use]
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.agents
+            .iter()
+            .find(|(n, _)| *n == i)
+            .map(|(_, c)| c.id())
     }
 
     /// The agent log of node `i`.

@@ -1,9 +1,9 @@
 //! `cargo xtask run | test | bench`: each installs what it needs first and says what it does.
+mod bench;
 mod bootstrap;
 mod program_cost;
 
 use std::{
-    fmt::Write as _,
     path::PathBuf,
     process::Command,
     sync::atomic::{AtomicBool, Ordering},
@@ -452,157 +452,9 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-#[expect(
-    clippy::too_many_lines,
-    reason = "one measurement procedure: cluster, interleaved runs, report"
-)]
 fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
     bootstrap::ensure_all()?;
     let agent = build_agent(true)?;
     set_agent_env(&agent);
-    let reps = reps.unwrap_or(if quick { 2 } else { 10 });
-    let seconds = if quick { 2 } else { 5 };
-    say(&format!(
-        "cluster: 2 eBPF nodes, 2 stock-flannel nodes; 4 paths, {reps} interleaved repetitions of {seconds} s each"
-    ));
-    let mut tb = Testbed::start(
-        "bench",
-        Options::vxlan(
-            &[
-                NodeKind::Ebpf,
-                NodeKind::Ebpf,
-                NodeKind::Stock,
-                NodeKind::Stock,
-            ],
-            1,
-        ),
-    )?;
-    let n = tb.nodes.clone();
-    // (name, client netns, server netns, server address, decap mode of the eBPF nodes)
-    let paths = [
-        // The baseline crosses the eBPF nodes' uplinks: measured without XDP attached there.
-        (
-            "baseline",
-            n[0].netns.clone(),
-            n[1].netns.clone(),
-            n[1].public_ip,
-            Some("tc"),
-        ),
-        (
-            "kernel-vxlan",
-            n[2].pods[0].netns.clone(),
-            n[3].pods[0].netns.clone(),
-            n[3].pods[0].ip,
-            None,
-        ),
-        (
-            "ebpf-vxlan",
-            n[0].pods[0].netns.clone(),
-            n[1].pods[0].netns.clone(),
-            n[1].pods[0].ip,
-            Some("tc"),
-        ),
-        (
-            "ebpf-vxlan-xdp-decap",
-            n[0].pods[0].netns.clone(),
-            n[1].pods[0].netns.clone(),
-            n[1].pods[0].ip,
-            Some("xdp"),
-        ),
-    ];
-    let _servers: Vec<Iperf3Server> = paths[..3]
-        .iter()
-        .map(|(_, _, srv, _, _)| Iperf3Server::start(srv, &tb.dir))
-        .collect::<Result<_>>()?;
-    let mut mode = "tc";
-    let mut results: Vec<Vec<f64>> = vec![Vec::new(); paths.len()];
-    let total = reps * paths.len();
-    let started = Instant::now();
-    for rep in 0..reps {
-        for k in 0..paths.len() {
-            // Rotate the order each repetition so no path always runs first.
-            let idx = (k + rep) % paths.len();
-            let (name, client, _, dst, want) = &paths[idx];
-            if let Some(want) = want.filter(|w| *w != mode) {
-                // Switch the decapsulation mode: the restarted agents adopt their pins.
-                tb.options.agent_args = vec!["--decap".into(), want.into()];
-                for i in 0..2 {
-                    tb.stop_agent(i, nix::sys::signal::Signal::SIGTERM)?;
-                    tb.start_agent(i)?;
-                }
-                mode = want;
-                std::thread::sleep(Duration::from_millis(500));
-            }
-            let done = rep * paths.len() + k;
-            let left = (total - done) as u64 * u64::from(seconds + 1);
-            eprintln!("xtask: [{}/{total}] {name} (about {left} s left)", done + 1);
-            results[idx].push(iperf3(client, *dst, seconds, 1)?);
-        }
-    }
-    let ratio = |a: usize, b: usize| -> f64 {
-        let mut r: Vec<f64> = results[a]
-            .iter()
-            .zip(&results[b])
-            .map(|(x, y)| x / y)
-            .collect();
-        median(&mut r)
-    };
-    let mut table = String::from("| path | TCP Gbit/s (median) | min | max |\n|---|---|---|---|\n");
-    let mut json = serde_json::Map::new();
-    for (i, (name, ..)) in paths.iter().enumerate() {
-        let mut v = results[i].clone();
-        let med = median(&mut v);
-        let _ = writeln!(
-            table,
-            "| {name} | {med:.2} | {:.2} | {:.2} |",
-            v[0],
-            v[v.len() - 1]
-        );
-        json.insert(
-            (*name).into(),
-            serde_json::json!({ "tcp_gbit_s": med, "samples": results[i] }),
-        );
-    }
-    let ebpf_vs_kernel = ratio(2, 1);
-    let ebpf_vs_base = ratio(2, 0);
-    let kernel_vs_base = ratio(1, 0);
-    let xdp_vs_tc = ratio(3, 2);
-    let _ = write!(
-        table,
-        "\nMedian paired ratios: ebpf-vxlan / kernel-vxlan = {ebpf_vs_kernel:.2}, ebpf-vxlan / baseline = {ebpf_vs_base:.2}, kernel-vxlan / baseline = {kernel_vs_base:.2}, xdp-decap / tc-decap = {xdp_vs_tc:.2} ({reps} repetitions, {seconds} s each, single TCP stream, {:.0} s total)\n",
-        started.elapsed().as_secs_f64()
-    );
-    say("measuring per-packet program cost (BPF_PROG_TEST_RUN, one run per call)");
-    let costs = program_cost::measure(if quick { 2_000 } else { 20_000 })?;
-    let _ = writeln!(
-        table,
-        "\n| program, packet | ns per packet (median) | p90 |\n|---|---|---|"
-    );
-    for c in &costs {
-        let _ = writeln!(
-            table,
-            "| {} | {:.0} | {:.0} |",
-            c.name, c.median_ns, c.p90_ns
-        );
-    }
-    println!("{table}");
-    let out = workspace_root().join("target/bench");
-    std::fs::create_dir_all(&out)?;
-    std::fs::write(out.join("results.md"), &table)?;
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    std::fs::write(
-        out.join("results.json"),
-        serde_json::to_string_pretty(&serde_json::json!({
-            "paths": json,
-            "program_ns": costs.iter().map(|c| (c.name.to_string(), serde_json::json!(c.median_ns))).collect::<serde_json::Map<_, _>>(),
-            "ratios": {"ebpf_vxlan_over_kernel_vxlan": ebpf_vs_kernel, "ebpf_vxlan_over_baseline": ebpf_vs_base, "kernel_vxlan_over_baseline": kernel_vs_base, "xdp_decap_over_tc_decap": xdp_vs_tc},
-            "conditions": {"kernel": kernel.trim(), "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-                           "underlay_mtu": flannel_tests::UNDERLAY_MTU, "reps": reps, "seconds": seconds, "note": "veth underlay on one 2-vCPU VM; native XDP on a veth disables TSO on its peer"},
-        }))?,
-    )?;
-    say(&format!(
-        "wrote {}/results.md and results.json",
-        out.display()
-    ));
-    Ok(())
+    bench::bench(quick, reps, &workspace_root().join("target/bench"))
 }

@@ -8,8 +8,8 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use flannel_agent::dataplane::{Desired, ebpf::EbpfDataplane};
 use flannel_ebpf_common::{Endpoint, RemoteNode, RemoteSubnet, backend, prog_name};
 use flannel_tests::packet::{
-    NODE_A, NODE_B, POD_A, POD_B, UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, eth, ipv4, payload,
-    pod_frame, vxlan_frame,
+    NODE_A, NODE_B, POD_A, POD_B, UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, config_for, eth,
+    ipip_frame, ipv4, payload, pod_frame, udp_frame, vxlan_frame,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -28,6 +28,16 @@ fn node(
     peer: [u8; 4],
     peer_vtep: [u8; 6],
 ) -> Result<EbpfDataplane> {
+    node_via(cfg, peer_subnet, peer, peer_vtep, backend::VXLAN)
+}
+
+fn node_via(
+    cfg: &flannel_ebpf_common::NodeConfig,
+    peer_subnet: &str,
+    peer: [u8; 4],
+    peer_vtep: [u8; 6],
+    kind: u8,
+) -> Result<EbpfDataplane> {
     let mut dp = EbpfDataplane::unpinned()?;
     dp.set_config(cfg)?;
     let mut d = Desired::default();
@@ -36,7 +46,7 @@ fn node(
         RemoteSubnet {
             public_ip: peer,
             vtep_mac: peer_vtep,
-            backend: backend::VXLAN,
+            backend: kind,
             _pad0: 0,
         },
     );
@@ -44,7 +54,7 @@ fn node(
         peer.into(),
         RemoteNode {
             vtep_mac: peer_vtep,
-            backend: backend::VXLAN,
+            backend: kind,
             _pad0: 0,
         },
     );
@@ -90,6 +100,10 @@ fn time(
 }
 
 /// Median and p90 ns per packet for each program on its main path, over `calls` calls.
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table of program × packet cases, one per backend"
+)]
 pub fn measure(calls: usize) -> Result<Vec<Cost>> {
     let a = node(
         &config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1]),
@@ -158,6 +172,75 @@ pub fn measure(calls: usize) -> Result<Vec<Cost>> {
         let (median_ns, p90_ns) = time(&mut dps[node], prog, input, want, calls)?;
         out.push(Cost {
             name,
+            median_ns,
+            p90_ns,
+        });
+    }
+    // The other backends: encapsulation (or direct forwarding) and decapsulation.
+    let inner = ipv4(POD_A, POD_B, 63, 6, &payload(1400 - 20));
+    for (kind, names, wire) in [
+        (
+            backend::IPIP,
+            [
+                "from_pods: IPIP encapsulate",
+                "from_wire: IPIP decapsulate",
+                "from_wire_xdp: IPIP decapsulate",
+            ],
+            Some(ipip_frame(NODE_A, &inner)),
+        ),
+        (
+            backend::UDP,
+            [
+                "from_pods: udp encapsulate",
+                "from_wire: udp decapsulate",
+                "from_wire_xdp: udp decapsulate",
+            ],
+            Some(udp_frame(NODE_A, &inner)),
+        ),
+        (
+            backend::HOST_GW,
+            ["from_pods: host-gw forward", "", ""],
+            None,
+        ),
+    ] {
+        let mut a = node_via(
+            &config_for(
+                kind,
+                NODE_A,
+                [10, 244, 1, 0],
+                VTEP_A,
+                [0x02, 0, 0, 0, 0, 0xa1],
+            ),
+            "10.244.2.0/24",
+            NODE_B,
+            VTEP_B,
+            kind,
+        )?;
+        let (median_ns, p90_ns) = time(&mut a, prog_name::FROM_PODS, &pod, TC_ACT_REDIRECT, calls)?;
+        out.push(Cost {
+            name: names[0],
+            median_ns,
+            p90_ns,
+        });
+        let Some(wire) = wire else { continue };
+        let mut b = node_via(
+            &config_for(kind, NODE_B, [10, 244, 2, 0], VTEP_B, UPLINK_MAC_B),
+            "10.244.1.0/24",
+            NODE_A,
+            VTEP_A,
+            kind,
+        )?;
+        b.sync_endpoints(&[(POD_B.into(), pod_b)].into())?;
+        let (median_ns, p90_ns) =
+            time(&mut b, prog_name::FROM_WIRE, &wire, TC_ACT_REDIRECT, calls)?;
+        out.push(Cost {
+            name: names[1],
+            median_ns,
+            p90_ns,
+        });
+        let (median_ns, p90_ns) = time(&mut b, prog_name::FROM_WIRE_XDP, &wire, XDP_PASS, calls)?;
+        out.push(Cost {
+            name: names[2],
             median_ns,
             p90_ns,
         });

@@ -1,0 +1,529 @@
+//! `cargo xtask bench`: every datapath side by side in one run, on namespace clusters alive at
+//! the same time, measured in interleaved, rotated repetitions.
+//!
+//! Paths: baseline (node to node on the underlay), kernel-vxlan and kernel-host-gw (flanneld's
+//! kernel objects, the agent's netlink dataplane), ebpf-vxlan (XDP decap) and
+//! ebpf-vxlan-tc-decap, ebpf-host-gw, ebpf-ipip, ebpf-udp, wireguard (wireguard-go).
+//! Figures per path: TCP 1 and 4 streams (iperf3), `TCP_RR` 1-byte p50/p99 and rate, `TCP_CRR` rate,
+//! 64-byte UDP packet rate, busy CPU per Gbit/s, and the kernel's BPF run-time statistics per
+//! program; plus `BPF_PROG_TEST_RUN` cost per program, and the agent's memory and map-sync time at
+//! 10, 1,000 and 5,000 leases.
+#![allow(
+    clippy::cast_precision_loss,
+    clippy::cast_sign_loss,
+    clippy::cast_possible_wrap,
+    reason = "measurement arithmetic on counts and durations far below 2^52"
+)]
+use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
+
+use anyhow::{Context as _, Result, anyhow};
+use flannel_tests::{
+    Backend, Iperf3Server, NodeKind, Options, Testbed, iperf3, run,
+    traffic::{self, End},
+};
+use serde_json::{Value, json};
+
+use crate::{bootstrap::say, median, program_cost};
+
+struct Path_ {
+    name: &'static str,
+    client: End,
+    server: End,
+    /// Pin directories of the agents whose programs serve this path (BPF run-time statistics).
+    nodes: Vec<std::path::PathBuf>,
+}
+
+/// One repetition's figures for one path.
+#[derive(Default, Clone)]
+struct Sample {
+    tcp: f64,
+    tcp4: f64,
+    rr_p50: f64,
+    rr_p99: f64,
+    rr_per_s: f64,
+    crr: f64,
+    udp_pps: f64,
+    cpu_per_gbit: f64,
+    program_ns: BTreeMap<String, f64>,
+}
+
+fn pod_end(tb: &Testbed, node: usize) -> End {
+    End {
+        netns: tb.nodes[node].pods[0].netns.clone(),
+        ip: tb.nodes[node].pods[0].ip,
+    }
+}
+
+fn cluster(tag: &str, backend: Backend, kinds: &[NodeKind], decap: &str) -> Result<Testbed> {
+    let mut options = Options::backend(backend, kinds, 1);
+    options.agent_args = vec!["--decap".into(), decap.into()];
+    Testbed::start(tag, options)
+}
+
+/// (run time ns, run count) of each BPF program attached through the pinned links under the
+/// given pin directories, by program name.
+fn bpf_stats(pins: &[std::path::PathBuf]) -> BTreeMap<String, (u64, u64)> {
+    let mut ids = Vec::new();
+    for dir in pins {
+        for entry in std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+        {
+            if !entry.file_name().to_string_lossy().starts_with("link-") {
+                continue;
+            }
+            let Ok(out) = run(
+                "bpftool",
+                &[
+                    "-j",
+                    "link",
+                    "show",
+                    "pinned",
+                    &entry.path().to_string_lossy(),
+                ],
+            ) else {
+                continue;
+            };
+            let v: Value = serde_json::from_str(&out).unwrap_or_default();
+            if let Some(id) = v["prog_id"].as_u64() {
+                ids.push(id);
+            }
+        }
+    }
+    let mut stats: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+    for id in ids {
+        let Ok(out) = run("bpftool", &["-j", "prog", "show", "id", &id.to_string()]) else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&out).unwrap_or_default();
+        let name = v["name"].as_str().unwrap_or("?").to_string();
+        let e = stats.entry(name).or_default();
+        e.0 += v["run_time_ns"].as_u64().unwrap_or(0);
+        e.1 += v["run_cnt"].as_u64().unwrap_or(0);
+    }
+    stats
+}
+
+fn measure(p: &Path_, seconds: u32, progress: &mut dyn FnMut(&str)) -> Result<Sample> {
+    let secs = f64::from(seconds);
+    let mut s = Sample::default();
+    progress("TCP, 1 stream");
+    let before = bpf_stats(&p.nodes);
+    let (busy0, total0) = traffic::cpu_jiffies()?;
+    s.tcp = iperf3(&p.client.netns, p.server.ip, seconds, 1)?;
+    let (busy1, total1) = traffic::cpu_jiffies()?;
+    let after = bpf_stats(&p.nodes);
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64;
+    let busy_cores = (busy1 - busy0) as f64 / ((total1 - total0).max(1)) as f64 * cpus;
+    s.cpu_per_gbit = busy_cores / s.tcp.max(1e-9);
+    for (name, (t1, c1)) in &after {
+        let (t0, c0) = before.get(name).copied().unwrap_or_default();
+        if c1 > &c0 {
+            s.program_ns
+                .insert(name.clone(), (t1 - t0) as f64 / (c1 - c0) as f64);
+        }
+    }
+    progress("TCP, 4 streams");
+    s.tcp4 = iperf3(&p.client.netns, p.server.ip, seconds, 4)?;
+    progress("TCP_RR");
+    let rr = traffic::tcp_rr(&p.client, &p.server, secs, 1)?;
+    (s.rr_p50, s.rr_p99, s.rr_per_s) = (rr.p50_us, rr.p99_us, rr.per_s);
+    progress("TCP_CRR");
+    s.crr = traffic::tcp_crr(&p.client, &p.server, secs.min(2.0))?;
+    progress("UDP 64-byte packets");
+    s.udp_pps = traffic::udp_pps(&p.client, &p.server, secs.min(2.0), 64)?;
+    Ok(s)
+}
+
+/// The agent's resident memory and map-sync time with `n` leases (fake peers added to its lease
+/// file in one change).
+fn agent_scale(n: usize) -> Result<(f64, f64)> {
+    let mut options = Options::vxlan(&[NodeKind::Ebpf], 0);
+    options.net_conf =
+        r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#.into();
+    let tb = Testbed::start("scale", options)?;
+    let node = &tb.nodes[0];
+    let mut leases = vec![json!({
+        "Subnet": node.subnet, "PublicIP": node.public_ip.to_string(), "BackendType": "vxlan",
+        "BackendData": {"VNI": 1, "VtepMAC": node.vtep_mac},
+    })];
+    for i in 0..n {
+        leases.push(json!({
+            "Subnet": format!("10.{}.{}.0/24", 100 + i / 256, i % 256),
+            "PublicIP": format!("198.19.{}.{}", i / 200, i % 200 + 1),
+            "BackendType": "vxlan",
+            "BackendData": {"VNI": 1, "VtepMAC": format!("0e:aa:00:00:{:02x}:{:02x}", i >> 8, i & 0xff)},
+        }));
+    }
+    let before = tb.log(0).matches("leases changed").count();
+    let tmp = tb.dir.join(".l.tmp");
+    std::fs::write(&tmp, json!({ "leases": leases }).to_string())?;
+    std::fs::rename(&tmp, tb.leases_path())?;
+    flannel_tests::wait_for(
+        "the agent applying the leases",
+        Duration::from_mins(1),
+        || tb.log(0).matches("leases changed").count() > before,
+    )?;
+    let log = tb.log(0);
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("leases changed"))
+        .ok_or_else(|| anyhow!("no sync line"))?;
+    let took = line
+        .split("took=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next())
+        .ok_or_else(|| anyhow!("no took= in {line}"))?;
+    let ms = parse_duration_ms(took)?;
+    // Let the host routes (one per lease) settle too, then read the memory.
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = tb.agent_pid(0).ok_or_else(|| anyhow!("no agent"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss_kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no VmRSS"))?;
+    Ok((rss_kib / 1024.0, ms))
+}
+
+/// A Debug-printed `Duration` (`12.3ms`, `1.2s`, `850µs`) in milliseconds.
+fn parse_duration_ms(s: &str) -> Result<f64> {
+    let (num, unit) = s
+        .find(|c: char| c.is_ascii_alphabetic() || c == 'µ')
+        .map(|i| s.split_at(i))
+        .ok_or_else(|| anyhow!("bad duration {s}"))?;
+    let v: f64 = num.parse()?;
+    Ok(match unit {
+        "s" => v * 1e3,
+        "ms" => v,
+        "µs" | "us" => v / 1e3,
+        "ns" => v / 1e6,
+        _ => return Err(anyhow!("bad duration {s}")),
+    })
+}
+
+fn stats(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    let med = median(&mut s);
+    (med, s[0], s[s.len() - 1])
+}
+
+/// Enables the kernel's BPF run-time statistics for the run and restores the setting after.
+struct BpfStats(String);
+
+impl BpfStats {
+    fn enable() -> Self {
+        const PATH: &str = "/proc/sys/kernel/bpf_stats_enabled";
+        let old = std::fs::read_to_string(PATH).unwrap_or_else(|_| "0".into());
+        let _ = std::fs::write(PATH, "1");
+        Self(old.trim().to_string())
+    }
+}
+
+impl Drop for BpfStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", &self.0);
+    }
+}
+
+#[expect(clippy::too_many_lines, reason = "one linear report")]
+pub fn bench(quick: bool, reps: Option<usize>, out: &Path) -> Result<()> {
+    let reps = reps.unwrap_or(if quick { 1 } else { 5 });
+    let seconds: u32 = if quick { 1 } else { 3 };
+    say(
+        "building the clusters: vxlan (XDP decap), vxlan (tc decap) + netlink nodes, host-gw + netlink nodes, ipip, udp, wireguard",
+    );
+    let (e, n) = (NodeKind::Ebpf, NodeKind::Netlink);
+    let vx = Backend::Vxlan {
+        direct_routing: false,
+    };
+    let vx_xdp = cluster("bvx", vx, &[e, e], "xdp")?;
+    let vx_tc = cluster("bvt", vx, &[e, e, n, n], "tc")?;
+    let hg = cluster("bhg", Backend::HostGw, &[e, e, n, n], "tc")?;
+    let ipip = cluster(
+        "bip",
+        Backend::Ipip {
+            direct_routing: false,
+        },
+        &[e, e],
+        "tc",
+    )?;
+    let udp = cluster("bud", Backend::Udp, &[e, e], "tc")?;
+    let wg = cluster("bwg", Backend::Wireguard, &[e, e], "tc")?;
+    let nodes = |tb: &Testbed, a: usize, b: usize| vec![tb.nodes[a].pins(), tb.nodes[b].pins()];
+    let path = |name, tb: &Testbed, a, b| Path_ {
+        name,
+        client: pod_end(tb, a),
+        server: pod_end(tb, b),
+        nodes: nodes(tb, a, b),
+    };
+    let paths = vec![
+        Path_ {
+            name: "baseline",
+            client: End {
+                netns: vx_tc.nodes[0].netns.clone(),
+                ip: vx_tc.nodes[0].public_ip,
+            },
+            server: End {
+                netns: vx_tc.nodes[1].netns.clone(),
+                ip: vx_tc.nodes[1].public_ip,
+            },
+            nodes: Vec::new(),
+        },
+        path("kernel-vxlan", &vx_tc, 2, 3),
+        path("ebpf-vxlan", &vx_xdp, 0, 1),
+        path("ebpf-vxlan-tc-decap", &vx_tc, 0, 1),
+        path("kernel-host-gw", &hg, 2, 3),
+        path("ebpf-host-gw", &hg, 0, 1),
+        path("ebpf-ipip", &ipip, 0, 1),
+        path("ebpf-udp", &udp, 0, 1),
+        path("wireguard", &wg, 0, 1),
+    ];
+    let _servers: Vec<Iperf3Server> = paths
+        .iter()
+        .map(|p| Iperf3Server::start(&p.server.netns, &vx_tc.dir))
+        .collect::<Result<_>>()?;
+    let _stats = BpfStats::enable();
+    let per_measure = 3.0 * f64::from(seconds) + 2.0 * f64::from(seconds).min(2.0) + 3.0;
+    let total = reps * paths.len();
+    let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
+    let started = std::time::Instant::now();
+    for rep in 0..reps {
+        for k in 0..paths.len() {
+            let idx = (k + rep) % paths.len();
+            let p = &paths[idx];
+            let done = rep * paths.len() + k;
+            let left = (total - done) as f64 * per_measure;
+            let mut progress = |what: &str| {
+                eprintln!(
+                    "xtask: [{}/{total}] {} — {what} (about {left:.0} s left)",
+                    done + 1,
+                    p.name
+                );
+            };
+            samples[idx].push(measure(p, seconds, &mut progress).with_context(|| p.name)?);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    say("measuring the agent's memory and map sync at 10, 1,000 and 5,000 leases");
+    let mut agent = serde_json::Map::new();
+    let mut agent_rows = String::new();
+    for n in [10, 1000, 5000] {
+        let (rss, ms) = agent_scale(n)?;
+        agent.insert(n.to_string(), json!({"rss_mib": rss, "map_sync_ms": ms}));
+        let _ = writeln!(agent_rows, "| {n} | {rss:.1} | {ms:.1} |");
+    }
+    say("measuring per-packet program cost (BPF_PROG_TEST_RUN)");
+    let costs = program_cost::measure(if quick { 2_000 } else { 20_000 })?;
+
+    // Report.
+    let idx = |name: &str| paths.iter().position(|p| p.name == name).expect("path");
+    let field =
+        |i: usize, f: fn(&Sample) -> f64| -> Vec<f64> { samples[i].iter().map(f).collect() };
+    let paired = |a: usize, b: usize, f: fn(&Sample) -> f64| -> f64 {
+        let mut r: Vec<f64> = samples[a]
+            .iter()
+            .zip(&samples[b])
+            .map(|(x, y)| f(x) / f(y))
+            .collect();
+        median(&mut r)
+    };
+    let (kv, base) = (idx("kernel-vxlan"), idx("baseline"));
+    let mut table = String::from(
+        "| path | TCP Gbit/s (min–max) | 4 streams | RR p50 µs | RR p99 µs | RR/s | CRR/s | UDP kpps | CPU cores per Gbit/s | TCP ÷ kernel-vxlan | TCP ÷ baseline | RR p50 ÷ kernel-vxlan |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut json_paths = serde_json::Map::new();
+    for (i, p) in paths.iter().enumerate() {
+        let (tcp, lo, hi) = stats(&field(i, |s| s.tcp));
+        let tcp4 = stats(&field(i, |s| s.tcp4)).0;
+        let p50 = stats(&field(i, |s| s.rr_p50)).0;
+        let p99 = stats(&field(i, |s| s.rr_p99)).0;
+        let rrs = stats(&field(i, |s| s.rr_per_s)).0;
+        let crr = stats(&field(i, |s| s.crr)).0;
+        let pps = stats(&field(i, |s| s.udp_pps)).0;
+        let cpu = stats(&field(i, |s| s.cpu_per_gbit)).0;
+        let vs_kernel = paired(i, kv, |s| s.tcp);
+        let vs_base = paired(i, base, |s| s.tcp);
+        let rr_vs_kernel = paired(i, kv, |s| s.rr_p50);
+        let mut program_ns = serde_json::Map::new();
+        let mut names: Vec<&String> = samples[i]
+            .iter()
+            .flat_map(|s| s.program_ns.keys())
+            .collect();
+        names.sort();
+        names.dedup();
+        for name in names {
+            let v: Vec<f64> = samples[i]
+                .iter()
+                .filter_map(|s| s.program_ns.get(name).copied())
+                .collect();
+            program_ns.insert(name.clone(), json!(stats(&v).0));
+        }
+        let _ = writeln!(
+            table,
+            "| {} | {tcp:.2} ({lo:.2}–{hi:.2}) | {tcp4:.2} | {p50:.0} | {p99:.0} | {rrs:.0} | {crr:.0} | {:.0} | {cpu:.2} | {vs_kernel:.2} | {vs_base:.2} | {rr_vs_kernel:.2} |",
+            p.name,
+            pps / 1e3
+        );
+        json_paths.insert(
+            p.name.to_string(),
+            json!({
+                "tcp_gbit_s": tcp, "tcp4_gbit_s": tcp4, "rr_p50_us": p50, "rr_p99_us": p99,
+                "rr_per_s": rrs, "crr_per_s": crr, "udp_pps": pps, "cpu_per_gbit": cpu,
+                "program_ns": program_ns,
+                "tcp_over_kernel_vxlan": vs_kernel, "tcp_over_baseline": vs_base,
+                "rr_p50_over_kernel_vxlan": rr_vs_kernel,
+                "samples_tcp_gbit_s": field(i, |s| s.tcp),
+            }),
+        );
+    }
+    let _ = write!(
+        table,
+        "\nMedians of {reps} interleaved, rotated repetition(s) of {seconds} s per figure; ratios are medians of paired ratios within a repetition. {elapsed:.0} s of measurements.\n\nBPF run time per packet from `kernel.bpf_stats_enabled` during the single-stream TCP run (ns):\n\n| path | programs |\n|---|---|\n"
+    );
+    for p in &paths {
+        let v = &json_paths[p.name]["program_ns"];
+        let list: Vec<String> = v
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(k, ns)| format!("{k} {:.0}", ns.as_f64().unwrap_or(0.0)))
+            .collect();
+        let _ = writeln!(
+            table,
+            "| {} | {} |",
+            p.name,
+            if list.is_empty() {
+                "—".into()
+            } else {
+                list.join(", ")
+            }
+        );
+    }
+    let _ = writeln!(
+        table,
+        "\nAgent (static lease file, one change adding every lease):\n\n| leases | RSS MiB | map sync ms |\n|---|---|---|\n{agent_rows}"
+    );
+    let _ = writeln!(
+        table,
+        "| program, packet (BPF_PROG_TEST_RUN) | ns per packet (median) | p90 |\n|---|---|---|"
+    );
+    for c in &costs {
+        let _ = writeln!(
+            table,
+            "| {} | {:.0} | {:.0} |",
+            c.name, c.median_ns, c.p90_ns
+        );
+    }
+    println!("{table}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("results.md"), &table)?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let results = json!({
+        "paths": json_paths,
+        "agent": agent,
+        "test_run_ns": costs.iter().map(|c| (c.name.to_string(), json!(c.median_ns))).collect::<serde_json::Map<_, _>>(),
+        "conditions": {
+            "kernel": kernel.trim(),
+            "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
+            "underlay_mtu": flannel_tests::UNDERLAY_MTU, "reps": reps, "seconds": seconds,
+            "underlay": "veth pairs on a Linux bridge in a namespace; GSO/GRO at veth defaults (TSO on)",
+        },
+    });
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(out.join("chart.svg"), chart(&paths, &json_paths))?;
+    say(&format!(
+        "wrote {0}/results.md, {0}/results.json and {0}/chart.svg",
+        out.display()
+    ));
+    Ok(())
+}
+
+/// Bars of TCP throughput and RR p50 latency per path.
+fn chart(paths: &[Path_], results: &serde_json::Map<String, Value>) -> String {
+    let bar_h = 18.0;
+    let gap = 8.0;
+    let left = 170.0;
+    let width = 360.0;
+    let rows = paths.len() as f64;
+    let height = 60.0 + 2.0 * (rows * (bar_h + gap)) + 40.0;
+    let get = |p: &str, k: &str| results[p][k].as_f64().unwrap_or(0.0);
+    let max_tcp = paths
+        .iter()
+        .map(|p| get(p.name, "tcp_gbit_s"))
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let max_rr = paths
+        .iter()
+        .map(|p| get(p.name, "rr_p50_us"))
+        .fold(0.0, f64::max)
+        .max(1e-9);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{:.0}" height="{height:.0}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14" font-weight="bold">TCP throughput, 1 stream (Gbit/s)</text>"#,
+        left + width + 80.0
+    );
+    let mut y = 35.0;
+    for p in paths {
+        let v = get(p.name, "tcp_gbit_s");
+        let w = v / max_tcp * width;
+        let color = if p.name.starts_with("ebpf") {
+            "#2b7bb9"
+        } else {
+            "#999999"
+        };
+        let _ = write!(
+            s,
+            r#"<text x="10" y="{:.0}">{}</text><rect x="{left}" y="{y:.0}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.0}" y="{:.0}">{v:.2}</text>"#,
+            y + 13.0,
+            p.name,
+            left + w + 5.0,
+            y + 13.0
+        );
+        y += bar_h + gap;
+    }
+    y += 25.0;
+    let _ = write!(
+        s,
+        r#"<text x="10" y="{y:.0}" font-size="14" font-weight="bold">TCP_RR latency p50 (µs, lower is better)</text>"#
+    );
+    y += 15.0;
+    for p in paths {
+        let v = get(p.name, "rr_p50_us");
+        let w = v / max_rr * width;
+        let color = if p.name.starts_with("ebpf") {
+            "#2b7bb9"
+        } else {
+            "#999999"
+        };
+        let _ = write!(
+            s,
+            r#"<text x="10" y="{:.0}">{}</text><rect x="{left}" y="{y:.0}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.0}" y="{:.0}">{v:.0}</text>"#,
+            y + 13.0,
+            p.name,
+            left + w + 5.0,
+            y + 13.0
+        );
+        y += bar_h + gap;
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_from_debug_output() {
+        assert!((parse_duration_ms("12.5ms").unwrap() - 12.5).abs() < 1e-9);
+        assert!((parse_duration_ms("1.5s").unwrap() - 1500.0).abs() < 1e-9);
+        assert!((parse_duration_ms("850µs").unwrap() - 0.85).abs() < 1e-9);
+        assert!(parse_duration_ms("abc").is_err());
+    }
+}
