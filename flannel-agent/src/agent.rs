@@ -85,8 +85,6 @@ impl Plan {
                 ),
             ));
         }
-        let lease_err =
-            |ip: Ipv4Addr| move |m: String| Error::config(source, format!("lease of {ip}"), m);
         let vtep_mac = own_mac(backend, own, wg_key, source)?;
         let mut plan = Self {
             own: own.clone(),
@@ -102,19 +100,26 @@ impl Plan {
             }
             let ip = lease.public_ip;
             let data = &lease.backend_data;
-            let (kind, mac) =
-                match peer_route(backend, data, direct.is_direct(ip), ip).map_err(lease_err(ip))? {
-                    Peering::Route(kind, mac) => (kind, mac),
-                    Peering::Unreachable => {
-                        plan.unreachable.insert(lease.subnet, ip);
-                        continue;
-                    }
-                    Peering::Wireguard(peer) => {
-                        plan.wg_peers.insert(lease.subnet, peer);
-                        continue;
-                    }
-                    Peering::None => continue,
-                };
+            // As flanneld: a peer whose backend data does not decode is skipped, not fatal.
+            let peering = match peer_route(backend, data, direct.is_direct(ip), ip) {
+                Ok(p) => p,
+                Err(e) => {
+                    warn!(subnet = %lease.subnet, public_ip = %ip, "ignoring a lease: {e}");
+                    continue;
+                }
+            };
+            let (kind, mac) = match peering {
+                Peering::Route(kind, mac) => (kind, mac),
+                Peering::Unreachable => {
+                    plan.unreachable.insert(lease.subnet, ip);
+                    continue;
+                }
+                Peering::Wireguard(peer) => {
+                    plan.wg_peers.insert(lease.subnet, peer);
+                    continue;
+                }
+                Peering::None => continue,
+            };
             plan.desired.routes.insert(
                 lease.subnet,
                 RemoteSubnet {
@@ -929,7 +934,15 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             Ok(next) => {
                 next.report_unreachable(Some(&plan));
                 let started = Instant::now();
-                let report = active.apply(&nl, &node, &next).await?;
+                let report = match active.apply(&nl, &node, &next).await {
+                    Ok(r) => r,
+                    Err(e) => {
+                        // Transient (e.g. netlink): keep the plan we had, retry on the next change
+                        // or repair pass.
+                        warn!("applying the leases: {e}; will retry");
+                        continue;
+                    }
+                };
                 if next.own != plan.own {
                     info!(subnet = %next.own.subnet, "this node's lease changed");
                     subnet_env(&next).write(&args.subnet_file)?;

@@ -115,7 +115,8 @@ pub struct Args {
     #[arg(
         long = "subnet-lease-renew-margin",
         env = "FLANNELD_SUBNET_LEASE_RENEW_MARGIN",
-        default_value_t = 60
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..1440)
     )]
     pub subnet_lease_renew_margin: u64,
 

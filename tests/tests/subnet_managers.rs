@@ -364,6 +364,24 @@ fn etcd_leases_are_flannels_own_format_and_subnets_are_taken_atomically() -> Res
     })?;
     tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[2].pods[0], 256 * KIB)?;
 
+    // Our own lease deleted by hand: the agent takes it back (create-only), same subnet.
+    let own_key = format!("{ETCD_PREFIX}/subnets/{}", subnets[0].replace('/', "-"));
+    in_ns(
+        &tb.underlay(),
+        "etcdctl",
+        &["--endpoints=http://198.18.0.254:2379", "del", &own_key],
+    )?;
+    wait_for("node 1's lease re-created", Duration::from_secs(10), || {
+        tb.etcd_get(&own_key).is_ok_and(|v| v.is_some())
+    })?;
+    ensure!(
+        tb.log(0)
+            .contains("this node's lease was deleted; re-creating it"),
+        "{}",
+        tb.log(0)
+    );
+    tcp_echo(&tb.nodes[1].pods[0], &tb.nodes[0].pods[0], 256 * KIB)?;
+
     // etcd unreachable at start-up: the agent waits, saying for what, while the pinned dataplane
     // forwards; when etcd is back it converges without a flush.
     tb.stop_agent(1, Signal::SIGKILL)?;

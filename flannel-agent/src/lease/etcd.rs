@@ -150,10 +150,18 @@ impl EtcdClient {
         Ok(resp["token"].as_str().map(str::to_string))
     }
 
-    async fn request(&self, path: &str, body: &Value) -> Result<reqwest::Response, Error> {
+    async fn request(
+        &self,
+        path: &str,
+        body: &Value,
+        timeout: Option<Duration>,
+    ) -> Result<reqwest::Response, Error> {
         let mut last = None;
         for endpoint in &self.endpoints {
             let mut req = self.http.post(format!("{endpoint}{path}")).json(body);
+            if let Some(t) = timeout {
+                req = req.timeout(t);
+            }
             match self.token(endpoint).await {
                 Ok(Some(t)) => req = req.header("Authorization", t),
                 Ok(None) => {}
@@ -163,6 +171,10 @@ impl EtcdClient {
                 }
             }
             match req.send().await {
+                // A member without quorum answers 5xx: another member may serve.
+                Ok(resp) if resp.status().is_server_error() => {
+                    last = Some(etcd_err(format!("etcd {endpoint}{path}"), resp.status()));
+                }
                 Ok(resp) => return Ok(resp),
                 Err(e) => last = Some(etcd_err(format!("etcd {endpoint}{path}"), e)),
             }
@@ -173,7 +185,7 @@ impl EtcdClient {
     /// A unary call (`/v3/kv/range`, `/v3/kv/txn`, …).
     async fn call(&self, path: &str, body: &Value) -> Result<Value, Error> {
         let resp = self
-            .request(path, body)
+            .request(path, body, Some(Duration::from_secs(15)))
             .await?
             .error_for_status()
             .map_err(|e| etcd_err(format!("etcd {path}"), e))?;
@@ -246,6 +258,25 @@ impl EtcdClient {
         };
         let v = self
             .call("/v3/kv/txn", &json!({"compare": compare, "success": [put]}))
+            .await?;
+        Ok(v["succeeded"].as_bool().unwrap_or(false))
+    }
+
+    /// Revokes an etcd lease (best effort).
+    pub async fn revoke(&self, lease: &str) {
+        let _ = self.call("/v3/lease/revoke", &json!({"ID": lease})).await;
+    }
+
+    /// Rewrites `key` with a new `lease` only if it still holds `value` (ours).
+    pub async fn renew(&self, key: &str, value: &str, lease: &str) -> Result<bool, Error> {
+        let put = json!({"request_put": {"key": b64(key), "value": b64(value), "lease": lease}});
+        let compare =
+            json!({"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value)});
+        let v = self
+            .call(
+                "/v3/kv/txn",
+                &json!({"compare": [compare], "success": [put]}),
+            )
             .await?;
         Ok(v["succeeded"].as_bool().unwrap_or(false))
     }
@@ -365,9 +396,21 @@ impl EtcdManager {
                     Some((subnet, parse_lease(subnet, v).ok()))
                 })
                 .collect();
+            let compatible = |s: &Ipv4Net| {
+                netconf.network.contains(s)
+                    && s.prefix_len() == netconf.subnet_len
+                    && s.network() >= netconf.subnet_min
+                    && s.network() <= netconf.subnet_max
+            };
             let mine = leases
                 .iter()
                 .find(|(_, l)| l.as_ref().is_some_and(|l| l.public_ip == public_ip));
+            if let Some((s, _)) = mine.filter(|(s, _)| !compatible(s)) {
+                // As flanneld: a lease the configuration no longer allows is given up.
+                warn!(subnet = %s, "this node's lease does not fit the network configuration any more; releasing it");
+                client.delete(&subnet_key(&prefix, *s)).await?;
+                continue;
+            }
             let (subnet, existing, create) = if let Some((s, l)) = mine {
                 info!(subnet = %s, "reusing this node's lease (it carries our public IP)");
                 (*s, l.clone(), false)
@@ -398,7 +441,12 @@ impl EtcdManager {
             let key = subnet_key(&prefix, subnet);
             let value = lease_value(public_ip, backend_type, &data);
             let lease = client.grant(LEASE_TTL).await?;
-            if client.put(&key, &value, &lease, create).await? {
+            let written = client.put(&key, &value, &lease, create).await;
+            if !matches!(written, Ok(true)) {
+                // Not used: do not leave a 24 h lease behind.
+                client.revoke(&lease).await;
+            }
+            if written? {
                 if create {
                     info!(%subnet, "acquired a new subnet lease");
                 }
@@ -427,10 +475,11 @@ impl EtcdManager {
     pub fn run(self, tx: watch::Sender<Vec<Lease>>) {
         let watcher = self.client.clone();
         let prefix = self.prefix.clone();
+        let own = (self.key.clone(), self.value.clone());
         tokio::spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
-                match list_and_watch(&watcher, &prefix, &tx).await {
+                match list_and_watch(&watcher, &prefix, &own, &tx).await {
                     Ok(()) => backoff = Duration::from_secs(1),
                     Err(e) => {
                         warn!(
@@ -457,19 +506,32 @@ impl EtcdManager {
                 .await;
                 let renew = async {
                     let lease = self.client.grant(LEASE_TTL).await?;
-                    self.client.put(&self.key, &self.value, &lease, false).await
+                    let done = self.client.renew(&self.key, &self.value, &lease).await;
+                    if !matches!(done, Ok(true)) {
+                        self.client.revoke(&lease).await;
+                    }
+                    done
                 };
                 match renew.await {
-                    Ok(_) => {
+                    Ok(true) => {
                         renewed = Instant::now();
                         info!(key = %self.key, "renewed this node's subnet lease for 24 h");
                     }
+                    Ok(false) => lost(&self.key),
                     Err(e) => warn!("renewing {}: {e}; retrying in 10 s", self.key),
                 }
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         });
     }
+}
+
+/// This node's lease is gone or belongs to another node now: as flanneld ("Lease has been
+/// revoked. Shutting down daemon."), exit; the pinned dataplane keeps forwarding and the restarted
+/// agent acquires a lease again.
+fn lost(key: &str) -> ! {
+    tracing::error!(%key, "this node's subnet lease was taken over by another node; exiting so that a restart acquires a new one (the pinned dataplane keeps forwarding)");
+    std::process::exit(1);
 }
 
 /// A random index below `n` (from the kernel's random source), or `None` if `n` is 0.
@@ -514,6 +576,7 @@ fn apply(leases: &mut BTreeMap<Ipv4Net, Lease>, prefix: &str, key: &str, value: 
 async fn list_and_watch(
     client: &EtcdClient,
     prefix: &str,
+    own: &(String, String),
     tx: &watch::Sender<Vec<Lease>>,
 ) -> Result<(), Error> {
     let subnets = format!("{prefix}/subnets/");
@@ -527,7 +590,7 @@ async fn list_and_watch(
         "key": b64(&subnets), "range_end": b64(&prefix_end(&subnets)), "start_revision": (revision + 1).to_string(),
     }});
     let resp = client
-        .request("/v3/watch", &body)
+        .request("/v3/watch", &body, None)
         .await?
         .error_for_status()
         .map_err(|e| etcd_err("etcd watch", e))?;
@@ -578,6 +641,17 @@ async fn list_and_watch(
                         for ev in result["events"].as_array().into_iter().flatten() {
                             let key = unb64(&ev["kv"]["key"]);
                             let deleted = ev["type"].as_str() == Some("DELETE");
+                            if deleted && key == own.0 {
+                                // Our lease was deleted (by hand, or expired): take it back if
+                                // nobody else has, as a new create-only write.
+                                warn!(%key, "this node's lease was deleted; re-creating it");
+                                let lease = client.grant(LEASE_TTL).await?;
+                                if !client.put(&own.0, &own.1, &lease, true).await? {
+                                    client.revoke(&lease).await;
+                                    lost(&own.0);
+                                }
+                                continue;
+                            }
                             let value = unb64(&ev["kv"]["value"]);
                             apply(
                                 &mut leases,

@@ -79,6 +79,8 @@ fn api_err(context: impl Into<String>, message: impl std::fmt::Display) -> Error
 pub struct KubeClient {
     base: String,
     token: Option<String>,
+    /// The service account's token file, re-read on each request (kubelet rotates it).
+    token_file: Option<PathBuf>,
     http: reqwest::Client,
 }
 
@@ -105,12 +107,16 @@ impl KubeClient {
                 );
             }
             builder = builder.danger_accept_invalid_certs(insecure);
-            (api_url.map_or(server, str::to_string), token)
+            (
+                api_url.map_or(server, str::to_string),
+                token.map(|t| (t, None)),
+            )
         } else {
             let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
             let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
             let base = match (api_url, host) {
                 (Some(url), _) => url.to_string(),
+                (None, Some(host)) if host.contains(':') => format!("https://[{host}]:{port}"),
                 (None, Some(host)) => format!("https://{host}:{port}"),
                 (None, None) => {
                     return Err(Error::Unsupported(
@@ -125,15 +131,18 @@ impl KubeClient {
                         .map_err(|e| api_err("service account ca.crt", e))?,
                 );
             }
-            let token = std::fs::read_to_string(sa.join("token"))
+            let token_file = sa.join("token");
+            let token = std::fs::read_to_string(&token_file)
                 .ok()
                 .map(|t| t.trim().to_string());
-            (base, token)
+            (base, token.map(|t| (t, Some(token_file))))
         };
         let http = builder.build().map_err(|e| api_err("HTTP client", e))?;
+        let (token, token_file) = token.map_or((None, None), |(t, f)| (Some(t), f));
         Ok(Self {
             base: base.trim_end_matches('/').to_string(),
             token,
+            token_file,
             http,
         })
     }
@@ -146,7 +155,12 @@ impl KubeClient {
 
     fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let req = self.http.request(method, format!("{}{path}", self.base));
-        match &self.token {
+        let fresh = self
+            .token_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .map(|t| t.trim().to_string());
+        match fresh.as_ref().or(self.token.as_ref()) {
             Some(t) => req.bearer_auth(t),
             None => req,
         }
@@ -293,9 +307,8 @@ pub fn node_lease(node: &Value, ann: &Annotations) -> Result<Lease, String> {
         ));
     }
     let subnet = pod_cidr(node).ok_or("no IPv4 podCIDR")?;
-    let ip = get(&ann.public_ip_overwrite)
-        .or_else(|| get(&ann.public_ip))
-        .ok_or_else(|| format!("no {} annotation", ann.public_ip))?;
+    // As flanneld reads peers: `public-ip` (a node with an overwrite publishes it there).
+    let ip = get(&ann.public_ip).ok_or_else(|| format!("no {} annotation", ann.public_ip))?;
     let public_ip: Ipv4Addr = ip
         .parse()
         .map_err(|_| format!("{}: {ip:?} is not an IPv4 address", ann.public_ip))?;
@@ -662,7 +675,8 @@ mod tests {
             json!("203.0.113.9");
         assert_eq!(
             node_lease(&o, &a).unwrap().public_ip,
-            Ipv4Addr::new(203, 0, 113, 9)
+            Ipv4Addr::new(198, 18, 0, 11),
+            "peers are read from public-ip, which their own agent sets from the overwrite"
         );
         assert!(
             node_lease(&node(&json!({})), &a)
