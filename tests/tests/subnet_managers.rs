@@ -382,8 +382,12 @@ fn etcd_leases_are_flannels_own_format_and_subnets_are_taken_atomically() -> Res
     );
     tcp_echo(&tb.nodes[1].pods[0], &tb.nodes[0].pods[0], 256 * KIB)?;
 
-    // etcd unreachable at start-up: the agent waits, saying for what, while the pinned dataplane
-    // forwards; when etcd is back it converges without a flush.
+    etcd_unreachable_at_start_up(&mut tb)
+}
+
+/// etcd unreachable at start-up: the agent waits, saying for what, while the pinned dataplane
+/// forwards; when etcd is back it converges without a flush.
+fn etcd_unreachable_at_start_up(tb: &mut Testbed) -> Result<()> {
     tb.stop_agent(1, Signal::SIGKILL)?;
     tb.stop_etcd();
     tb.spawn_agent(1)?;
