@@ -99,8 +99,13 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
                 .map(|action| (action, verdict));
         }
         backend::VXLAN => {
-            // SAFETY: helpers called with the program's own context.
-            let hash = unsafe { bpf_get_hash_recalc(ctx.skb.skb) } as u32;
+            // The flow hash as the kernel's `udp_flow_src_port` takes it (`skb_get_hash`): the one
+            // the skb already carries (a pod's socket sets it), computed only when there is none.
+            // SAFETY: reading a field of, and calling a helper with, the program's own context.
+            let hash = match unsafe { (*ctx.skb.skb).hash } {
+                0 => (unsafe { bpf_get_hash_recalc(ctx.skb.skb) }) as u32,
+                h => h,
+            };
             // SAFETY: no arguments.
             let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
             ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, VXLAN_FLAGS)
