@@ -11,8 +11,8 @@ use flannel_ebpf_common::{
 };
 use flannel_tests::packet::{
     CNI_MAC, NODE_A, NODE_B, POD_A, POD_B, POD_MAC, PORT, UDP_PORT, UPLINK_MAC_B, VNI, VTEP_A,
-    VTEP_B, config, config_for, csum, eth, ipip_frame, ipv4, payload, pod_frame, udp_frame,
-    vxlan_around, vxlan_frame,
+    VTEP_B, config, config_for, csum, eth, fix_ipv4_csum, ipip_frame, ipv4, payload, pod_frame,
+    udp_frame, vxlan_around, vxlan_frame,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -485,13 +485,7 @@ fn from_wire_passes_what_is_not_our_vxlan() {
     let not_to_us = {
         let mut f = vxlan_frame(NODE_A, VNI, VTEP_B, &inner);
         f[30..34].copy_from_slice(&[198, 18, 0, 99]);
-        let c = csum(&{
-            let mut h = f[14..34].to_vec();
-            h[10] = 0;
-            h[11] = 0;
-            h
-        });
-        f[24..26].copy_from_slice(&c.to_be_bytes());
+        fix_ipv4_csum(&mut f, 14);
         f
     };
     let tcp_to_node = eth(
@@ -801,13 +795,7 @@ fn ipip_encapsulates_like_the_kernel_ipip_device() {
     let mut input = pod_frame(POD_B, 64, 1000);
     // DSCP 46 with ECT(1): only the ECN field is carried to the outer header.
     input[15] = 0xb9;
-    let c = csum(&{
-        let mut h = input[14..34].to_vec();
-        h[10] = 0;
-        h[11] = 0;
-        h
-    });
-    input[24..26].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_csum(&mut input, 14);
     let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &input);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(out.len(), input.len() + 20);
@@ -837,25 +825,13 @@ fn ipip_encapsulates_like_the_kernel_ipip_device() {
     // A CE-marked packet leaves as ECT(0) outside.
     let mut ce = input.clone();
     ce[15] = 0x03;
-    let c = csum(&{
-        let mut h = ce[14..34].to_vec();
-        h[10] = 0;
-        h[11] = 0;
-        h
-    });
-    ce[24..26].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_csum(&mut ce, 14);
     let (_, out) = run_tc(&mut a, prog_name::FROM_PODS, &ce);
     assert_eq!(out[15], 0x02);
     // Without DF inside, none outside.
     let mut no_df = pod_frame(POD_B, 64, 100);
     no_df[20] = 0;
-    let c = csum(&{
-        let mut h = no_df[14..34].to_vec();
-        h[10] = 0;
-        h[11] = 0;
-        h
-    });
-    no_df[24..26].copy_from_slice(&c.to_be_bytes());
+    fix_ipv4_csum(&mut no_df, 14);
     let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &no_df);
     assert_eq!(ret, TC_ACT_REDIRECT);
     assert_eq!(&out[20..22], &[0, 0], "DF clear outside");

@@ -120,45 +120,45 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
                 encap::ecn_encap(tos),
             )?;
         }
-        backend::IPIP => {
-            // SAFETY: no arguments.
-            let ip_id = unsafe { bpf_get_prandom_u32() } as u16;
-            ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, IPIP_FLAGS)
-                .map_err(|_| reason::DROP_ADJUST_ROOM)?;
-            // As `flannel.ipip` (ttl inherit, tos 0, nopmtudisc: flannel leaves PMTUDISC 0): the
-            // inner TTL, the inner ECN, the inner DF bit.
-            encap::write_ipip(
-                ctx,
-                cfg,
-                &remote,
-                &Outer {
-                    tot_len: (inner_len + overhead) as u16,
-                    id: ip_id,
-                    frag_off: [frags[0] & IP_DF[0], 0],
-                    ttl,
-                    tos: encap::ecn_encap(tos),
-                    proto: ipip::PROTO,
-                },
-            )?;
-        }
         _ => {
-            ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, UDP_FLAGS)
+            let ipip = remote.backend == backend::IPIP;
+            let (flags, outer) = if ipip {
+                // As `flannel.ipip` (ttl inherit, tos 0, nopmtudisc: flannel leaves PMTUDISC 0):
+                // the inner TTL, the inner ECN, the inner DF bit.
+                (
+                    IPIP_FLAGS,
+                    Outer {
+                        tot_len: (inner_len + overhead) as u16,
+                        // SAFETY: no arguments.
+                        id: unsafe { bpf_get_prandom_u32() } as u16,
+                        frag_off: [frags[0] & IP_DF[0], 0],
+                        ttl,
+                        tos: encap::ecn_encap(tos),
+                        proto: ipip::PROTO,
+                    },
+                )
+            } else {
+                // As flanneld's unconnected UDP socket: DF set (path MTU discovery), so IP ID 0,
+                // default TTL and TOS.
+                (
+                    UDP_FLAGS,
+                    Outer {
+                        tot_len: (inner_len + overhead) as u16,
+                        id: 0,
+                        frag_off: IP_DF,
+                        ttl: UDP_OUTER_TTL,
+                        tos: 0,
+                        proto: crate::parse::IPPROTO_UDP,
+                    },
+                )
+            };
+            ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, flags)
                 .map_err(|_| reason::DROP_ADJUST_ROOM)?;
-            // As flanneld's unconnected UDP socket: DF set (path MTU discovery), so IP ID 0,
-            // default TTL and TOS.
-            encap::write_udp(
-                ctx,
-                cfg,
-                &remote,
-                &Outer {
-                    tot_len: (inner_len + overhead) as u16,
-                    id: 0,
-                    frag_off: IP_DF,
-                    ttl: UDP_OUTER_TTL,
-                    tos: 0,
-                    proto: crate::parse::IPPROTO_UDP,
-                },
-            )?;
+            if ipip {
+                encap::write_ipip(ctx, cfg, &remote, &outer)?;
+            } else {
+                encap::write_udp(ctx, cfg, &remote, &outer)?;
+            }
         }
     }
     fib::redirect_neigh(cfg.uplink_ifindex).map(|action| (action, verdict))

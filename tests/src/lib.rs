@@ -632,16 +632,6 @@ impl Testbed {
         .map(|_| ())
     }
 
-    pub fn etcd_delete(&self, key: &str) -> Result<()> {
-        use base64::Engine as _;
-        let b = base64::engine::general_purpose::STANDARD;
-        self.etcd_call(
-            "/v3/kv/deleterange",
-            &serde_json::json!({"key": b.encode(key)}),
-        )
-        .map(|_| ())
-    }
-
     pub fn etcd_get(&self, key: &str) -> Result<Option<String>> {
         use base64::Engine as _;
         let b = base64::engine::general_purpose::STANDARD;

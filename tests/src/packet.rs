@@ -32,6 +32,13 @@ pub fn csum(bytes: &[u8]) -> u16 {
     !(sum as u16)
 }
 
+/// Recomputes the checksum of the 20-byte IPv4 header at `off` in `frame` after a test edited it.
+pub fn fix_ipv4_csum(frame: &mut [u8], off: usize) {
+    frame[off + 10..off + 12].copy_from_slice(&[0, 0]);
+    let c = csum(&frame[off..off + 20]);
+    frame[off + 10..off + 12].copy_from_slice(&c.to_be_bytes());
+}
+
 pub fn ipv4(src: [u8; 4], dst: [u8; 4], ttl: u8, proto: u8, payload: &[u8]) -> Vec<u8> {
     let tot = (20 + payload.len()) as u16;
     let mut h = vec![0x45, 0, 0, 0, 0x12, 0x34, 0x40, 0, ttl, proto, 0, 0];

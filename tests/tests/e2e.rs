@@ -19,20 +19,7 @@ fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
     tcp_echo(&me, remote, MIB)?;
     tcp_echo(remote, &me, MIB)?;
     ping(remote, me.ip)?;
-    flannel_tests::in_ns(
-        &me.netns,
-        "ping",
-        &[
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "2",
-            "-q",
-            &remote.ip.to_string(),
-        ],
-    )?;
+    ping(&me, remote.ip)?;
     Ok(())
 }
 

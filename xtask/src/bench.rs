@@ -469,48 +469,34 @@ fn chart(paths: &[Path_], results: &serde_json::Map<String, Value>) -> String {
         left + width + 80.0
     );
     let mut y = 35.0;
-    for p in paths {
-        let v = get(p.name, "tcp_gbit_s");
-        let w = v / max_tcp * width;
-        let color = if p.name.starts_with("ebpf") {
-            "#2b7bb9"
-        } else {
-            "#999999"
-        };
-        let _ = write!(
-            s,
-            r#"<text x="10" y="{:.0}">{}</text><rect x="{left}" y="{y:.0}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.0}" y="{:.0}">{v:.2}</text>"#,
-            y + 13.0,
-            p.name,
-            left + w + 5.0,
-            y + 13.0
-        );
-        y += bar_h + gap;
-    }
+    let bars = |s: &mut String, y: &mut f64, key: &str, max: f64, decimals: usize| {
+        for p in paths {
+            let v = get(p.name, key);
+            let w = v / max * width;
+            let color = if p.name.starts_with("ebpf") {
+                "#2b7bb9"
+            } else {
+                "#999999"
+            };
+            let _ = write!(
+                s,
+                r#"<text x="10" y="{:.0}">{}</text><rect x="{left}" y="{y:.0}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.0}" y="{:.0}">{v:.decimals$}</text>"#,
+                *y + 13.0,
+                p.name,
+                left + w + 5.0,
+                *y + 13.0
+            );
+            *y += bar_h + gap;
+        }
+    };
+    bars(&mut s, &mut y, "tcp_gbit_s", max_tcp, 2);
     y += 25.0;
     let _ = write!(
         s,
         r#"<text x="10" y="{y:.0}" font-size="14" font-weight="bold">TCP_RR latency p50 (µs, lower is better)</text>"#
     );
     y += 15.0;
-    for p in paths {
-        let v = get(p.name, "rr_p50_us");
-        let w = v / max_rr * width;
-        let color = if p.name.starts_with("ebpf") {
-            "#2b7bb9"
-        } else {
-            "#999999"
-        };
-        let _ = write!(
-            s,
-            r#"<text x="10" y="{:.0}">{}</text><rect x="{left}" y="{y:.0}" width="{w:.1}" height="{bar_h}" fill="{color}"/><text x="{:.0}" y="{:.0}">{v:.0}</text>"#,
-            y + 13.0,
-            p.name,
-            left + w + 5.0,
-            y + 13.0
-        );
-        y += bar_h + gap;
-    }
+    bars(&mut s, &mut y, "rr_p50_us", max_rr, 0);
     s.push_str("</svg>\n");
     s
 }

@@ -205,25 +205,15 @@ pub async fn sync_fdb(
         if mac == [0; 6] || desired.contains_key(&mac) {
             continue;
         }
-        let mut msg = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = ifindex;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        if let Some(ip) = ip {
-            msg.attributes
-                .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
-        }
-        nl.handle()
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(nl_err(format!(
-                "removing fdb entry {}",
-                crate::backend::Mac(mac)
-            )))?;
+        let mut attributes = vec![NeighbourAttribute::LinkLayerAddress(mac.to_vec())];
+        attributes.extend(ip.map(|ip| NeighbourAttribute::Destination(NeighbourAddress::Inet(ip))));
+        delete_neighbour(
+            nl,
+            (AddressFamily::Bridge, ifindex, NeighbourFlags::Own),
+            attributes,
+            format!("removing fdb entry {}", crate::backend::Mac(mac)),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -238,17 +228,33 @@ async fn delete_route(nl: &Netlink, net: Ipv4Net, msg: RouteMessage) -> Result<(
 }
 
 async fn remove_neighbour(nl: &Netlink, ifindex: u32, ip: Ipv4Addr) -> Result<(), Error> {
+    delete_neighbour(
+        nl,
+        (AddressFamily::Inet, ifindex, NeighbourFlags::empty()),
+        vec![NeighbourAttribute::Destination(NeighbourAddress::Inet(ip))],
+        format!("removing neighbour {ip}"),
+    )
+    .await
+}
+
+/// Deletes the neighbour or fdb entry of (family, ifindex, flags) that `attributes` name.
+async fn delete_neighbour(
+    nl: &Netlink,
+    (family, ifindex, flags): (AddressFamily, u32, NeighbourFlags),
+    attributes: Vec<NeighbourAttribute>,
+    context: String,
+) -> Result<(), Error> {
     let mut msg = rtnetlink::packet_route::neighbour::NeighbourMessage::default();
-    msg.header.family = AddressFamily::Inet;
+    msg.header.family = family;
     msg.header.ifindex = ifindex;
-    msg.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+    msg.header.flags = flags;
+    msg.attributes = attributes;
     nl.handle()
         .neighbours()
         .del(msg)
         .execute()
         .await
-        .map_err(nl_err(format!("removing neighbour {ip}")))
+        .map_err(nl_err(context))
 }
 
 /// Removes every route of ours and its gateway's neighbour (for `--cleanup`).
