@@ -330,7 +330,8 @@ impl Active {
         }
     }
 
-    /// Once a second: follow the bridge, learn pods, repair kernel state every 10 s.
+    /// Once a second and on neighbour changes: follow the bridge, learn pods; repair kernel state
+    /// every 10 s.
     async fn tick(&mut self, nl: &Netlink, node: &Node<'_>, plan: &Plan, repair: bool) {
         let result = match self {
             Self::Ebpf(e) => e.tick(nl, node, plan).await,
@@ -887,6 +888,15 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut repaired = Instant::now();
     let mut table_read = Instant::now();
+    // Neighbour changes wake the loop at once (the eBPF dataplane learns a new pod from its first
+    // ARP exchange); without the subscription the 1 s tick still learns it.
+    let mut neighbours = match Netlink::neighbour_events() {
+        Ok(events) => Some(events),
+        Err(e) => {
+            warn!("{e}; local pods are learnt by polling once a second");
+            None
+        }
+    };
     loop {
         let mut changed = false;
         tokio::select! {
@@ -899,6 +909,17 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 changed = true;
             }
             _ = tick.tick() => {}
+            burst = async {
+                match neighbours.as_mut() {
+                    Some(events) => events.next_burst(Duration::from_millis(5)).await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                if burst.is_none() {
+                    warn!("neighbour notifications ended; local pods are learnt by polling once a second");
+                    neighbours = None;
+                }
+            }
         }
         let repair = repaired.elapsed() >= Duration::from_secs(10);
         if repair {

@@ -36,6 +36,30 @@ pub struct ExtIface {
     pub addr: Ipv4Addr,
 }
 
+/// A stream of neighbour notifications.
+pub struct NeighbourEvents(
+    futures::channel::mpsc::UnboundedReceiver<(
+        rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
+        rtnetlink::sys::SocketAddr,
+    )>,
+);
+
+impl NeighbourEvents {
+    /// Waits for a notification, then takes every one that arrives within `settle`, so that a
+    /// burst (a pod's ARP exchange, a bridge learning its MAC) is handled once. `None` if the
+    /// subscription ended.
+    pub async fn next_burst(&mut self, settle: std::time::Duration) -> Option<usize> {
+        use futures::StreamExt as _;
+        self.0.next().await?;
+        tokio::time::sleep(settle).await;
+        let mut n = 1;
+        while self.0.try_recv().is_ok() {
+            n += 1;
+        }
+        Some(n)
+    }
+}
+
 /// An rtnetlink connection.
 #[derive(Clone)]
 pub struct Netlink {
@@ -51,6 +75,21 @@ impl Netlink {
         })?;
         tokio::spawn(conn);
         Ok(Self { handle })
+    }
+
+    /// Notifications of neighbour and bridge-FDB changes in this namespace (`ip monitor neigh`):
+    /// a pod's first ARP exchange through the bridge shows up here at once, so its endpoint can
+    /// be learnt without waiting for the next poll.
+    pub fn neighbour_events() -> Result<NeighbourEvents, Error> {
+        let (conn, _, messages) =
+            rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Neigh]).map_err(
+                |source| Error::NetlinkIo {
+                    context: "subscribing to neighbour notifications".into(),
+                    source,
+                },
+            )?;
+        tokio::spawn(conn);
+        Ok(NeighbourEvents(messages))
     }
 
     /// The raw rtnetlink handle, for the dataplane's own requests.

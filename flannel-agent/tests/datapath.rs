@@ -254,6 +254,25 @@ fn from_host_encapsulates_the_nodes_own_packets_without_a_router_hop() {
 }
 
 #[test]
+fn outer_ip_ids_differ_between_packets_of_a_flow() {
+    // VXLAN and IPIP send DF-clear outer packets (as the kernel devices): should the underlay
+    // fragment them, reassembly needs IDs that differ between packets in flight.
+    for kind in [backend::VXLAN, backend::IPIP] {
+        let mut a = node_a_of(kind, kind);
+        let frame = pod_frame(POD_B, 64, 200);
+        let ids: std::collections::BTreeSet<u16> = (0..64)
+            .map(|_| {
+                let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &frame);
+                assert_eq!(ret, TC_ACT_REDIRECT);
+                assert_eq!(csum(&out[14..34]), 0, "outer checksum covers the ID");
+                u16::from_be_bytes([out[18], out[19]])
+            })
+            .collect();
+        assert_eq!(ids.len(), 64, "backend {kind}: an ID per packet: {ids:?}");
+    }
+}
+
+#[test]
 fn from_pods_source_port_follows_the_flow() {
     let mut a = node_a();
     let mut ports = std::collections::BTreeSet::new();

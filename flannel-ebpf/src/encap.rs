@@ -2,11 +2,17 @@
 //! `flannel.<VNI>` (`vxlan id <VNI> dstport <Port> nolearning`: no UDP checksum, TTL 64, DF clear,
 //! flow-hash source port), IPIP as `flannel.ipip`, and flannel's udp backend (the inner IPv4 packet
 //! as the whole payload of a UDP datagram from and to its port).
+use aya_ebpf::helpers::bpf_get_smp_processor_id;
 use flannel_ebpf_common::{NodeConfig, RemoteSubnet, ipip, udp, vxlan};
+use network_types::ip::Ipv4Hdr;
 
 use crate::{
     csum,
-    parse::{ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, ptr_at},
+    maps::FLANNEL_STATS,
+    parse::{
+        ETH_HLEN, ETH_P_IP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN,
+        IPV4_VIHL_NO_OPTIONS, Packet, ptr_at,
+    },
 };
 
 /// Ephemeral port range the kernel draws VXLAN source ports from (ip_local_port_range default).
@@ -45,6 +51,53 @@ pub fn source_port(hash: u32) -> u16 {
     let hash = hash ^ (hash << 16);
     let span = u64::from(SRC_PORT_MAX - SRC_PORT_MIN);
     (((u64::from(hash) * span) >> 32) as u32 + SRC_PORT_MIN) as u16
+}
+
+/// A flow hash of an inner IPv4 packet behind an Ethernet header: addresses and protocol, and for
+/// TCP, UDP and SCTP without IP options or fragmentation also the ports, mixed with the
+/// multiply-xorshift steps of murmur3's finaliser. Its only job is the kernel's: the same flow
+/// always gets the same outer source port, different flows spread over the range.
+#[inline(always)]
+pub fn flow_hash(pkt: &impl Packet, ip: *const Ipv4Hdr) -> Result<u32, u32> {
+    // SAFETY: `ip` came from `ptr_at`.
+    let (vihl, proto, frags, src, dst) = unsafe {
+        (
+            (*ip).vihl,
+            (*ip).proto,
+            (*ip).frags,
+            (*ip).src_addr,
+            (*ip).dst_addr,
+        )
+    };
+    let ports = if vihl == IPV4_VIHL_NO_OPTIONS
+        && u16::from_be_bytes(frags) & 0x3fff == 0
+        && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
+    {
+        // SAFETY: `ptr_at` checked the four bytes.
+        u32::from_ne_bytes(unsafe { *ptr_at::<[u8; 4]>(pkt, ETH_HLEN + IPV4_HLEN)? })
+    } else {
+        0
+    };
+    let mut h = u32::from_ne_bytes(src).wrapping_mul(0x9e37_79b1) ^ u32::from_ne_bytes(dst);
+    h = (h ^ (h >> 15)).wrapping_mul(0x85eb_ca77) ^ ports;
+    h = (h ^ (h >> 13)).wrapping_mul(0xc2b2_ae3d) ^ u32::from(proto);
+    Ok(h ^ (h >> 16))
+}
+
+/// An outer IPv4 ID for a packet counted under `verdict`: this CPU's count of such packets,
+/// offset per CPU. The ID matters only if the underlay fragments an outer packet (DF clear, as
+/// the kernel's VXLAN and IPIP devices send them), so it need only differ between packets in
+/// flight between two nodes, which a per-CPU counter ensures as well as the kernel's hashed
+/// per-destination counter (`ip_select_ident`). `bpf_get_prandom_u32` costs ~30 ns here.
+#[inline(always)]
+pub fn ip_id(verdict: u32) -> u16 {
+    let sent = FLANNEL_STATS
+        .get_ptr(verdict)
+        // SAFETY: a per-CPU slot of this CPU, from a successful lookup.
+        .map_or(0, |counter| unsafe { (*counter).packets });
+    // SAFETY: no arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    (sent as u16).wrapping_add((cpu as u16).wrapping_mul(0x4000 + 0x0101))
 }
 
 /// The outer TOS of a tunnel device with `tos 0` for an inner TOS: only the ECN field is carried

@@ -15,6 +15,8 @@ pub const VXLAN_HLEN: usize = 8;
 /// EtherType IPv4 as it sits in the packet (network order), read as a native u16.
 pub const ETH_P_IP: [u8; 2] = 0x0800u16.to_be_bytes();
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_SCTP: u8 = 132;
 /// `vihl` of an IPv4 header without options.
 pub const IPV4_VIHL_NO_OPTIONS: u8 = 0x45;
 

@@ -70,7 +70,12 @@ pub fn ensure_all() -> Result<()> {
 }
 
 fn ensure_debian_packages() -> Result<()> {
-    let missing: Vec<&str> = DEBIAN_PACKAGES
+    ensure_packages(&DEBIAN_PACKAGES)
+}
+
+/// Installs whichever of `packages` are missing.
+pub fn ensure_packages(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|p| {

@@ -1,7 +1,6 @@
 //! `cargo xtask run | test | bench`: each installs what it needs first and says what it does.
 mod bench;
 mod bootstrap;
-mod program_cost;
 
 use std::{
     path::PathBuf,
@@ -110,6 +109,14 @@ enum Task {
         quick: bool,
         #[arg(long)]
         reps: Option<usize>,
+        /// Measure only these paths (comma-separated), besides baseline and kernel-vxlan, which
+        /// every ratio needs: for investigating one datapath.
+        #[arg(long, value_delimiter = ',')]
+        only: Vec<String>,
+        /// Also sample every CPU with `perf record -g` during each single-stream TCP run, into
+        /// `target/bench/perf-<path>.data` (read with `perf report -i`).
+        #[arg(long)]
+        profile: bool,
     },
 }
 
@@ -203,7 +210,17 @@ fn main() -> Result<()> {
                 duration,
             )
         }
-        Task::Bench { quick, reps } => bench(quick, reps),
+        Task::Bench {
+            quick,
+            reps,
+            only,
+            profile,
+        } => bench(&bench::Opts {
+            quick,
+            reps,
+            only,
+            profile,
+        }),
     }
 }
 
@@ -452,9 +469,12 @@ fn median(v: &mut [f64]) -> f64 {
     }
 }
 
-fn bench(quick: bool, reps: Option<usize>) -> Result<()> {
+fn bench(opts: &bench::Opts) -> Result<()> {
     bootstrap::ensure_all()?;
+    if opts.profile {
+        bootstrap::ensure_packages(&["linux-perf"])?;
+    }
     let agent = build_agent(true)?;
     set_agent_env(&agent);
-    bench::bench(quick, reps, &workspace_root().join("target/bench"))
+    bench::bench(opts, &workspace_root().join("target/bench"))
 }
