@@ -282,6 +282,7 @@ pub fn node_config(
         uplink_mac: ext.link.mac,
         cni_mac: cni.map_or([0; 6], |l| l.mac),
         _pad1: [0; 2],
+        route_index_shift: ebpf::route_index_shift(netconf.network, subnet.prefix_len()),
     }
 }
 
@@ -366,6 +367,8 @@ impl EbpfNode {
         let cni = nl.link_by_name(&args.cni_bridge).await?;
         let cfg = node_config(&node.netconf, plan, &node.ext, node.public_ip, cni.as_ref());
         dp.set_config(&cfg)?;
+        // Again, now that the configuration says how subnets are indexed (fills FLANNEL_SUBNETS).
+        dp.sync(&plan.desired)?;
         dp.attach_tc(prog_name::FROM_WIRE, &node.ext.link, TcAttachType::Ingress)?;
         let xdp = dp.attach_xdp(&node.ext.link, args.decap)?;
         if let Some(cni) = &cni {
@@ -396,6 +399,9 @@ impl EbpfNode {
         );
         if cfg != self.cfg {
             self.dp.set_config(&cfg)?;
+            if cfg.route_index_shift != self.cfg.route_index_shift {
+                self.dp.sync(&plan.desired)?;
+            }
             self.cfg = cfg;
         }
         self.routes_synced = None;

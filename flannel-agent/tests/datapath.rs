@@ -272,6 +272,105 @@ fn outer_ip_ids_differ_between_packets_of_a_flow() {
     }
 }
 
+/// The `FLANNEL_SUBNETS` slot `i`.
+fn slot(dp: &EbpfDataplane, i: u32) -> RemoteSubnet {
+    let array: aya::maps::Array<_, RemoteSubnet> = dp
+        .ebpf()
+        .map(flannel_ebpf_common::map_name::SUBNETS)
+        .unwrap()
+        .try_into()
+        .unwrap();
+    array.get(&i, 0).unwrap()
+}
+
+/// The outer destination `from_pods` sends a pod packet for `dst` to, or the drop reason.
+fn outer_destination(dp: &mut EbpfDataplane, dst: [u8; 4]) -> Result<[u8; 4], u32> {
+    let before: Vec<u64> = (0..reason::COUNT).map(|r| counted(dp, r)).collect();
+    let (ret, out) = run_tc(dp, prog_name::FROM_PODS, &pod_frame(dst, 64, 100));
+    if ret == TC_ACT_REDIRECT {
+        return Ok(out[30..34].try_into().unwrap());
+    }
+    Err((0..reason::COUNT)
+        .find(|&r| counted(dp, r) > before[r as usize])
+        .unwrap())
+}
+
+#[test]
+fn routes_are_found_through_the_subnet_index_and_the_trie_alike() {
+    let cfg = config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1]);
+    let route = |ip: [u8; 4]| RemoteSubnet {
+        public_ip: ip,
+        vtep_mac: VTEP_B,
+        backend: backend::VXLAN,
+        _pad0: 0,
+    };
+    let (c, d) = ([198, 18, 0, 13], [198, 18, 0, 14]);
+    let desired = |routes: &[(&str, [u8; 4])]| {
+        let mut want = Desired::default();
+        for (net, ip) in routes {
+            want.routes.insert(net.parse().unwrap(), route(*ip));
+        }
+        want
+    };
+    for shift in [8, 0] {
+        let mut a = EbpfDataplane::unpinned().unwrap();
+        a.set_config(&NodeConfig {
+            route_index_shift: shift,
+            ..cfg
+        })
+        .unwrap();
+        // A /24 as this node's (indexed when shift is 8) and a /23 (always the trie's).
+        a.sync(&desired(&[("10.244.2.0/24", NODE_B), ("10.244.8.0/23", c)]))
+            .unwrap();
+        let indexed = if shift == 8 {
+            route(NODE_B)
+        } else {
+            RemoteSubnet::default()
+        };
+        assert_eq!(slot(&a, 2), indexed, "shift {shift}: slot of 10.244.2.0/24");
+        assert_eq!(slot(&a, 8), RemoteSubnet::default(), "a /23 has no slot");
+        assert_eq!(outer_destination(&mut a, POD_B), Ok(NODE_B));
+        assert_eq!(outer_destination(&mut a, [10, 244, 9, 7]), Ok(c));
+        assert_eq!(
+            outer_destination(&mut a, [10, 244, 3, 7]),
+            Err(reason::DROP_NO_ROUTE)
+        );
+        // A lease moving to another node, and one going away.
+        a.sync(&desired(&[("10.244.2.0/24", d)])).unwrap();
+        if shift == 8 {
+            assert_eq!(slot(&a, 2), route(d));
+        }
+        assert_eq!(outer_destination(&mut a, POD_B), Ok(d));
+        assert_eq!(
+            outer_destination(&mut a, [10, 244, 9, 7]),
+            Err(reason::DROP_NO_ROUTE)
+        );
+        a.sync(&desired(&[])).unwrap();
+        assert_eq!(slot(&a, 2), RemoteSubnet::default(), "slot emptied");
+        assert_eq!(outer_destination(&mut a, POD_B), Err(reason::DROP_NO_ROUTE));
+    }
+    // A stale slot (left by an earlier agent, whose trie entry is gone) is found and emptied by
+    // the first sync of a new one, which reads the whole array once.
+    let mut a = EbpfDataplane::unpinned().unwrap();
+    a.set_config(&cfg).unwrap();
+    {
+        let mut array: aya::maps::Array<_, RemoteSubnet> = a
+            .ebpf_mut()
+            .map_mut(flannel_ebpf_common::map_name::SUBNETS)
+            .unwrap()
+            .try_into()
+            .unwrap();
+        array.set(77, route(c), 0).unwrap();
+    }
+    assert_eq!(
+        outer_destination(&mut a, [10, 244, 77, 1]),
+        Ok(c),
+        "the slot is used"
+    );
+    a.sync(&desired(&[])).unwrap();
+    assert_eq!(slot(&a, 77), RemoteSubnet::default());
+}
+
 #[test]
 fn from_pods_source_port_follows_the_flow() {
     let mut a = node_a();

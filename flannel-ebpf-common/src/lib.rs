@@ -15,7 +15,7 @@
 use bytemuck::{Pod, Zeroable};
 
 /// Version of the pinned map layout. Pins live under `<pin-dir>/v<LAYOUT_VERSION>/`.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Names of the maps as they appear in the object file, in bpffs and in `bpftool map show`
 /// (kernel map names are at most 15 bytes).
@@ -25,7 +25,8 @@ pub mod map_name {
     pub const NODES: &str = "FLANNEL_NODES";
     pub const STATS: &str = "FLANNEL_STATS";
     pub const ENDPOINTS: &str = "FLANNEL_ENDPTS";
-    pub const ALL: [&str; 5] = [CONFIG, ROUTES, NODES, STATS, ENDPOINTS];
+    pub const SUBNETS: &str = "FLANNEL_SUBNETS";
+    pub const ALL: [&str; 6] = [CONFIG, ROUTES, NODES, STATS, ENDPOINTS, SUBNETS];
 }
 
 /// Names of the programs in the object file.
@@ -42,6 +43,9 @@ pub mod prog_name {
 
 /// Maximum number of remote subnets (one per node lease).
 pub const MAX_ROUTES: u32 = 16_384;
+/// Slots of the `FLANNEL_SUBNETS` array: the remote subnets of a Network indexed by their number
+/// within it (a /16 Network of /24 subnets needs 256; 65,536 allows e.g. a /8 of /24s).
+pub const SUBNET_SLOTS: u32 = 65_536;
 /// Maximum number of known nodes (public IPs).
 pub const MAX_NODES: u32 = 16_384;
 /// Maximum number of local pods the agent has learnt.
@@ -51,6 +55,7 @@ pub const MAX_ENDPOINTS: u32 = 4_096;
 /// For a route, how packets reach the remote subnet; for this node, what it decapsulates
 /// (plain packets for local pods are always delivered: host-gw and `DirectRouting` peers send them).
 pub mod backend {
+    /// No route (an empty `FLANNEL_SUBNETS` slot).
     pub const NONE: u8 = 0;
     /// VXLAN, as the kernel device flanneld creates (`flannel.<VNI>`).
     pub const VXLAN: u8 = 1;
@@ -100,9 +105,15 @@ pub struct NodeConfig {
     /// `cni0`'s MAC: the source of frames delivered straight to a pod's veth.
     pub cni_mac: [u8; 6],
     pub _pad1: [u8; 2],
+    /// 32 − this node's subnet prefix length when remote subnets of that length are also indexed
+    /// by number in `FLANNEL_SUBNETS` (slot = (address − Network) >> shift); 0 when the Network
+    /// has more subnets than [`SUBNET_SLOTS`] and only the LPM trie is used.
+    pub route_index_shift: u32,
 }
 
-/// Value of the `FLANNEL_ROUTES` LPM trie, keyed by a remote node's pod subnet.
+/// Value of the `FLANNEL_ROUTES` LPM trie, keyed by a remote node's pod subnet, and of the
+/// `FLANNEL_SUBNETS` array, indexed by the subnet's number in the Network (an empty slot has
+/// backend [`backend::NONE`]: the LPM trie decides).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct RemoteSubnet {
@@ -291,7 +302,7 @@ pub mod udp {
     pub const DEFAULT_PORT: u16 = 8285;
 }
 
-const _: () = assert!(size_of::<NodeConfig>() == 72);
+const _: () = assert!(size_of::<NodeConfig>() == 76);
 const _: () = assert!(size_of::<Endpoint>() == 12);
 const _: () = assert!(size_of::<RemoteSubnet>() == 12);
 const _: () = assert!(size_of::<RemoteNode>() == 8);

@@ -16,7 +16,7 @@ use crate::{
     drop::tc_counted,
     encap::{self, IP_DF, Outer},
     fib,
-    maps::FLANNEL_ROUTES,
+    maps::{FLANNEL_ROUTES, indexed_route},
     parse::{ETH_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4},
 };
 
@@ -65,9 +65,12 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
     if in_subnet(dst, cfg.subnet_addr, cfg.subnet_mask) {
         return Ok((TC_ACT_OK, reason::PASS_LOCAL_SUBNET));
     }
-    let remote = *FLANNEL_ROUTES
-        .get(&Key::new(32, dst))
-        .ok_or(reason::DROP_NO_ROUTE)?;
+    let remote = match indexed_route(cfg, dst) {
+        Some(remote) => remote,
+        None => *FLANNEL_ROUTES
+            .get(&Key::new(32, dst))
+            .ok_or(reason::DROP_NO_ROUTE)?,
+    };
     let (overhead, verdict) = match remote.backend {
         backend::VXLAN => (vxlan::MTU_OVERHEAD, reason::ENCAP_VXLAN),
         backend::IPIP => (ipip::MTU_OVERHEAD, reason::ENCAP_IPIP),

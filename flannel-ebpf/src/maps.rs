@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{
     Counter, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet,
-    reason,
+    SUBNET_SLOTS, backend, reason,
 };
 
 /// This node's configuration (one entry).
@@ -15,6 +15,12 @@ pub static FLANNEL_CONFIG: Array<NodeConfig, 1> = Array::new();
 /// Remote pod subnet → remote node, longest-prefix match on the inner destination.
 #[btf_map]
 pub static FLANNEL_ROUTES: LpmTrie<[u8; 4], RemoteSubnet, { MAX_ROUTES as usize }> = LpmTrie::new();
+
+/// Remote subnets indexed by their number in the Network: the same routes as `FLANNEL_ROUTES` for
+/// subnets of this node's prefix length, found with an array lookup the verifier inlines instead
+/// of a trie walk.
+#[btf_map]
+pub static FLANNEL_SUBNETS: Array<RemoteSubnet, { SUBNET_SLOTS as usize }> = Array::new();
 
 /// Remote node public IP → node: encapsulated traffic is accepted only from these.
 #[btf_map]
@@ -33,6 +39,21 @@ pub static FLANNEL_STATS: PerCpuArray<Counter, { reason::SLOTS as usize }> = Per
 pub fn config() -> Option<&'static NodeConfig> {
     match FLANNEL_CONFIG.get(0) {
         Some(cfg) if cfg.enabled != 0 => Some(cfg),
+        _ => None,
+    }
+}
+
+/// The route to `dst` (an address in the Network, network order) from `FLANNEL_SUBNETS`, if the
+/// agent indexes this Network and the slot is filled; `None` leaves it to `FLANNEL_ROUTES`.
+#[inline(always)]
+pub fn indexed_route(cfg: &NodeConfig, dst: [u8; 4]) -> Option<RemoteSubnet> {
+    let shift = cfg.route_index_shift;
+    if shift == 0 || shift >= 32 {
+        return None;
+    }
+    let slot = u32::from_be_bytes(dst).wrapping_sub(u32::from_be_bytes(cfg.network_addr)) >> shift;
+    match FLANNEL_SUBNETS.get(slot) {
+        Some(route) if route.backend != backend::NONE => Some(*route),
         _ => None,
     }
 }

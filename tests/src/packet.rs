@@ -173,5 +173,7 @@ pub fn config(
         uplink_mac,
         cni_mac: CNI_MAC,
         _pad1: [0; 2],
+        // /24 subnets in a /16: indexed in FLANNEL_SUBNETS as the agent configures it.
+        route_index_shift: 8,
     }
 }

@@ -369,6 +369,10 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     let quick = opts.quick;
     let reps = opts.reps.unwrap_or(if quick { 1 } else { 5 });
     let seconds: u32 = if quick { 1 } else { 3 };
+    // First, on a quiet machine: with the clusters up (their agents, wireguard-go) the same
+    // timings come out 20-40 % higher and spread wider.
+    say("measuring per-packet program cost (BPF_PROG_TEST_RUN)");
+    let costs = program_cost(if quick { 2_000 } else { 20_000 })?;
     say(
         "building the clusters: vxlan (XDP decap), vxlan (tc decap) + netlink nodes, vxlan (generic XDP decap), host-gw + netlink nodes, ipip, udp, wireguard",
     );
@@ -473,9 +477,6 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         agent.insert(n.to_string(), json!({"rss_mib": rss, "map_sync_ms": ms}));
         let _ = writeln!(agent_rows, "| {n} | {rss:.1} | {ms:.1} |");
     }
-    say("measuring per-packet program cost (BPF_PROG_TEST_RUN)");
-    let costs = program_cost(if quick { 2_000 } else { 20_000 })?;
-
     // Report.
     let idx = |name: &str| paths.iter().position(|p| p.name == name).expect("path");
     let field =

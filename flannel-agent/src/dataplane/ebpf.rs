@@ -19,8 +19,9 @@ use aya::{
 };
 use flannel_ebpf_common::{
     Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig,
-    RemoteNode, RemoteSubnet, map_name, prog_name, reason,
+    RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, map_name, prog_name, reason,
 };
+use ipnet::Ipv4Net;
 use tracing::{info, warn};
 
 use super::{Desired, SyncReport};
@@ -135,6 +136,41 @@ fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 5] {
 pub struct EbpfDataplane {
     ebpf: Ebpf,
     pins: PinDir,
+    /// What `FLANNEL_SUBNETS` holds (filled slots), read from the map once by the first sync.
+    slots: Option<BTreeMap<u32, RemoteSubnet>>,
+}
+
+/// `NodeConfig::route_index_shift` for a Network whose subnets have `subnet_len` bits: 0 (no
+/// index, the LPM trie alone) when the Network holds more subnets than [`SUBNET_SLOTS`].
+#[must_use]
+pub fn route_index_shift(network: Ipv4Net, subnet_len: u8) -> u32 {
+    let net_len = network.prefix_len();
+    if subnet_len <= net_len || subnet_len > 31 {
+        return 0;
+    }
+    if (1u64 << (subnet_len - net_len)) > u64::from(SUBNET_SLOTS) {
+        return 0;
+    }
+    32 - u32::from(subnet_len)
+}
+
+/// The `FLANNEL_SUBNETS` slot of a remote subnet, if the configuration indexes subnets of its
+/// length.
+fn subnet_slot(cfg: &NodeConfig, len: u32, addr: [u8; 4]) -> Option<u32> {
+    let shift = cfg.route_index_shift;
+    if shift == 0 || shift >= 32 || len != 32 - shift {
+        return None;
+    }
+    let (addr, net, mask) = (
+        u32::from_be_bytes(addr),
+        u32::from_be_bytes(cfg.network_addr),
+        u32::from_be_bytes(cfg.network_mask),
+    );
+    if addr & mask != net {
+        return None;
+    }
+    let slot = (addr - net) >> shift;
+    (slot < SUBNET_SLOTS).then_some(slot)
 }
 
 impl EbpfDataplane {
@@ -155,7 +191,11 @@ impl EbpfDataplane {
         }
         let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         load_programs(&mut ebpf)?;
-        Ok(Self { ebpf, pins })
+        Ok(Self {
+            ebpf,
+            pins,
+            slots: None,
+        })
     }
 
     /// Loads and verifies the programs with private, unpinned maps and attaches nothing: for
@@ -166,6 +206,7 @@ impl EbpfDataplane {
         Ok(Self {
             ebpf,
             pins: PinDir::new(Path::new("/nonexistent")),
+            slots: None,
         })
     }
 
@@ -211,9 +252,13 @@ impl EbpfDataplane {
     }
 
     /// Makes the maps hold exactly `desired`, touching only what differs. New nodes are accepted
-    /// before routes point at them, and forgotten only after their routes are gone.
+    /// before routes point at them, and forgotten only after their routes are gone. Routes go
+    /// into the LPM trie and, where the configuration in the map indexes them, into
+    /// `FLANNEL_SUBNETS` (so sync again after a configuration that changes the index).
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncReport, Error> {
         let mut report = SyncReport::default();
+        // The Network and index geometry (set_config comes first).
+        let cfg = self.config()?;
         let [routes_map, nodes_map] = self
             .ebpf
             .maps_disjoint_mut([map_name::ROUTES, map_name::NODES]);
@@ -266,7 +311,60 @@ impl EbpfDataplane {
             }
         }
         remove(&mut nodes, &stale_nodes, map_name::NODES, &mut report)?;
+        let want_slots: BTreeMap<u32, RemoteSubnet> = want
+            .iter()
+            .filter_map(|(&(len, addr), v)| Some((subnet_slot(&cfg, len, addr)?, **v)))
+            .collect();
+        self.sync_slots(&want_slots)?;
         Ok(report)
+    }
+
+    /// Makes `FLANNEL_SUBNETS` hold exactly `want`. An array slot is rewritten in place, not
+    /// swapped as a trie or hash entry is, so a changed slot is emptied first: a packet that
+    /// races the change falls back to the trie (already updated) instead of reading half of each.
+    fn sync_slots(&mut self, want: &BTreeMap<u32, RemoteSubnet>) -> Result<(), Error> {
+        let map = self
+            .ebpf
+            .map_mut(map_name::SUBNETS)
+            .ok_or_else(|| missing_map(map_name::SUBNETS))?;
+        let mut array: Array<_, RemoteSubnet> =
+            Array::try_from(map).map_err(|e| map_err(map_name::SUBNETS, "opening", e))?;
+        let current = if let Some(slots) = self.slots.take() {
+            slots
+        } else {
+            // Once per process: what a previous agent left in the pinned array.
+            let mut slots = BTreeMap::new();
+            for i in 0..SUBNET_SLOTS {
+                let v = array
+                    .get(&i, 0)
+                    .map_err(|e| map_err(map_name::SUBNETS, "reading", e))?;
+                if v.backend != backend::NONE {
+                    slots.insert(i, v);
+                }
+            }
+            slots
+        };
+        let empty = RemoteSubnet::default();
+        let mut set = |slot: u32, v: &RemoteSubnet| {
+            array
+                .set(slot, v, 0)
+                .map_err(|e| map_err(map_name::SUBNETS, &format!("writing slot {slot}"), e))
+        };
+        for (&slot, v) in want {
+            match current.get(&slot) {
+                Some(cur) if cur == v => continue,
+                Some(_) => set(slot, &empty)?,
+                None => {}
+            }
+            set(slot, v)?;
+        }
+        for &slot in current.keys() {
+            if !want.contains_key(&slot) {
+                set(slot, &empty)?;
+            }
+        }
+        self.slots = Some(want.clone());
+        Ok(())
     }
 
     /// Makes the endpoint map hold exactly `desired` (local pod IPv4 → veth and MAC).
