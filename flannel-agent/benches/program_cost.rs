@@ -156,7 +156,6 @@ fn main() -> Result<()> {
     let (pass_tc, pass_xdp) = (find(PASS)?, find(PASS_XDP)?);
     let repeated = |c: &Case| Case {
         repeat: 1000,
-        node: c.node,
         ..Case::new(c.name, c.node, c.prog, &c.input, c.want)
     };
     let mut repeated_tc = repeated(&cases[pass_tc]);

@@ -1140,6 +1140,22 @@ impl Testbed {
         ))
     }
 
+    /// The entries of node `i`'s pinned map `map` as `bpftool` formats them from BTF
+    /// (`{"key": …, "value": …}` with field names).
+    pub fn pinned_entries(&self, i: usize, map: &str) -> Result<Vec<serde_json::Value>> {
+        let path = self.nodes[i].pins().join(map);
+        let dump: serde_json::Value = serde_json::from_str(&run(
+            "bpftool",
+            &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
+        )?)?;
+        Ok(dump
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| e["formatted"].clone())
+            .collect())
+    }
+
     /// The agent's `--stats` of node `i` as reason → packets.
     pub fn stats(&self, i: usize) -> Result<std::collections::BTreeMap<String, u64>> {
         let pin = self.nodes[i].pin_dir.to_string_lossy().into_owned();

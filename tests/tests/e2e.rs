@@ -446,17 +446,11 @@ fn a_recreated_cni0_is_picked_up_again() -> Result<()> {
     tb.no_drops(1)
 }
 
-/// True if node `i`'s pinned endpoint map holds `ip` (from `bpftool`'s BTF-formatted JSON).
+/// True if node `i`'s pinned endpoint map holds `ip`.
 fn endpoint_learnt(tb: &Testbed, i: usize, ip: std::net::Ipv4Addr) -> Result<bool> {
-    let path = tb.nodes[i].pins().join("FLANNEL_ENDPTS");
-    let out = run(
-        "bpftool",
-        &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
-    )?;
-    let entries: serde_json::Value = serde_json::from_str(&out)?;
     let want: Vec<u64> = ip.octets().iter().map(|&b| u64::from(b)).collect();
-    Ok(entries.as_array().into_iter().flatten().any(|e| {
-        e["formatted"]["key"].as_array().is_some_and(|k| {
+    Ok(tb.pinned_entries(i, "FLANNEL_ENDPTS")?.iter().any(|e| {
+        e["key"].as_array().is_some_and(|k| {
             k.iter()
                 .filter_map(serde_json::Value::as_u64)
                 .eq(want.iter().copied())
@@ -482,22 +476,16 @@ fn a_new_pod_is_learnt_from_its_first_exchange_not_at_the_next_poll() -> Result<
         );
         ping(client, pod.ip)?;
         let learnt = std::time::Instant::now();
-        loop {
-            if endpoint_learnt(&tb, 1, pod.ip)? {
-                eprintln!(
-                    "{} learnt {:?} after its first reply",
-                    pod.ip,
-                    learnt.elapsed()
-                );
-                break;
-            }
-            ensure!(
-                learnt.elapsed() < Duration::from_millis(300),
-                "{} not learnt within 300 ms of its first exchange",
-                pod.ip
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_for(
+            &format!("{} learnt within 300 ms of its first exchange", pod.ip),
+            Duration::from_millis(300),
+            || endpoint_learnt(&tb, 1, pod.ip).unwrap_or(false),
+        )?;
+        eprintln!(
+            "{} learnt {:?} after its first reply",
+            pod.ip,
+            learnt.elapsed()
+        );
     }
     Ok(())
 }

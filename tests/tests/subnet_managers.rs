@@ -245,11 +245,6 @@ fn sigkill_during_a_transfer_loses_no_connection_and_no_byte() -> Result<()> {
 
 /// Node `i`'s pinned routes: subnet → (public IP, VTEP MAC), from `bpftool`'s BTF-formatted dump.
 fn route_map(tb: &Testbed, i: usize) -> Result<BTreeMap<String, (String, String)>> {
-    let path = tb.nodes[i].pins().join("FLANNEL_ROUTES");
-    let dump: serde_json::Value = serde_json::from_str(&run(
-        "bpftool",
-        &["-j", "map", "dump", "pinned", &path.to_string_lossy()],
-    )?)?;
     let bytes = |v: &serde_json::Value| -> Vec<u64> {
         v.as_array()
             .into_iter()
@@ -258,8 +253,7 @@ fn route_map(tb: &Testbed, i: usize) -> Result<BTreeMap<String, (String, String)
             .collect()
     };
     let mut out = BTreeMap::new();
-    for e in dump.as_array().into_iter().flatten() {
-        let f = &e["formatted"];
+    for f in &tb.pinned_entries(i, "FLANNEL_ROUTES")? {
         let d = bytes(&f["key"]["data"]);
         let ip = bytes(&f["value"]["public_ip"]);
         let mac = bytes(&f["value"]["vtep_mac"]);

@@ -239,14 +239,14 @@ impl EbpfDataplane {
             .map_err(|e| map_err(map_name::CONFIG, "reading", e))
     }
 
+    /// An array map of the object, opened for writing.
+    fn array_mut<V: aya::Pod>(&mut self, name: &str) -> Result<Array<&mut MapData, V>, Error> {
+        let map = self.ebpf.map_mut(name).ok_or_else(|| missing_map(name))?;
+        Array::try_from(map).map_err(|e| map_err(name, "opening", e))
+    }
+
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), Error> {
-        let map = self
-            .ebpf
-            .map_mut(map_name::CONFIG)
-            .ok_or_else(|| missing_map(map_name::CONFIG))?;
-        let mut array: Array<_, NodeConfig> =
-            Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
-        array
+        self.array_mut::<NodeConfig>(map_name::CONFIG)?
             .set(0, cfg, 0)
             .map_err(|e| map_err(map_name::CONFIG, "writing", e))
     }
@@ -323,13 +323,9 @@ impl EbpfDataplane {
     /// swapped as a trie or hash entry is, so a changed slot is emptied first: a packet that
     /// races the change falls back to the trie (already updated) instead of reading half of each.
     fn sync_slots(&mut self, want: &BTreeMap<u32, RemoteSubnet>) -> Result<(), Error> {
-        let map = self
-            .ebpf
-            .map_mut(map_name::SUBNETS)
-            .ok_or_else(|| missing_map(map_name::SUBNETS))?;
-        let mut array: Array<_, RemoteSubnet> =
-            Array::try_from(map).map_err(|e| map_err(map_name::SUBNETS, "opening", e))?;
-        let current = if let Some(slots) = self.slots.take() {
+        let known = self.slots.take();
+        let mut array = self.array_mut::<RemoteSubnet>(map_name::SUBNETS)?;
+        let current = if let Some(slots) = known {
             slots
         } else {
             // Once per process: what a previous agent left in the pinned array.
