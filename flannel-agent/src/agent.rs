@@ -22,7 +22,8 @@ use crate::{
     config::{self, Backend, NetConf},
     dataplane::{
         Desired, SyncReport,
-        ebpf::{self, EbpfDataplane},
+        ebpf::{self, EbpfDataplane, NatTimeouts},
+        masq::{self, Masquerade},
         netlink::{self as kernel, KernelDataplane},
         routes::{self, Route},
         wireguard::{Peer, WireguardDevice},
@@ -246,7 +247,7 @@ fn peer_route(
     })
 }
 
-/// The configuration map entry for this node.
+/// The configuration map entry for this node (`masq`: the eBPF masquerade, if on).
 #[must_use]
 pub fn node_config(
     netconf: &NetConf,
@@ -254,6 +255,7 @@ pub fn node_config(
     ext: &ExtIface,
     public_ip: Ipv4Addr,
     cni: Option<&Link>,
+    masq: Option<&Masquerade>,
 ) -> NodeConfig {
     let cni_ifindex = cni.map_or(0, |l| l.index);
     let subnet = plan.own.subnet;
@@ -283,6 +285,10 @@ pub fn node_config(
         cni_mac: cni.map_or([0; 6], |l| l.mac),
         _pad1: [0; 2],
         route_index_shift: ebpf::route_index_shift(netconf.network, subnet.prefix_len()),
+        masq_ip: masq.map_or([0; 4], |m| m.addr.octets()),
+        nat_port_min: masq.map_or(0, |m| m.ports.0),
+        nat_port_max: masq.map_or(0, |m| m.ports.1),
+        nat_flags: masq.map_or(0, Masquerade::flags),
     }
 }
 
@@ -299,6 +305,8 @@ struct Node<'a> {
     ext: ExtIface,
     public_ip: Ipv4Addr,
     pod_mtu: u32,
+    /// The eBPF masquerade's settings (`--ip-masq`); used where the eBPF dataplane runs.
+    masq: Option<Masquerade>,
 }
 
 /// The dataplane in use.
@@ -315,6 +323,11 @@ impl Active {
             Self::Kernel(_) => "netlink",
             Self::Wireguard(_) => "wireguard",
         }
+    }
+
+    /// True if this dataplane masquerades itself (so the kernel's rules must not).
+    fn masquerades(&self) -> bool {
+        matches!(self, Self::Ebpf(_))
     }
 
     /// Brings the dataplane to `plan` (only the difference is applied).
@@ -358,19 +371,34 @@ impl EbpfNode {
     /// Opens (or adopts) the pinned dataplane, fills the maps and attaches the programs.
     async fn start(nl: &Netlink, node: &Node<'_>, plan: &Plan) -> Result<Self, Error> {
         let args = node.args;
-        let mut dp = EbpfDataplane::open(&args.pin_dir)?;
+        let mut dp = EbpfDataplane::open(&args.pin_dir, args.ip_masq_table_size)?;
         if dp.config()?.enabled != 0 {
             info!(pins = %dp.pins().dir.display(), "adopting the pinned dataplane (no flush)");
         }
         let report = dp.sync(&plan.desired)?;
         info!(%report, "synced remote subnets");
         let cni = nl.link_by_name(&args.cni_bridge).await?;
-        let cfg = node_config(&node.netconf, plan, &node.ext, node.public_ip, cni.as_ref());
+        let cfg = node_config(
+            &node.netconf,
+            plan,
+            &node.ext,
+            node.public_ip,
+            cni.as_ref(),
+            node.masq.as_ref(),
+        );
         dp.set_config(&cfg)?;
         // Again, now that the configuration says how subnets are indexed (fills FLANNEL_SUBNETS).
         dp.sync(&plan.desired)?;
         dp.attach_tc(prog_name::FROM_WIRE, &node.ext.link, TcAttachType::Ingress)?;
         let xdp = dp.attach_xdp(&node.ext.link, args.decap)?;
+        if let Some(m) = &node.masq {
+            masq::reserve_ports(m.ports)?;
+            dp.attach_tc(prog_name::TO_WIRE, &node.ext.link, TcAttachType::Egress)?;
+            masq::spawn_collector(args.pin_dir.clone(), m.timeouts);
+            info!(address = %m.addr, ports = ?m.ports, fully_random = m.fully_random, "masquerade in eBPF");
+        } else if dp.detach(prog_name::TO_WIRE) {
+            info!("masquerade off: detached the eBPF masquerade");
+        }
         if let Some(cni) = &cni {
             attach_cni(&mut dp, cni)?;
         } else {
@@ -396,6 +424,7 @@ impl EbpfNode {
             &node.ext,
             node.public_ip,
             self.cni.as_ref(),
+            node.masq.as_ref(),
         );
         if cfg != self.cfg {
             self.dp.set_config(&cfg)?;
@@ -847,12 +876,23 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     )?;
     plan.report_unreachable(None);
     let pod_mtu = backends::mtu(&netconf.backend, ext.link.mtu);
+    let masq = args.ip_masq.then(|| Masquerade {
+        addr: ext.addr,
+        ports: args.ip_masq_port_range,
+        fully_random: !args.ip_masq_fully_random_disable,
+        timeouts: NatTimeouts {
+            tcp_established: Duration::from_secs(args.ip_masq_tcp_timeout),
+            udp_replied: Duration::from_secs(args.ip_masq_udp_timeout),
+            other: Duration::from_secs(args.ip_masq_other_timeout),
+        },
+    });
     let node = Node {
         args,
         netconf,
         ext,
         public_ip,
         pod_mtu,
+        masq,
     };
     info!(
         interface = %node.ext.link.name, %public_ip, subnet = %plan.own.subnet, backend = node.netconf.backend.name(),

@@ -75,6 +75,53 @@ pub struct Args {
     #[arg(long = "ip-masq", env = "FLANNELD_IP_MASQ", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
     pub ip_masq: bool,
 
+    /// Masquerade with sequential, hash-chosen ports instead of fully random ones (flanneld's
+    /// flag: iptables `MASQUERADE` without `--random-fully`).
+    #[arg(long = "ip-masq-fully-random-disable", env = "FLANNELD_IP_MASQ_FULLY_RANDOM_DISABLE", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "false")]
+    pub ip_masq_fully_random_disable: bool,
+
+    /// Ports (and ICMP echo identifiers) the eBPF masquerade allocates, `MIN-MAX`. The agent
+    /// adds them to `net.ipv4.ip_local_reserved_ports` so the node's own connections never take
+    /// them; the default lies above Linux's default `ip_local_port_range` (32768–60999).
+    #[arg(
+        long = "ip-masq-port-range",
+        env = "FLANNELD_IP_MASQ_PORT_RANGE",
+        default_value = "61000-65535",
+        value_parser = parse_port_range
+    )]
+    pub ip_masq_port_range: (u16, u16),
+
+    /// Entries of the eBPF masquerade table (a flow takes two). When it is full, established
+    /// flows keep working and new ones fail (counted as `drop_nat_table_full`). Changing it needs
+    /// `--cleanup` (the pinned table keeps its size).
+    #[arg(
+        long = "ip-masq-table-size",
+        env = "FLANNELD_IP_MASQ_TABLE_SIZE",
+        default_value_t = flannel_ebpf_common::DEFAULT_NAT_ENTRIES,
+        value_parser = clap::value_parser!(u32).range(1024..=16_777_216)
+    )]
+    pub ip_masq_table_size: u32,
+
+    /// Idle timeouts of masqueraded flows in seconds, as Linux's conntrack defaults: an
+    /// established TCP flow, a UDP flow that has seen replies, anything else (a TCP flow before
+    /// its reply, after FIN; one-way UDP; ICMP echo).
+    #[arg(long = "ip-masq-tcp-timeout", env = "FLANNELD_IP_MASQ_TCP_TIMEOUT", default_value_t = 432_000)]
+    pub ip_masq_tcp_timeout: u64,
+    #[arg(long = "ip-masq-udp-timeout", env = "FLANNELD_IP_MASQ_UDP_TIMEOUT", default_value_t = 120)]
+    pub ip_masq_udp_timeout: u64,
+    #[arg(long = "ip-masq-other-timeout", env = "FLANNELD_IP_MASQ_OTHER_TIMEOUT", default_value_t = 30)]
+    pub ip_masq_other_timeout: u64,
+
+    /// Seconds between checks that the iptables masquerade/forward rules are intact (a missing
+    /// rule rebuilds the set, as flanneld).
+    #[arg(long = "iptables-resync", env = "FLANNELD_IPTABLES_RESYNC", default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iptables_resync: u64,
+
+    /// Accept traffic from and to the Network in the kernel's FORWARD hook (flanneld's
+    /// `FLANNEL-FWD`), for nodes whose FORWARD policy is DROP.
+    #[arg(long = "iptables-forward-rules", env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "true")]
+    pub iptables_forward_rules: bool,
+
     /// Where leases come from. Default: `kube` with `--kube-subnet-mgr`, `static` with
     /// `--leases`, else `etcd` (as flanneld).
     #[arg(long = "subnet-mgr", value_enum)]
@@ -195,4 +242,32 @@ pub struct Args {
     /// Print the dataplane's per-reason packet counters from the pinned maps and exit.
     #[arg(long)]
     pub stats: bool,
+}
+
+/// Parses `MIN-MAX` (inclusive, MIN ≤ MAX, MIN ≥ 1024).
+fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (lo, hi) = s
+        .split_once('-')
+        .ok_or_else(|| format!("{s:?}: expected MIN-MAX, e.g. 61000-65535"))?;
+    let lo: u16 = lo.trim().parse().map_err(|e| format!("{lo:?}: {e}"))?;
+    let hi: u16 = hi.trim().parse().map_err(|e| format!("{hi:?}: {e}"))?;
+    if lo < 1024 || lo > hi {
+        return Err(format!("{s:?}: need 1024 <= MIN <= MAX"));
+    }
+    Ok((lo, hi))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_port_range;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(parse_port_range("61000-65535"), Ok((61000, 65535)));
+        assert_eq!(parse_port_range("2000-2000"), Ok((2000, 2000)));
+        assert!(parse_port_range("3000-2000").is_err());
+        assert!(parse_port_range("80-90").is_err());
+        assert!(parse_port_range("61000").is_err());
+        assert!(parse_port_range("61000-70000").is_err());
+    }
 }

@@ -17,6 +17,9 @@ pub struct NetConf {
     pub subnet_min: Ipv4Addr,
     pub subnet_max: Ipv4Addr,
     pub backend: Backend,
+    /// `EnableNFTables`: masquerade and forward rules as nftables tables instead of iptables
+    /// chains (where the kernel's rules are used).
+    pub enable_nftables: bool,
 }
 
 /// The `Backend` section.
@@ -188,12 +191,14 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
         }
     }
     let backend = parse_backend(path, field(obj, "Backend"))?;
+    let enable_nftables = bool_field(path, obj, "EnableNFTables")?.unwrap_or(false);
     Ok(NetConf {
         network,
         subnet_len,
         subnet_min,
         subnet_max,
         backend,
+        enable_nftables,
     })
 }
 

@@ -2,17 +2,21 @@
 //! field, drops checked against their counted reason, and fuzzing with malformed packets.
 //! Needs root (`CAP_BPF` and `CAP_NET_ADMIN`) and a kernel with BPF; `cargo xtask test` runs it so.
 use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
+use std::time::Duration;
+
 use flannel_agent::dataplane::{
     Desired,
-    ebpf::{EbpfDataplane, sum_stats},
+    ebpf::{EbpfDataplane, NatTimeouts, sum_stats},
 };
 use flannel_ebpf_common::{
-    Endpoint, NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name, reason,
+    Endpoint, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, backend, nat, prog_name,
+    reason,
 };
 use flannel_tests::packet::{
-    CNI_MAC, NODE_A, NODE_B, POD_A, POD_B, POD_MAC, PORT, UDP_PORT, UPLINK_MAC_B, VNI, VTEP_A,
-    VTEP_B, config, config_for, csum, eth, fix_ipv4_csum, ipip_frame, ipv4, payload, pod_frame,
-    udp_frame, vxlan_around, vxlan_frame,
+    CNI_MAC, NAT_PORTS, NODE_A, NODE_B, OUTSIDE, POD_A, POD_B, POD_MAC, PORT, UDP_PORT,
+    UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, config_for, csum, eth, fix_ipv4_csum, icmp,
+    ipip_frame, ipv4, l4_csum_ok, masq_config, payload, pod_frame, tcp, udp,
+    udp_checked, udp_frame, vxlan_around, vxlan_frame, wire_frame,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -41,7 +45,19 @@ fn node_via(
     peer_vtep: [u8; 6],
     kind: u8,
 ) -> EbpfDataplane {
-    let mut dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
+    let dp = EbpfDataplane::unpinned().expect("load and verify the programs (run as root)");
+    node_in(dp, cfg, peer_subnet, peer_ip, peer_vtep, kind)
+}
+
+/// Programs `dp` as a node with one peer reached by backend `kind`.
+fn node_in(
+    mut dp: EbpfDataplane,
+    cfg: &NodeConfig,
+    peer_subnet: &str,
+    peer_ip: [u8; 4],
+    peer_vtep: [u8; 6],
+    kind: u8,
+) -> EbpfDataplane {
     dp.set_config(cfg).unwrap();
     let mut d = Desired::default();
     d.routes.insert(
@@ -1186,6 +1202,380 @@ fn fuzz_every_backend_never_misdelivers_and_counts_every_packet() {
                     ipv4_header_ok(&out[14 + overhead..]),
                     "run {i}: inner valid"
                 );
+            }
+        }
+    }
+}
+
+// ---- masquerade (to_wire at the uplink's egress, reverse translation in from_wire) ----
+
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+const ICMP: u8 = 1;
+const POD_PORT: u16 = 40_000;
+
+/// Node A with the eBPF masquerade on and a table of `entries`.
+fn masq_node(entries: u32, fully_random: bool) -> EbpfDataplane {
+    let cfg = masq_config(
+        config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1]),
+        fully_random,
+    );
+    let dp = EbpfDataplane::unpinned_with(entries).expect("load and verify the programs");
+    node_in(dp, &cfg, "10.244.2.0/24", NODE_B, VTEP_B, backend::VXLAN)
+}
+
+/// Offset of the translated port (or ICMP echo identifier) in an L4 header.
+fn port_offset(proto: u8, destination: bool) -> usize {
+    match (proto, destination) {
+        (ICMP, _) => 4,
+        (_, false) => 0,
+        (_, true) => 2,
+    }
+}
+
+fn port_at(ip: &[u8], off: usize) -> u16 {
+    u16::from_be_bytes([ip[20 + off], ip[21 + off]])
+}
+
+/// Checks that `out` is `input` with the source (or, `destination`, the destination) address and
+/// port rewritten to `addr` (and a port for which `port_ok` holds), every checksum valid and
+/// nothing else changed; returns the new port.
+fn assert_translated(
+    input: &[u8],
+    out: &[u8],
+    destination: bool,
+    addr: [u8; 4],
+    port_ok: impl Fn(u16) -> bool,
+) -> u16 {
+    let ip = &out[14..];
+    let proto = ip[9];
+    let (a, p) = (if destination { 16 } else { 12 }, port_offset(proto, destination));
+    assert_eq!(ip[a..a + 4], addr, "address rewritten");
+    let port = port_at(ip, p);
+    assert!(port_ok(port), "port {port}");
+    assert_eq!(csum(&ip[..20]), 0, "IPv4 checksum valid");
+    if proto == ICMP {
+        assert_eq!(csum(&ip[20..]), 0, "ICMP checksum valid");
+    } else {
+        assert!(l4_csum_ok(ip), "L4 checksum valid");
+    }
+    let mut expected = input.to_vec();
+    expected[14 + a..14 + a + 4].copy_from_slice(&addr);
+    expected[24..26].copy_from_slice(&ip[10..12]);
+    expected[34 + p..36 + p].copy_from_slice(&port.to_be_bytes());
+    let c = match proto {
+        ICMP => 2,
+        UDP => 6,
+        _ => 16,
+    };
+    expected[34 + c..36 + c].copy_from_slice(&ip[20 + c..22 + c]);
+    assert_eq!(out, &expected[..], "nothing else changed");
+    port
+}
+
+/// A pod's packet to the outside host as it leaves the uplink.
+fn pod_out(proto: u8, seg: &[u8]) -> Vec<u8> {
+    wire_frame(&ipv4(POD_A, OUTSIDE, 63, proto, seg))
+}
+
+/// The outside host's reply to the node, on `port`.
+fn reply_in(proto: u8, port: u16, data: &[u8]) -> Vec<u8> {
+    let seg = match proto {
+        TCP => tcp(OUTSIDE, NODE_A, 80, port, 0x12, data),
+        UDP => udp_checked(OUTSIDE, NODE_A, 53, port, data),
+        _ => icmp(0, 0, [(port >> 8) as u8, port as u8, 0, 7], data),
+    };
+    wire_frame(&ipv4(OUTSIDE, NODE_A, 60, proto, &seg))
+}
+
+fn in_range(p: u16) -> bool {
+    (NAT_PORTS.0..=NAT_PORTS.1).contains(&p)
+}
+
+#[test]
+fn masquerade_rewrites_tcp_udp_and_icmp_echo_both_ways() {
+    let mut a = masq_node(1024, true);
+    let data = payload(120);
+    let cases = [
+        (TCP, tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data)),
+        (UDP, udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data)),
+        // A UDP checksum of zero (none) stays zero.
+        (UDP, udp(POD_PORT + 1, 53, &data)),
+        (ICMP, icmp(8, 0, [(POD_PORT >> 8) as u8, POD_PORT as u8, 0, 7], &data)),
+    ];
+    for (i, (proto, seg)) in cases.iter().enumerate() {
+        let input = pod_out(*proto, seg);
+        let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &input);
+        assert_eq!(ret, TC_ACT_OK, "case {i}");
+        let port = assert_translated(&input, &out, false, NODE_A, in_range);
+        if seg[6..8] == [0, 0] && *proto == UDP {
+            assert_eq!(out[40..42], [0, 0], "case {i}: no UDP checksum stays none");
+        }
+        // The same flow keeps its port.
+        let (_, again) = run_tc(&mut a, prog_name::TO_WIRE, &input);
+        assert_eq!(again, out, "case {i}: same flow, same translation");
+        // The reply goes back to the pod.
+        let reply = reply_in(*proto, port, &data);
+        let (ret, back) = run_tc(&mut a, prog_name::FROM_WIRE, &reply);
+        assert_eq!(ret, TC_ACT_OK, "case {i}");
+        let pod_port = u16::from_be_bytes([seg[0], seg[1]]);
+        let want = if *proto == ICMP { POD_PORT } else { pod_port };
+        assert_translated(&reply, &back, true, POD_A, |p| p == want);
+    }
+    assert_eq!(counted(&a, reason::NAT_SNAT), 8);
+    assert_eq!(counted(&a, reason::NAT_REVERSE), 4);
+    let entries = a.nat_entries().unwrap();
+    assert_eq!(entries.len(), 8, "two entries per flow");
+    for (k, e) in &entries {
+        if k.dir == nat::INGRESS {
+            assert_ne!(e.flags & nat::SEEN_REPLY, 0, "{k:?}: reply seen");
+            assert_eq!(e.addr, POD_A);
+        } else {
+            assert_eq!(e.addr, NODE_A);
+        }
+    }
+}
+
+#[test]
+fn masquerade_leaves_flanneld_return_cases_alone() {
+    let mut a = masq_node(1024, true);
+    let data = payload(40);
+    let untouched = [
+        // Pod to a pod of another node (rules 2, 3): inside the Network.
+        ipv4(POD_A, POD_B, 63, TCP, &tcp(POD_A, POD_B, 1, 2, 0x10, &data)),
+        // To multicast (rule 5's exception).
+        ipv4(POD_A, [239, 1, 2, 3], 63, UDP, &udp(1, 2, &data)),
+        // Not from the Network: the node's own and forwarded traffic.
+        ipv4([198, 18, 0, 99], OUTSIDE, 63, TCP, &tcp([198, 18, 0, 99], OUTSIDE, 1, 2, 0x10, &data)),
+    ];
+    for (i, ip) in untouched.iter().enumerate() {
+        let input = wire_frame(ip);
+        let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &input);
+        assert_eq!((ret, out), (TC_ACT_OK, input), "case {i}");
+    }
+    assert_eq!(counted(&a, reason::PASS_NO_MASQ), 3);
+    // The node's own flow on a port outside the range: untouched, not claimed.
+    let own = wire_frame(&ipv4(NODE_A, OUTSIDE, 64, TCP, &tcp(NODE_A, OUTSIDE, 40_000, 80, 0x10, &data)));
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &own), (TC_ACT_OK, own));
+    // A reply for no flow of ours: untouched.
+    let stray = reply_in(TCP, NAT_PORTS.0 + 5, &data);
+    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &stray), (TC_ACT_OK, stray));
+    assert!(a.nat_entries().unwrap().is_empty());
+    // Without masquerade nothing is rewritten, even from a pod to the outside.
+    let mut plain = node_a();
+    let input = pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data));
+    assert_eq!(run_tc(&mut plain, prog_name::TO_WIRE, &input), (TC_ACT_OK, input));
+}
+
+#[test]
+fn masquerade_drops_what_it_cannot_translate_with_a_reason() {
+    let mut a = masq_node(1024, true);
+    let data = payload(40);
+    // GRE from a pod: no port to translate; sending it with the pod's address would leak it.
+    let gre = pod_out(47, &data);
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &gre).0, TC_ACT_SHOT);
+    assert_eq!(counted(&a, reason::DROP_NAT_PROTO), 1);
+    // A fragment.
+    let mut frag = pod_out(UDP, &udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data));
+    frag[20] = 0x20; // MF
+    fix_ipv4_csum(&mut frag, 14);
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &frag).0, TC_ACT_SHOT);
+    assert_eq!(counted(&a, reason::DROP_NAT_FRAGMENT), 1);
+    // An echo reply of the pod's own (no flow starts with a reply).
+    let reply = pod_out(ICMP, &icmp(0, 0, [0, 9, 0, 1], &data));
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &reply).0, TC_ACT_SHOT);
+    assert_eq!(counted(&a, reason::DROP_NAT_PROTO), 2);
+    assert!(a.nat_entries().unwrap().is_empty());
+}
+
+/// An ICMP error from the outside host to the node about `quoted` (an IPv4 packet the node sent).
+fn icmp_error_in(kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    wire_frame(&ipv4(OUTSIDE, NODE_A, 60, ICMP, &icmp(kind, code, rest, quoted)))
+}
+
+#[test]
+fn icmp_errors_about_masqueraded_flows_are_rewritten_both_ways() {
+    let mut a = masq_node(1024, true);
+    let data = payload(64);
+    // A UDP flow and a TCP flow leave masqueraded.
+    let udp_seg = udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data);
+    let (_, udp_out) = run_tc(&mut a, prog_name::TO_WIRE, &pod_out(UDP, &udp_seg));
+    let tcp_seg = tcp(POD_A, OUTSIDE, POD_PORT + 1, 80, 0x10, &data);
+    let (_, tcp_out) = run_tc(&mut a, prog_name::TO_WIRE, &pod_out(TCP, &tcp_seg));
+    let udp_port = port_at(&udp_out[14..], 0);
+    let tcp_port = port_at(&tcp_out[14..], 0);
+    // Port unreachable quoting the whole translated datagram, and fragmentation-needed quoting
+    // the TCP header (28 bytes: past TCP's checksum).
+    let cases = [
+        (3, 3, [0; 4], udp_out[14..].to_vec(), POD_PORT, udp_seg, UDP),
+        (3, 4, [0, 0, 0x05, 0xaa], tcp_out[14..14 + 20 + 28].to_vec(), POD_PORT + 1, tcp_seg, TCP),
+    ];
+    for (kind, code, rest, quoted, pod_port, seg, proto) in cases {
+        let input = icmp_error_in(kind, code, rest, &quoted);
+        let (ret, out) = run_tc(&mut a, prog_name::FROM_WIRE, &input);
+        assert_eq!(ret, TC_ACT_OK);
+        let ip = &out[14..];
+        assert_eq!(ip[16..20], POD_A, "outer destination: the pod");
+        assert_eq!(csum(&ip[..20]), 0, "outer IPv4 checksum");
+        assert_eq!(csum(&ip[20..]), 0, "ICMP checksum over the rewritten quote");
+        assert_eq!(ip[20..28], input[34..42][..8].iter().copied().enumerate().map(|(i, b)| if (2..4).contains(&i) { ip[20 + i] } else { b }).collect::<Vec<_>>()[..], "type, code, rest kept");
+        let emb = &ip[28..];
+        assert_eq!(emb[12..16], POD_A, "quoted source: the pod");
+        assert_eq!(csum(&emb[..20]), 0, "quoted IPv4 checksum");
+        assert_eq!(port_at(emb, 0), pod_port, "quoted source port: the pod's");
+        // The quoted L4 checksum is the one the pod's original packet carried.
+        let c = if proto == UDP { 6 } else { 16 };
+        assert_eq!(emb[20 + c..22 + c], seg[c..c + 2], "quoted L4 checksum restored");
+    }
+    assert_eq!(counted(&a, reason::NAT_ICMP_ERROR), 2);
+    let _ = (udp_port, tcp_port);
+
+    // The other way: the pod reports port unreachable about the outside's reply.
+    let reply = reply_in(UDP, udp_port, &data);
+    let (_, reply_to_pod) = run_tc(&mut a, prog_name::FROM_WIRE, &reply);
+    let quoted = reply_to_pod[14..].to_vec();
+    let err = wire_frame(&ipv4(POD_A, OUTSIDE, 63, ICMP, &icmp(3, 3, [0; 4], &quoted)));
+    let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &err);
+    assert_eq!(ret, TC_ACT_OK);
+    let ip = &out[14..];
+    assert_eq!(ip[12..16], NODE_A, "outer source: the node");
+    assert_eq!(csum(&ip[..20]), 0);
+    assert_eq!(csum(&ip[20..]), 0);
+    let emb = &ip[28..];
+    assert_eq!(emb[16..20], NODE_A, "quoted destination: the node");
+    assert_eq!(port_at(emb, 2), udp_port, "quoted destination port: the allocated one");
+    assert!(l4_csum_ok(emb), "the quote is the outside's packet as it sent it");
+    assert_eq!(emb, &reply[14..], "byte for byte");
+    // An error about no flow of ours is left to the node.
+    let stranger = icmp_error_in(3, 3, [0; 4], &ipv4(NODE_A, OUTSIDE, 64, UDP, &udp(NAT_PORTS.1, 53, &data)));
+    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &stranger), (TC_ACT_OK, stranger));
+}
+
+#[test]
+fn masquerade_table_full_and_port_exhaustion_fail_closed() {
+    // 8 entries: four flows.
+    let mut a = masq_node(8, true);
+    let data = payload(10);
+    let flow = |sport: u16| pod_out(UDP, &udp_checked(POD_A, OUTSIDE, sport, 53, &data));
+    let mut established = Vec::new();
+    for sport in 0..4 {
+        let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &flow(1000 + sport));
+        assert_eq!(ret, TC_ACT_OK);
+        established.push(out);
+    }
+    let (ret, _) = run_tc(&mut a, prog_name::TO_WIRE, &flow(2000));
+    assert_eq!(ret, TC_ACT_SHOT, "a new flow fails when the table is full");
+    assert_eq!(counted(&a, reason::DROP_NAT_TABLE_FULL), 1);
+    for (sport, out) in established.iter().enumerate() {
+        let (ret, again) = run_tc(&mut a, prog_name::TO_WIRE, &flow(1000 + sport as u16));
+        assert_eq!((ret, &again), (TC_ACT_OK, out), "established flows keep working");
+    }
+    assert_eq!(a.nat_entries().unwrap().len(), 8);
+
+    // Ports: 100 in the range; the 101st flow to the same endpoint finds none, while another
+    // endpoint still gets ports (they are unique per remote endpoint).
+    let mut b = masq_node(1024, false);
+    let mut seen = std::collections::BTreeSet::new();
+    for sport in 0..100u16 {
+        let (ret, out) = run_tc(&mut b, prog_name::TO_WIRE, &flow(1000 + sport));
+        assert_eq!(ret, TC_ACT_OK, "flow {sport}");
+        assert!(seen.insert(port_at(&out[14..], 0)), "no two flows share a port");
+    }
+    assert_eq!(seen.len(), 100);
+    let (ret, _) = run_tc(&mut b, prog_name::TO_WIRE, &flow(5000));
+    assert_eq!(ret, TC_ACT_SHOT);
+    assert_eq!(counted(&b, reason::DROP_NAT_NO_PORT), 1);
+    let other = pod_out(UDP, &udp_checked(POD_A, OUTSIDE, 5000, 54, &data));
+    assert_eq!(run_tc(&mut b, prog_name::TO_WIRE, &other).0, TC_ACT_OK);
+}
+
+#[test]
+fn the_nodes_own_ports_in_the_range_are_never_given_to_pods() {
+    let mut a = masq_node(1024, false);
+    let data = payload(10);
+    // The node itself talks to OUTSIDE:80 from every port of the range but the last.
+    for port in NAT_PORTS.0..NAT_PORTS.1 {
+        let own = wire_frame(&ipv4(NODE_A, OUTSIDE, 64, TCP, &tcp(NODE_A, OUTSIDE, port, 80, 0x10, &data)));
+        assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &own), (TC_ACT_OK, own));
+    }
+    assert_eq!(counted(&a, reason::PASS_NAT_HOST), u64::from(NAT_PORTS.1 - NAT_PORTS.0));
+    // A pod's flow to the same endpoint gets the one port left.
+    let input = pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data));
+    let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &input);
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(port_at(&out[14..], 0), NAT_PORTS.1);
+    // Replies to the node's own ports reach the node untouched.
+    let to_node = reply_in(TCP, NAT_PORTS.0, &data);
+    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &to_node), (TC_ACT_OK, to_node));
+}
+
+#[test]
+fn expired_masquerade_flows_are_collected() {
+    let mut a = masq_node(1024, true);
+    let data = payload(10);
+    let timeouts = NatTimeouts {
+        tcp_established: Duration::from_secs(3600),
+        udp_replied: Duration::from_secs(120),
+        other: Duration::from_secs(30),
+    };
+    // An established TCP flow, a TCP flow reset by the outside, and a one-way UDP flow.
+    let (_, est) = run_tc(&mut a, prog_name::TO_WIRE, &pod_out(TCP, &tcp(POD_A, OUTSIDE, 1, 80, 0x02, &data)));
+    run_tc(&mut a, prog_name::FROM_WIRE, &reply_in(TCP, port_at(&est[14..], 0), &data));
+    let (_, rst) = run_tc(&mut a, prog_name::TO_WIRE, &pod_out(TCP, &tcp(POD_A, OUTSIDE, 2, 80, 0x02, &data)));
+    let rst_port = port_at(&rst[14..], 0);
+    let reset = wire_frame(&ipv4(OUTSIDE, NODE_A, 60, TCP, &tcp(OUTSIDE, NODE_A, 80, rst_port, 0x14, &[])));
+    run_tc(&mut a, prog_name::FROM_WIRE, &reset);
+    run_tc(&mut a, prog_name::TO_WIRE, &pod_out(UDP, &udp_checked(POD_A, OUTSIDE, 3, 53, &data)));
+    assert_eq!(a.nat_entries().unwrap().len(), 6);
+    let newest = a.nat_entries().unwrap().iter().map(|(_, e)| e.last_seen).max().unwrap();
+    let at = |secs: u64| newest + secs * 1_000_000_000;
+    // 5 s later nothing has expired.
+    assert_eq!(a.collect_nat(&timeouts, at(5)).unwrap().removed, 0);
+    // After 11 s the reset flow is gone (10 s), after 31 s the one-way UDP flow (30 s).
+    assert_eq!(a.collect_nat(&timeouts, at(11)).unwrap().removed, 2);
+    assert_eq!(a.collect_nat(&timeouts, at(31)).unwrap().removed, 2);
+    let left: Vec<(NatKey, NatEntry)> = a.nat_entries().unwrap();
+    assert_eq!(left.len(), 2);
+    assert!(left.iter().all(|(k, _)| k.proto == TCP && k.dst != NODE_A || k.sport == [0, 80]));
+    // The established one lasts its timeout.
+    assert_eq!(a.collect_nat(&timeouts, at(3599)).unwrap().removed, 0);
+    assert_eq!(a.collect_nat(&timeouts, at(3601)).unwrap().removed, 2);
+    assert!(a.nat_entries().unwrap().is_empty());
+}
+
+#[test]
+fn fuzz_masquerade_counts_every_packet_and_keeps_checksums_valid() {
+    let mut a = masq_node(4096, true);
+    let mut rng = Rng(0x7f4a_7c15_9e37_79b9);
+    let data = payload(80);
+    let seeds = [
+        pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data)),
+        pod_out(UDP, &udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data)),
+        pod_out(ICMP, &icmp(8, 0, [0, 1, 0, 1], &data)),
+        icmp_error_in(3, 4, [0, 0, 5, 0xaa], &ipv4(NODE_A, OUTSIDE, 64, TCP, &tcp(NODE_A, OUTSIDE, NAT_PORTS.0, 80, 0x10, &[]))),
+    ];
+    for i in 0..4000u64 {
+        let seed = &seeds[(i % 4) as usize];
+        let input = if i % 8 < 4 { seed.clone() } else { mutate(&mut rng, seed) };
+        for prog in [prog_name::TO_WIRE, prog_name::FROM_WIRE] {
+            let before = total_counted(&a);
+            let (ret, out) = run_tc(&mut a, prog, &input);
+            assert_eq!(total_counted(&a), before + 1, "run {i} {prog}: counted once");
+            let valid_in = input.len() > 34 && csum(&input[14..34]) == 0;
+            match ret {
+                TC_ACT_OK if out == input => {}
+                TC_ACT_OK => {
+                    assert_eq!(out.len(), input.len(), "run {i} {prog}: NAT keeps the length");
+                    if valid_in {
+                        assert_eq!(csum(&out[14..34]), 0, "run {i} {prog}: IPv4 checksum");
+                    }
+                    let ip = &out[14..];
+                    if valid_in && ip[9] != ICMP && (ip[0] == 0x45) && l4_csum_ok(&input[14..]) {
+                        assert!(l4_csum_ok(ip), "run {i} {prog}: L4 checksum");
+                    }
+                }
+                TC_ACT_SHOT | TC_ACT_REDIRECT => {}
+                other => panic!("run {i} {prog}: verdict {other}"),
             }
         }
     }

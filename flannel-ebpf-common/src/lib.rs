@@ -15,7 +15,7 @@
 use bytemuck::{Pod, Zeroable};
 
 /// Version of the pinned map layout. Pins live under `<pin-dir>/v<LAYOUT_VERSION>/`.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Names of the maps as they appear in the object file, in bpffs and in `bpftool map show`
 /// (kernel map names are at most 15 bytes).
@@ -26,7 +26,8 @@ pub mod map_name {
     pub const STATS: &str = "FLANNEL_STATS";
     pub const ENDPOINTS: &str = "FLANNEL_ENDPTS";
     pub const SUBNETS: &str = "FLANNEL_SUBNETS";
-    pub const ALL: [&str; 6] = [CONFIG, ROUTES, NODES, STATS, ENDPOINTS, SUBNETS];
+    pub const NAT: &str = "FLANNEL_NAT";
+    pub const ALL: [&str; 7] = [CONFIG, ROUTES, NODES, STATS, ENDPOINTS, SUBNETS, NAT];
 }
 
 /// Names of the programs in the object file.
@@ -39,6 +40,8 @@ pub mod prog_name {
     pub const FROM_WIRE: &str = "from_wire";
     /// XDP on the uplink: early decapsulation.
     pub const FROM_WIRE_XDP: &str = "from_wire_xdp";
+    /// tc egress on the uplink: masquerade of pod traffic leaving the Network (`--ip-masq`).
+    pub const TO_WIRE: &str = "to_wire";
 }
 
 /// Maximum number of remote subnets (one per node lease).
@@ -48,6 +51,8 @@ pub const MAX_ROUTES: u32 = 16_384;
 pub const SUBNET_SLOTS: u32 = 65_536;
 /// Maximum number of known nodes (public IPs).
 pub const MAX_NODES: u32 = 16_384;
+/// Default size of the `FLANNEL_NAT` table (entries; a masqueraded flow takes two).
+pub const DEFAULT_NAT_ENTRIES: u32 = 65_536;
 /// Maximum number of local pods the agent has learnt.
 pub const MAX_ENDPOINTS: u32 = 4_096;
 
@@ -109,6 +114,14 @@ pub struct NodeConfig {
     /// by number in `FLANNEL_SUBNETS` (slot = (address − Network) >> shift); 0 when the Network
     /// has more subnets than [`SUBNET_SLOTS`] and only the LPM trie is used.
     pub route_index_shift: u32,
+    /// The address pod traffic leaving the Network is masqueraded to (the uplink's), or zero when
+    /// the eBPF masquerade is off.
+    pub masq_ip: [u8; 4],
+    /// The port (and ICMP echo identifier) range of masqueraded flows, host order, inclusive.
+    pub nat_port_min: u16,
+    pub nat_port_max: u16,
+    /// [`nat::FULLY_RANDOM`] and the like.
+    pub nat_flags: u32,
 }
 
 /// Value of the `FLANNEL_ROUTES` LPM trie, keyed by a remote node's pod subnet, and of the
@@ -155,6 +168,72 @@ pub struct Endpoint {
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// Key of the `FLANNEL_NAT` hash. Each masqueraded flow has two entries: the original direction
+/// (`dir` [`nat::EGRESS`]: pod → remote, as the pod sent it) and the reply direction (`dir`
+/// [`nat::INGRESS`]: remote → the node's address and the allocated port). ICMP echo keeps its
+/// identifier in `sport` (egress) and `dport` (ingress), the other port zero.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Pod, Zeroable)]
+pub struct NatKey {
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub sport: [u8; 2],
+    pub dport: [u8; 2],
+    pub proto: u8,
+    pub dir: u8,
+    pub _pad0: [u8; 2],
+}
+
+/// Value of the `FLANNEL_NAT` hash: what the key's packets are rewritten to (egress: the node's
+/// address and the allocated port, as source; ingress: the pod's address and port, as
+/// destination), when the entry last saw a packet, and the flow's state.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NatEntry {
+    /// `bpf_ktime_get_ns` (`CLOCK_MONOTONIC`) of the last packet, refreshed at most once a
+    /// [`nat::TOUCH_NS`].
+    pub last_seen: u64,
+    pub addr: [u8; 4],
+    pub port: [u8; 2],
+    /// [`nat::SEEN_REPLY`], [`nat::CLOSING`], [`nat::RESET`], [`nat::HOST`].
+    pub flags: u8,
+    pub _pad0: u8,
+}
+
+/// Masquerade constants shared by the programs and the agent.
+pub mod nat {
+    /// `NatKey::dir` of the original direction (pod → outside).
+    pub const EGRESS: u8 = 0;
+    /// `NatKey::dir` of the reply direction (outside → the node's address).
+    pub const INGRESS: u8 = 1;
+    /// Entry flag: a reply has been seen (TCP established, UDP stream).
+    pub const SEEN_REPLY: u8 = 1;
+    /// Entry flag: a TCP FIN was seen.
+    pub const CLOSING: u8 = 2;
+    /// Entry flag: a TCP RST was seen.
+    pub const RESET: u8 = 4;
+    /// Entry flag (ingress entries only): a flow of the node itself holds this port; never
+    /// translated, never allocated to a pod.
+    pub const HOST: u8 = 8;
+    /// `NodeConfig::nat_flags`: ports are chosen at random (flanneld's `--random-fully`), not
+    /// from a hash of the flow.
+    pub const FULLY_RANDOM: u32 = 1;
+    /// kube-proxy's masquerade mark: packets carrying it are left to kube-proxy's own rule.
+    pub const KUBE_MASQ_MARK: u32 = 0x4000;
+    /// How often `last_seen` is rewritten at most (fewer writes to a shared cache line).
+    pub const TOUCH_NS: u64 = 1_000_000_000;
+    /// Ports tried for a new flow before giving up ([`super::reason::DROP_NAT_NO_PORT`]):
+    /// consecutive ports from a random (or hashed) start, so a range of up to this many ports is
+    /// searched whole; in a larger, nearly exhausted range a new flow can fail while a port is
+    /// still free (as the kernel's own bounded search).
+    pub const PORT_TRIES: u32 = 128;
+    /// Default port range: above Linux's default `ip_local_port_range` (32768–60999), so the
+    /// node's own connections never take these ports by default; the agent also reserves them
+    /// (`net.ipv4.ip_local_reserved_ports`).
+    pub const DEFAULT_PORT_MIN: u16 = 61_000;
+    pub const DEFAULT_PORT_MAX: u16 = 65_535;
 }
 
 /// Key of the `FLANNEL_ROUTES` LPM trie as the kernel sees it: prefix length then address.
@@ -218,8 +297,31 @@ pub mod reason {
     pub const DROP_ADJUST_ROOM: u32 = 34;
     pub const DROP_REDIRECT: u32 = 35;
     pub const DROP_UNSUPPORTED_BACKEND: u32 = 36;
+    // Masquerade (`to_wire` at the uplink's egress, reverse translation in `from_wire`).
+    /// A pod's packet leaving the Network, source rewritten to the node's address (rule 5).
+    pub const NAT_SNAT: u32 = 37;
+    /// A reply to a masqueraded flow, destination rewritten back to the pod.
+    pub const NAT_REVERSE: u32 = 38;
+    /// An ICMP error about a masqueraded flow, outer and embedded headers rewritten (either way).
+    pub const NAT_ICMP_ERROR: u32 = 39;
+    /// Leaves the uplink untranslated: inside the Network, multicast, kube-proxy's mark
+    /// (0x4000), or not from a pod (flanneld's RETURN rules).
+    pub const PASS_NO_MASQ: u32 = 40;
+    /// The node's own flow on a port of the masquerade range: claimed so that no pod flow gets it.
+    pub const PASS_NAT_HOST: u32 = 41;
+    /// A pod's packet of a protocol that cannot be masqueraded per port (not TCP, UDP or ICMP
+    /// echo/error): dropped, because sending it with the pod's address would leak it.
+    pub const DROP_NAT_PROTO: u32 = 42;
+    /// A fragment of a pod's packet leaving the Network: no port to translate.
+    pub const DROP_NAT_FRAGMENT: u32 = 43;
+    /// A new flow while the NAT table is full (established flows keep working).
+    pub const DROP_NAT_TABLE_FULL: u32 = 44;
+    /// A new flow for which no free port was found in the range.
+    pub const DROP_NAT_NO_PORT: u32 = 45;
+    /// A node flow on a port a pod flow already holds (counted; the pod flow keeps the port).
+    pub const NAT_HOST_COLLISION: u32 = 46;
     /// Number of reasons in use.
-    pub const COUNT: u32 = 37;
+    pub const COUNT: u32 = 47;
     /// Slots of `FLANNEL_STATS`: room for new reasons without changing the pinned map's shape.
     pub const SLOTS: u32 = 64;
 
@@ -262,12 +364,29 @@ pub mod reason {
         "drop_adjust_room",
         "drop_redirect",
         "drop_unsupported_backend",
+        "nat_snat",
+        "nat_reverse",
+        "nat_icmp_error",
+        "pass_no_masq",
+        "pass_nat_host",
+        "drop_nat_proto",
+        "drop_nat_fragment",
+        "drop_nat_table_full",
+        "drop_nat_no_port",
+        "nat_host_collision",
     ];
 
     /// True for the reasons that mean the packet was dropped.
     #[must_use]
     pub const fn is_drop(reason: u32) -> bool {
-        reason >= DROP_TRUNCATED
+        matches!(
+            reason,
+            DROP_TRUNCATED..=DROP_UNSUPPORTED_BACKEND
+                | DROP_NAT_PROTO
+                | DROP_NAT_FRAGMENT
+                | DROP_NAT_TABLE_FULL
+                | DROP_NAT_NO_PORT
+        )
     }
 }
 
@@ -302,7 +421,9 @@ pub mod udp {
     pub const DEFAULT_PORT: u16 = 8285;
 }
 
-const _: () = assert!(size_of::<NodeConfig>() == 76);
+const _: () = assert!(size_of::<NodeConfig>() == 88);
+const _: () = assert!(size_of::<NatKey>() == 16);
+const _: () = assert!(size_of::<NatEntry>() == 16);
 const _: () = assert!(size_of::<Endpoint>() == 12);
 const _: () = assert!(size_of::<RemoteSubnet>() == 12);
 const _: () = assert!(size_of::<RemoteNode>() == 8);
@@ -324,4 +445,8 @@ mod user {
     unsafe impl aya::Pod for super::Counter {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Endpoint {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NatEntry {}
 }

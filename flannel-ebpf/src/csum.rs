@@ -39,3 +39,18 @@ pub fn replace16(check: [u8; 2], old: u16, new: u16) -> [u8; 2] {
     let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
     (!fold(sum)).to_be_bytes()
 }
+
+/// Updates checksum `check` for a 4-byte field (an address) changing from `old` to `new`.
+#[inline(always)]
+pub fn replace32(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
+    let c = replace16(
+        check,
+        u16::from_be_bytes([old[0], old[1]]),
+        u16::from_be_bytes([new[0], new[1]]),
+    );
+    replace16(
+        c,
+        u16::from_be_bytes([old[2], old[3]]),
+        u16::from_be_bytes([new[2], new[3]]),
+    )
+}

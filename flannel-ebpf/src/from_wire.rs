@@ -23,6 +23,7 @@ use crate::{
     drop::{count, tc_counted},
     fib,
     maps::{FLANNEL_ENDPTS, FLANNEL_NODES, config},
+    nat,
     parse::{
         ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN,
         VXLAN_HLEN, VxlanHdr, decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment,
@@ -213,7 +214,17 @@ fn try_from_wire_tc(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32
         let _ = ctx.pull_data(want);
     }
     match classify(ctx, cfg)? {
-        Wire::Pass(why) => Ok((TC_ACT_OK, why)),
+        Wire::Pass(why) => {
+            // A reply to a masqueraded flow: back to the pod's address, then on through the
+            // stack, whose conntrack saw the flow leave.
+            if cfg.masq_ip != [0; 4]
+                && why == reason::PASS_NOT_OVERLAY
+                && let Some(verdict) = nat::reverse(ctx, cfg)?
+            {
+                return Ok((TC_ACT_OK, verdict));
+            }
+            Ok((TC_ACT_OK, why))
+        }
         Wire::Local => {
             // Not checked by classify (it may come from anywhere): check it as a router would.
             ipv4_checked_at(ctx, ETH_HLEN)?;

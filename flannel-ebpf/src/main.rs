@@ -4,10 +4,12 @@
 //! - `from_host`: tc egress on `cni0`, the node's own traffic to pods on other nodes;
 //! - `from_wire`: tc ingress on the uplink, VXLAN for this node is decapsulated and, like any
 //!   packet for a local pod, handed to `cni0`;
-//! - `from_wire_xdp`: XDP on the uplink, decapsulation before the stack allocates an skb.
+//! - `from_wire_xdp`: XDP on the uplink, decapsulation before the stack allocates an skb;
+//! - `to_wire`: tc egress on the uplink, masquerade of pod traffic leaving the Network
+//!   (`--ip-masq`; replies are translated back by `from_wire`).
 //!
 //! The entry points are thin; the work is in the `try_*` functions of the attach-point modules,
-//! built from the library modules (`parse`, `csum`, `encap`, `fib`, `drop`, `maps`).
+//! built from the library modules (`parse`, `csum`, `encap`, `fib`, `nat`, `drop`, `maps`).
 #![no_std]
 #![no_main]
 
@@ -19,7 +21,9 @@ mod from_host;
 mod from_pods;
 mod from_wire;
 mod maps;
+mod nat;
 mod parse;
+mod to_wire;
 
 use aya_ebpf::{
     macros::{classifier, xdp},
@@ -39,6 +43,11 @@ pub fn from_host(ctx: TcContext) -> i32 {
 #[classifier]
 pub fn from_wire(ctx: TcContext) -> i32 {
     from_wire::run_tc(&ctx)
+}
+
+#[classifier]
+pub fn to_wire(ctx: TcContext) -> i32 {
+    to_wire::run(&ctx)
 }
 
 #[xdp]

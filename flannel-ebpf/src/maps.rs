@@ -4,8 +4,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    Counter, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet,
-    SUBNET_SLOTS, backend, reason,
+    Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NatEntry, NatKey,
+    NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, reason,
 };
 
 /// This node's configuration (one entry).
@@ -29,6 +29,12 @@ pub static FLANNEL_NODES: HashMap<[u8; 4], RemoteNode, { MAX_NODES as usize }> =
 /// Local pod IPv4 → its veth and MAC, for delivery that bypasses the bridge.
 #[btf_map]
 pub static FLANNEL_ENDPTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+
+/// Masqueraded flows, two entries each (original and reply direction). A plain hash, not an LRU:
+/// when it is full a new flow fails (counted) instead of evicting an established one. The agent
+/// sizes it (`--ip-masq-table-size`) and collects expired entries.
+#[btf_map]
+pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> = HashMap::new();
 
 /// Per-CPU packet and byte counters, indexed by verdict or drop reason.
 #[btf_map]

@@ -175,5 +175,93 @@ pub fn config(
         _pad1: [0; 2],
         // /24 subnets in a /16: indexed in FLANNEL_SUBNETS as the agent configures it.
         route_index_shift: 8,
+        // Masquerade off unless a test turns it on (`masq_config`).
+        masq_ip: [0; 4],
+        nat_port_min: 0,
+        nat_port_max: 0,
+        nat_flags: 0,
     }
+}
+
+/// A host outside the pod network (in the testbed: an address in the underlay namespace).
+pub const OUTSIDE: [u8; 4] = [198, 18, 0, 200];
+/// The masquerade port range of the NAT fixtures.
+pub const NAT_PORTS: (u16, u16) = (61_000, 61_099);
+
+/// The TCP/UDP checksum of `segment` (its checksum field zero) between `src` and `dst`.
+pub fn l4_csum(src: [u8; 4], dst: [u8; 4], proto: u8, segment: &[u8]) -> u16 {
+    let mut pseudo = Vec::with_capacity(12 + segment.len());
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(segment.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(segment);
+    csum(&pseudo)
+}
+
+/// True if the TCP/UDP segment of the IPv4 packet `ip` (header without options) checks out.
+pub fn l4_csum_ok(ip: &[u8]) -> bool {
+    let (src, dst, proto) = (
+        [ip[12], ip[13], ip[14], ip[15]],
+        [ip[16], ip[17], ip[18], ip[19]],
+        ip[9],
+    );
+    let seg = &ip[20..];
+    if proto == 17 && seg[6..8] == [0, 0] {
+        return true;
+    }
+    let mut pseudo = Vec::with_capacity(12 + seg.len());
+    pseudo.extend_from_slice(&src);
+    pseudo.extend_from_slice(&dst);
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&(seg.len() as u16).to_be_bytes());
+    pseudo.extend_from_slice(seg);
+    csum(&pseudo) == 0
+}
+
+/// A TCP segment (20-byte header, `flags`) with a valid checksum.
+pub fn tcp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
+    let mut t = Vec::with_capacity(20 + data.len());
+    t.extend_from_slice(&sport.to_be_bytes());
+    t.extend_from_slice(&dport.to_be_bytes());
+    t.extend_from_slice(&1000u32.to_be_bytes());
+    t.extend_from_slice(&0u32.to_be_bytes());
+    t.extend_from_slice(&[0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
+    t.extend_from_slice(data);
+    let c = l4_csum(src, dst, 6, &t);
+    t[16..18].copy_from_slice(&c.to_be_bytes());
+    t
+}
+
+/// A UDP datagram with a valid checksum.
+pub fn udp_checked(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut u = udp(sport, dport, data);
+    let c = l4_csum(src, dst, 17, &u);
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    u
+}
+
+/// An ICMP message: type, code, the 4 bytes after the checksum, and its body.
+pub fn icmp(kind: u8, code: u8, rest: [u8; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = vec![kind, code, 0, 0];
+    m.extend_from_slice(&rest);
+    m.extend_from_slice(body);
+    let c = csum(&m);
+    m[2..4].copy_from_slice(&c.to_be_bytes());
+    m
+}
+
+/// An Ethernet frame around an IPv4 packet, as it crosses the uplink.
+pub fn wire_frame(ip: &[u8]) -> Vec<u8> {
+    eth(UPLINK_MAC_B, [0x02, 0, 0, 0, 0, 0xa1], 0x0800, ip)
+}
+
+/// `cfg` with the eBPF masquerade on: to its public IP, ports [`NAT_PORTS`].
+#[must_use]
+pub fn masq_config(mut cfg: NodeConfig, fully_random: bool) -> NodeConfig {
+    cfg.masq_ip = cfg.public_ip;
+    cfg.nat_port_min = NAT_PORTS.0;
+    cfg.nat_port_max = NAT_PORTS.1;
+    cfg.nat_flags = u32::from(fully_random);
+    cfg
 }

@@ -1,10 +1,11 @@
 //! The eBPF dataplane: loads the programs, keeps maps and links pinned under
 //! `<pin-dir>/v<LAYOUT_VERSION>/` so that they outlive the agent, and reconciles the maps.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap as StdHashMap},
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use aya::{
@@ -18,8 +19,9 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig,
-    RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, map_name, prog_name, reason,
+    Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
+    NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, map_name, nat,
+    prog_name, reason,
 };
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -92,9 +94,24 @@ impl PinDir {
     }
 }
 
-/// Expected shape of each pinned map: (name, type, key size, value size, max entries).
-fn expected_maps() -> [(&'static str, MapType, u32, u32, u32); 5] {
+/// Expected shape of each pinned map: (name, type, key size, value size, max entries), with a
+/// masquerade table of `nat_entries`.
+fn expected_maps(nat_entries: u32) -> [(&'static str, MapType, u32, u32, u32); 7] {
     [
+        (
+            map_name::SUBNETS,
+            MapType::Array,
+            4,
+            size_of::<RemoteSubnet>() as u32,
+            SUBNET_SLOTS,
+        ),
+        (
+            map_name::NAT,
+            MapType::Hash,
+            size_of::<NatKey>() as u32,
+            size_of::<NatEntry>() as u32,
+            nat_entries,
+        ),
         (
             map_name::CONFIG,
             MapType::Array,
@@ -175,8 +192,9 @@ fn subnet_slot(cfg: &NodeConfig, len: u32, addr: [u8; 4]) -> Option<u32> {
 
 impl EbpfDataplane {
     /// Mounts bpffs if needed, checks any pinned state, and loads the programs, reusing pinned
-    /// maps (a restarted agent adopts them instead of flushing).
-    pub fn open(root: &Path) -> Result<Self, Error> {
+    /// maps (a restarted agent adopts them instead of flushing). `nat_entries`: the size of the
+    /// masquerade table.
+    pub fn open(root: &Path, nat_entries: u32) -> Result<Self, Error> {
         ensure_bpffs(root)?;
         let pins = PinDir::new(root);
         check_other_layouts(&pins)?;
@@ -184,11 +202,12 @@ impl EbpfDataplane {
             path: pins.dir.clone(),
             message: e.to_string(),
         })?;
-        check_pinned_maps(&pins)?;
+        check_pinned_maps(&pins, nat_entries)?;
         let mut loader = EbpfLoader::new();
         for name in map_name::ALL {
             loader.map_pin_path(name, pins.map(name));
         }
+        loader.map_max_entries(map_name::NAT, nat_entries);
         let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
         load_programs(&mut ebpf)?;
         Ok(Self {
@@ -208,6 +227,46 @@ impl EbpfDataplane {
             pins: PinDir::new(Path::new("/nonexistent")),
             slots: None,
         })
+    }
+
+    /// As [`Self::unpinned`], with a masquerade table of `nat_entries`.
+    pub fn unpinned_with(nat_entries: u32) -> Result<Self, Error> {
+        let mut ebpf = EbpfLoader::new()
+            .map_max_entries(map_name::NAT, nat_entries)
+            .load(OBJECT)
+            .map_err(|e| Error::Load(Box::new(e)))?;
+        load_programs(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            pins: PinDir::new(Path::new("/nonexistent")),
+            slots: None,
+        })
+    }
+
+    /// Every entry of the masquerade table.
+    pub fn nat_entries(&self) -> Result<Vec<(NatKey, NatEntry)>, Error> {
+        let map = self
+            .ebpf
+            .map(map_name::NAT)
+            .ok_or_else(|| missing_map(map_name::NAT))?;
+        let table: HashMap<_, NatKey, NatEntry> =
+            HashMap::try_from(map).map_err(|e| map_err(map_name::NAT, "opening", e))?;
+        list_nat(&table)
+    }
+
+    /// Collects the masquerade table (see [`collect_nat`]).
+    pub fn collect_nat(
+        &mut self,
+        timeouts: &NatTimeouts,
+        now_ns: u64,
+    ) -> Result<NatCollection, Error> {
+        let map = self
+            .ebpf
+            .map_mut(map_name::NAT)
+            .ok_or_else(|| missing_map(map_name::NAT))?;
+        let mut table: HashMap<_, NatKey, NatEntry> =
+            HashMap::try_from(map).map_err(|e| map_err(map_name::NAT, "opening", e))?;
+        collect_in(&mut table, timeouts, now_ns)
     }
 
     /// The loaded object, for tests that drive the programs with `BPF_PROG_TEST_RUN`.
@@ -421,7 +480,7 @@ impl EbpfDataplane {
             .map_err(|source| {
                 prog_err(
                     name,
-                    &format!("attaching to {} ingress (tcx)", link.name),
+                    &format!("attaching to {} {direction:?} (tcx)", link.name),
                     source,
                 )
             })?;
@@ -431,6 +490,19 @@ impl EbpfDataplane {
         pin_link(taken, &pin)?;
         info!(program = name, interface = %link.name, ?direction, "attached at tc");
         Ok(())
+    }
+
+    /// Detaches `name` from every interface it is pinned on (now, not when the kernel gets to
+    /// it); `true` if it was attached anywhere.
+    pub fn detach(&self, name: &str) -> bool {
+        let pins = self.pins.other_links(name, None);
+        for pin in &pins {
+            if let Err(e) = detach_pinned_link(pin) {
+                warn!(pin = %pin.display(), "detaching: {e}");
+            }
+        }
+        remove_pins(&pins);
+        !pins.is_empty()
     }
 
     /// Attaches (or adopts) the XDP decapsulation program on the uplink per `mode`; returns the
@@ -562,6 +634,7 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         prog_name::FROM_PODS,
         prog_name::FROM_HOST,
         prog_name::FROM_WIRE,
+        prog_name::TO_WIRE,
     ] {
         let prog: &mut SchedClassifier = program(ebpf, name)?;
         prog.load()
@@ -724,8 +797,8 @@ fn check_other_layouts(pins: &PinDir) -> Result<(), Error> {
 }
 
 /// Refuses to reuse a pinned map whose shape differs from what the programs expect.
-fn check_pinned_maps(pins: &PinDir) -> Result<(), Error> {
-    for (name, kind, key, value, max) in expected_maps() {
+fn check_pinned_maps(pins: &PinDir, nat_entries: u32) -> Result<(), Error> {
+    for (name, kind, key, value, max) in expected_maps(nat_entries) {
         let path = pins.map(name);
         if !path.exists() {
             continue;
@@ -757,6 +830,161 @@ fn check_pinned_maps(pins: &PinDir) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Idle timeouts of masqueraded flows (Linux's conntrack defaults unless configured).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatTimeouts {
+    /// An established TCP flow (a reply seen, no FIN or RST).
+    pub tcp_established: Duration,
+    /// A UDP flow that has seen a reply.
+    pub udp_replied: Duration,
+    /// One-way UDP, ICMP echo.
+    pub other: Duration,
+}
+
+/// TCP before its reply, and after a FIN (Linux: `syn_sent`, `time_wait` 120 s).
+const TCP_TRANSITORY: Duration = Duration::from_secs(120);
+/// TCP after an RST (Linux: `close` 10 s).
+const TCP_RESET: Duration = Duration::from_secs(10);
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+
+impl NatTimeouts {
+    /// How long a flow of `proto` with `flags` (both directions' combined) may stay idle.
+    #[must_use]
+    pub fn of(&self, proto: u8, flags: u8) -> Duration {
+        match proto {
+            IPPROTO_TCP if flags & nat::RESET != 0 => TCP_RESET,
+            IPPROTO_TCP if flags & nat::CLOSING != 0 => TCP_TRANSITORY,
+            IPPROTO_TCP if flags & nat::SEEN_REPLY != 0 => self.tcp_established,
+            IPPROTO_TCP => TCP_TRANSITORY,
+            IPPROTO_UDP if flags & nat::SEEN_REPLY != 0 => self.udp_replied,
+            _ => self.other,
+        }
+    }
+}
+
+/// What a collection of the masquerade table found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NatCollection {
+    /// Entries in the table before the collection.
+    pub entries: usize,
+    /// Entries removed (both of an expired flow, expired host claims and orphans).
+    pub removed: usize,
+}
+
+/// The kernel's `CLOCK_MONOTONIC`, which `bpf_ktime_get_ns` reads, in nanoseconds.
+#[must_use]
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
+}
+
+/// The reply-direction key of a flow's original-direction entry.
+#[must_use]
+pub fn nat_reply_key(key: &NatKey, entry: &NatEntry) -> NatKey {
+    NatKey {
+        src: key.dst,
+        dst: entry.addr,
+        sport: key.dport,
+        dport: entry.port,
+        proto: key.proto,
+        dir: nat::INGRESS,
+        _pad0: [0; 2],
+    }
+}
+
+/// Every entry of the pinned masquerade table under `root`.
+pub fn read_nat(root: &Path) -> Result<Vec<(NatKey, NatEntry)>, Error> {
+    let map = open_nat(root)?;
+    let table: HashMap<_, NatKey, NatEntry> =
+        HashMap::try_from(&map).map_err(|e| map_err(map_name::NAT, "opening", e))?;
+    list_nat(&table)
+}
+
+fn list_nat<T: std::borrow::Borrow<MapData>>(
+    table: &HashMap<T, NatKey, NatEntry>,
+) -> Result<Vec<(NatKey, NatEntry)>, Error> {
+    table
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| map_err(map_name::NAT, "listing", e))
+}
+
+fn open_nat(root: &Path) -> Result<Map, Error> {
+    let path = PinDir::new(root).map(map_name::NAT);
+    let data = MapData::from_pin(&path).map_err(|e| Error::Pin {
+        path: path.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(Map::HashMap(data))
+}
+
+/// Removes the masquerade table's expired flows (both entries), host claims and orphans, as
+/// of `now_ns` (`CLOCK_MONOTONIC`), from the table pinned under `root`.
+pub fn collect_nat(
+    root: &Path,
+    timeouts: &NatTimeouts,
+    now_ns: u64,
+) -> Result<NatCollection, Error> {
+    let mut map = open_nat(root)?;
+    let mut table: HashMap<_, NatKey, NatEntry> =
+        HashMap::try_from(&mut map).map_err(|e| map_err(map_name::NAT, "opening", e))?;
+    collect_in(&mut table, timeouts, now_ns)
+}
+
+fn collect_in<T: std::borrow::BorrowMut<MapData>>(
+    table: &mut HashMap<T, NatKey, NatEntry>,
+    timeouts: &NatTimeouts,
+    now_ns: u64,
+) -> Result<NatCollection, Error> {
+    let entries: StdHashMap<NatKey, NatEntry> = table
+        .iter()
+        .collect::<Result<_, _>>()
+        .map_err(|e| map_err(map_name::NAT, "listing", e))?;
+    let idle = |last_seen: u64| Duration::from_nanos(now_ns.saturating_sub(last_seen));
+    let mut doomed = std::collections::HashSet::new();
+    let mut live_replies = std::collections::HashSet::new();
+    for (key, entry) in entries.iter().filter(|(k, _)| k.dir == nat::EGRESS) {
+        let reply_key = nat_reply_key(key, entry);
+        let reply = entries.get(&reply_key);
+        let flags = entry.flags | reply.map_or(0, |r| r.flags);
+        let newest = reply.map_or(entry.last_seen, |r| r.last_seen.max(entry.last_seen));
+        if idle(newest) > timeouts.of(key.proto, flags) {
+            doomed.insert(*key);
+            doomed.insert(reply_key);
+        } else {
+            live_replies.insert(reply_key);
+        }
+    }
+    // Host claims, and replies whose original entry is gone (a race, or a restart mid-way).
+    for (key, entry) in entries.iter().filter(|(k, _)| k.dir == nat::INGRESS) {
+        if !live_replies.contains(key) && idle(entry.last_seen) > timeouts.of(key.proto, entry.flags)
+        {
+            doomed.insert(*key);
+        }
+    }
+    let mut removed = 0;
+    // Original directions first: a pod's next packet then starts a new flow on another port
+    // while the old reply entry still holds its own.
+    let mut doomed: Vec<NatKey> = doomed.into_iter().collect();
+    doomed.sort_by_key(|k| k.dir);
+    for key in &doomed {
+        // An entry gone meanwhile (never created, or removed by a racing packet) is not an error.
+        if table.remove(key).is_ok() {
+            removed += 1;
+        }
+    }
+    Ok(NatCollection {
+        entries: entries.len(),
+        removed,
+    })
 }
 
 /// Per-reason counters summed over CPUs, read from the pinned stats map.

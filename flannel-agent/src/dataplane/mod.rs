@@ -1,5 +1,6 @@
 //! Programming the kernel: the eBPF dataplane (and, later, the netlink fallback).
 pub mod ebpf;
+pub mod masq;
 pub mod netlink;
 pub mod routes;
 pub mod wireguard;
