@@ -36,6 +36,7 @@ use crate::{
         static_file,
     },
     subnet_env::SubnetEnv,
+    trafficmngr::{self, Engine, RuleSet},
 };
 
 /// This node's lease and what the dataplane should hold, derived from a lease set.
@@ -718,6 +719,18 @@ async fn cleanup(args: &Args) -> Result<(), Error> {
     if WireguardDevice::remove(&nl).await? {
         info!("removed the flannel-wg device");
     }
+    for engine in [Engine::Iptables, Engine::Nftables] {
+        match trafficmngr::manager(engine).cleanup() {
+            Ok(()) => info!(%engine, "removed flanneld's masquerade and forward rules (if any)"),
+            Err(e @ trafficmngr::RulesError::MissingBinary { .. }) => {
+                info!(%engine, "no rules to remove: {e}");
+            }
+            Err(e) => return Err(Error::Unsupported(format!("removing the {engine} rules: {e}"))),
+        }
+    }
+    if let Err(e) = masq::release_ports(args.ip_masq_port_range) {
+        warn!("{e}");
+    }
     ebpf::cleanup(&args.pin_dir, &args.subnet_file)
 }
 
@@ -901,6 +914,23 @@ pub async fn run(args: &Args) -> Result<(), Error> {
 
     let mut active = start_dataplane(&nl, &node, &plan, wg_private.as_ref()).await?;
     let report = active.apply(&nl, &node, &plan).await?;
+    // flanneld's masquerade rules where the kernel forwards pod traffic (the eBPF dataplane
+    // masquerades itself), its forward rules everywhere.
+    let kernel_masquerades = args.ip_masq && !active.masquerades();
+    let rule_set = |plan: &Plan| RuleSet {
+        cluster: node.netconf.network,
+        pod: plan.own.subnet,
+        masquerade: kernel_masquerades,
+        fully_random: !args.ip_masq_fully_random_disable,
+        forward: args.iptables_forward_rules,
+    };
+    let engine = if node.netconf.enable_nftables {
+        Engine::Nftables
+    } else {
+        Engine::Iptables
+    };
+    let resync = Duration::from_secs(args.iptables_resync);
+    let mut rules = start_rules(engine, rule_set(&plan), resync).await?;
     let subnet_env = |plan: &Plan| SubnetEnv {
         network: node.netconf.network,
         subnet: plan.own.subnet,
@@ -1012,6 +1042,8 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                 };
                 if next.own != plan.own {
                     info!(subnet = %next.own.subnet, "this node's lease changed");
+                    rules.abort();
+                    rules = start_rules(engine, rule_set(&next), resync).await?;
                     subnet_env(&next).write(&args.subnet_file)?;
                 }
                 info!(%report, leases = leases.len(), took = ?started.elapsed(), "leases changed");
@@ -1024,6 +1056,24 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         "stopping; the dataplane stays and keeps forwarding (`flannel-agent --cleanup` removes it)"
     );
     Ok(())
+}
+
+/// Installs flanneld's masquerade/forward rules with `engine` (removing the other engine's) and
+/// keeps them in place every `resync` in the background; the handle stops that.
+async fn start_rules(
+    engine: Engine,
+    rules: RuleSet,
+    resync: Duration,
+) -> Result<tokio::task::JoinHandle<()>, Error> {
+    let first = rules.clone();
+    tokio::task::spawn_blocking(move || trafficmngr::setup(engine, &first))
+        .await
+        .map_err(|e| Error::Unsupported(format!("installing the {engine} rules: {e}")))?
+        .map_err(|e| Error::Unsupported(format!("installing the {engine} rules: {e}")))?;
+    Ok(tokio::spawn(async move {
+        let Err(e) = trafficmngr::ensure_and_resync(engine, rules, resync).await;
+        warn!("keeping the {engine} rules in place: {e}");
+    }))
 }
 
 /// Attaches the programs of the bridge: pods' traffic at ingress, the node's own at egress.

@@ -79,6 +79,11 @@ pub enum SubnetMgr {
 /// flannel's etcd prefix.
 pub const ETCD_PREFIX: &str = "/coreos.com/network";
 
+/// The outside host of masquerade tests ([`Testbed::add_outside`]).
+pub const OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 200);
+/// The outside host one routed hop away ([`Testbed::add_far_outside`]).
+pub const FAR_OUTSIDE_IP: Ipv4Addr = Ipv4Addr::new(198, 19, 0, 200);
+
 /// Where the underlay namespace serves the cluster's control plane (API server, etcd).
 pub const CONTROL_PLANE_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
 
@@ -524,6 +529,44 @@ impl Testbed {
     fn start_etcd(&mut self) -> Result<()> {
         self.resume_etcd()?;
         self.etcd_put(&format!("{ETCD_PREFIX}/config"), &self.options.net_conf)
+    }
+
+    /// An outside host for masquerade tests: [`OUTSIDE_IP`], an address of the underlay
+    /// namespace on its bridge. Nodes reach it on-link; it has no route to the pod network, so
+    /// only masqueraded traffic gets answers.
+    pub fn add_outside(&mut self) -> Result<Pod> {
+        let ul = self.underlay();
+        ip(&ul, &format!("addr replace {OUTSIDE_IP}/24 dev br0"))?;
+        Ok(Pod {
+            netns: ul,
+            ip: OUTSIDE_IP,
+            node: 0,
+        })
+    }
+
+    /// An outside host one routed hop away: [`FAR_OUTSIDE_IP`] in namespace `<prefix>-far`,
+    /// behind a link of `mtu` that the underlay namespace (198.18.0.1) routes to, so that it
+    /// answers oversized DF packets with ICMP fragmentation-needed. Every node gets a route to it.
+    pub fn add_far_outside(&mut self, mtu: u32) -> Result<Pod> {
+        let ul = self.underlay();
+        let far = format!("{}-far", self.prefix);
+        self.add_netns(&far)?;
+        ip(&ul, "addr replace 198.18.0.1/24 dev br0")?;
+        in_ns(&ul, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        ip(&ul, &format!("link add far0 mtu {mtu} type veth peer name eth0 netns {far}"))?;
+        ip(&ul, "addr add 198.19.0.1/24 dev far0")?;
+        ip(&ul, "link set far0 up")?;
+        ip(&far, &format!("link set eth0 mtu {mtu} up"))?;
+        ip(&far, &format!("addr add {FAR_OUTSIDE_IP}/24 dev eth0"))?;
+        ip(&far, "route add default via 198.19.0.1")?;
+        for node in &self.nodes {
+            ip(&node.netns, "route replace 198.19.0.0/24 via 198.18.0.1 dev eth0")?;
+        }
+        Ok(Pod {
+            netns: far,
+            ip: FAR_OUTSIDE_IP,
+            node: 0,
+        })
     }
 
     /// Stops the etcd server (an unreachable etcd); its data stays.
@@ -1293,12 +1336,23 @@ pub fn tcp_echo_paced(
     bytes: usize,
     pace: Option<Duration>,
 ) -> Result<Duration> {
+    tcp_echo_seen(from, to, bytes, pace).map(|(rtt, _)| rtt)
+}
+
+/// As [`tcp_echo_paced`], also returning the address and port the server saw the connection
+/// come from (the pod's own, or what masquerade made of it).
+pub fn tcp_echo_seen(
+    from: &Pod,
+    to: &Pod,
+    bytes: usize,
+    pace: Option<Duration>,
+) -> Result<(Duration, SocketAddr)> {
     let port = 20_000 + (PORT_COUNTER.fetch_add(1, Ordering::Relaxed) % 20_000) as u16;
     let addr = SocketAddr::from((to.ip, port));
     let listener = with_netns(&to.netns, move || Ok(TcpListener::bind(addr)?))?;
-    let server = thread::spawn(move || -> Result<Vec<u8>> {
+    let server = thread::spawn(move || -> Result<(Vec<u8>, SocketAddr)> {
         listener.set_nonblocking(false)?;
-        let (mut conn, _) = listener.accept()?;
+        let (mut conn, peer) = listener.accept()?;
         conn.set_read_timeout(Some(Duration::from_secs(30)))?;
         conn.set_write_timeout(Some(Duration::from_secs(30)))?;
         let mut got = Vec::new();
@@ -1312,7 +1366,7 @@ pub fn tcp_echo_paced(
             conn.write_all(&buf[..n])?;
         }
         conn.shutdown(std::net::Shutdown::Write)?;
-        Ok(got)
+        Ok((got, peer))
     });
     let start = Instant::now();
     let stream = with_netns(&from.netns, move || {
@@ -1344,7 +1398,7 @@ pub fn tcp_echo_paced(
         .read_to_end(&mut echoed)
         .with_context(|| format!("reading the echo {} ← {}", from.ip, to.ip))?;
     sender.join().map_err(|_| anyhow!("sender panicked"))??;
-    let received = server.join().map_err(|_| anyhow!("server panicked"))??;
+    let (received, peer) = server.join().map_err(|_| anyhow!("server panicked"))??;
     let rtt = start.elapsed();
     ensure!(
         received == data,
@@ -1362,7 +1416,7 @@ pub fn tcp_echo_paced(
         echoed.len(),
         data.len()
     );
-    Ok(rtt)
+    Ok((rtt, peer))
 }
 
 /// Pings `dst` from pod `from` (3 echo requests, bounded to a few seconds).
