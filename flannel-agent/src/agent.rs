@@ -725,7 +725,11 @@ async fn cleanup(args: &Args) -> Result<(), Error> {
             Err(e @ trafficmngr::RulesError::MissingBinary { .. }) => {
                 info!(%engine, "no rules to remove: {e}");
             }
-            Err(e) => return Err(Error::Unsupported(format!("removing the {engine} rules: {e}"))),
+            Err(e) => {
+                return Err(Error::Unsupported(format!(
+                    "removing the {engine} rules: {e}"
+                )));
+            }
         }
     }
     if let Err(e) = masq::release_ports(args.ip_masq_port_range) {
@@ -748,6 +752,11 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         for (name, c) in ebpf::read_stats(&args.pin_dir)? {
             println!("{name:<26} {:>12} packets {:>16} bytes", c.packets, c.bytes);
         }
+        let nat = ebpf::nat_occupancy(&args.pin_dir)?;
+        println!(
+            "masquerade table: {} of {} entries ({} flows, {} node ports claimed)",
+            nat.entries, nat.capacity, nat.flows, nat.host_claims
+        );
         return Ok(());
     }
 

@@ -105,11 +105,23 @@ pub struct Args {
     /// Idle timeouts of masqueraded flows in seconds, as Linux's conntrack defaults: an
     /// established TCP flow, a UDP flow that has seen replies, anything else (a TCP flow before
     /// its reply, after FIN; one-way UDP; ICMP echo).
-    #[arg(long = "ip-masq-tcp-timeout", env = "FLANNELD_IP_MASQ_TCP_TIMEOUT", default_value_t = 432_000)]
+    #[arg(
+        long = "ip-masq-tcp-timeout",
+        env = "FLANNELD_IP_MASQ_TCP_TIMEOUT",
+        default_value_t = 432_000
+    )]
     pub ip_masq_tcp_timeout: u64,
-    #[arg(long = "ip-masq-udp-timeout", env = "FLANNELD_IP_MASQ_UDP_TIMEOUT", default_value_t = 120)]
+    #[arg(
+        long = "ip-masq-udp-timeout",
+        env = "FLANNELD_IP_MASQ_UDP_TIMEOUT",
+        default_value_t = 120
+    )]
     pub ip_masq_udp_timeout: u64,
-    #[arg(long = "ip-masq-other-timeout", env = "FLANNELD_IP_MASQ_OTHER_TIMEOUT", default_value_t = 30)]
+    #[arg(
+        long = "ip-masq-other-timeout",
+        env = "FLANNELD_IP_MASQ_OTHER_TIMEOUT",
+        default_value_t = 30
+    )]
     pub ip_masq_other_timeout: u64,
 
     /// Seconds between checks that the iptables masquerade/forward rules are intact (a missing

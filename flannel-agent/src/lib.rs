@@ -13,5 +13,6 @@ pub mod iface;
 pub mod json;
 pub mod lease;
 pub mod subnet_env;
+pub mod trafficmngr;
 
 pub use error::Error;

@@ -15,8 +15,8 @@ use flannel_ebpf_common::{
 use flannel_tests::packet::{
     CNI_MAC, NAT_PORTS, NODE_A, NODE_B, OUTSIDE, POD_A, POD_B, POD_MAC, PORT, UDP_PORT,
     UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, config_for, csum, eth, fix_ipv4_csum, icmp,
-    ipip_frame, ipv4, l4_csum_ok, masq_config, payload, pod_frame, tcp, udp,
-    udp_checked, udp_frame, vxlan_around, vxlan_frame, wire_frame,
+    ipip_frame, ipv4, l4_csum_ok, masq_config, payload, pod_frame, tcp, udp, udp_checked,
+    udp_frame, vxlan_around, vxlan_frame, wire_frame,
 };
 
 const TC_ACT_OK: i32 = 0;
@@ -1249,7 +1249,10 @@ fn assert_translated(
 ) -> u16 {
     let ip = &out[14..];
     let proto = ip[9];
-    let (a, p) = (if destination { 16 } else { 12 }, port_offset(proto, destination));
+    let (a, p) = (
+        if destination { 16 } else { 12 },
+        port_offset(proto, destination),
+    );
     assert_eq!(ip[a..a + 4], addr, "address rewritten");
     let port = port_at(ip, p);
     assert!(port_ok(port), "port {port}");
@@ -1301,7 +1304,10 @@ fn masquerade_rewrites_tcp_udp_and_icmp_echo_both_ways() {
         (UDP, udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data)),
         // A UDP checksum of zero (none) stays zero.
         (UDP, udp(POD_PORT + 1, 53, &data)),
-        (ICMP, icmp(8, 0, [(POD_PORT >> 8) as u8, POD_PORT as u8, 0, 7], &data)),
+        (
+            ICMP,
+            icmp(8, 0, [(POD_PORT >> 8) as u8, POD_PORT as u8, 0, 7], &data),
+        ),
     ];
     for (i, (proto, seg)) in cases.iter().enumerate() {
         let input = pod_out(*proto, seg);
@@ -1346,7 +1352,13 @@ fn masquerade_leaves_flanneld_return_cases_alone() {
         // To multicast (rule 5's exception).
         ipv4(POD_A, [239, 1, 2, 3], 63, UDP, &udp(1, 2, &data)),
         // Not from the Network: the node's own and forwarded traffic.
-        ipv4([198, 18, 0, 99], OUTSIDE, 63, TCP, &tcp([198, 18, 0, 99], OUTSIDE, 1, 2, 0x10, &data)),
+        ipv4(
+            [198, 18, 0, 99],
+            OUTSIDE,
+            63,
+            TCP,
+            &tcp([198, 18, 0, 99], OUTSIDE, 1, 2, 0x10, &data),
+        ),
     ];
     for (i, ip) in untouched.iter().enumerate() {
         let input = wire_frame(ip);
@@ -1355,16 +1367,28 @@ fn masquerade_leaves_flanneld_return_cases_alone() {
     }
     assert_eq!(counted(&a, reason::PASS_NO_MASQ), 3);
     // The node's own flow on a port outside the range: untouched, not claimed.
-    let own = wire_frame(&ipv4(NODE_A, OUTSIDE, 64, TCP, &tcp(NODE_A, OUTSIDE, 40_000, 80, 0x10, &data)));
+    let own = wire_frame(&ipv4(
+        NODE_A,
+        OUTSIDE,
+        64,
+        TCP,
+        &tcp(NODE_A, OUTSIDE, 40_000, 80, 0x10, &data),
+    ));
     assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &own), (TC_ACT_OK, own));
     // A reply for no flow of ours: untouched.
     let stray = reply_in(TCP, NAT_PORTS.0 + 5, &data);
-    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &stray), (TC_ACT_OK, stray));
+    assert_eq!(
+        run_tc(&mut a, prog_name::FROM_WIRE, &stray),
+        (TC_ACT_OK, stray)
+    );
     assert!(a.nat_entries().unwrap().is_empty());
     // Without masquerade nothing is rewritten, even from a pod to the outside.
     let mut plain = node_a();
     let input = pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data));
-    assert_eq!(run_tc(&mut plain, prog_name::TO_WIRE, &input), (TC_ACT_OK, input));
+    assert_eq!(
+        run_tc(&mut plain, prog_name::TO_WIRE, &input),
+        (TC_ACT_OK, input)
+    );
 }
 
 #[test]
@@ -1390,7 +1414,13 @@ fn masquerade_drops_what_it_cannot_translate_with_a_reason() {
 
 /// An ICMP error from the outside host to the node about `quoted` (an IPv4 packet the node sent).
 fn icmp_error_in(kind: u8, code: u8, rest: [u8; 4], quoted: &[u8]) -> Vec<u8> {
-    wire_frame(&ipv4(OUTSIDE, NODE_A, 60, ICMP, &icmp(kind, code, rest, quoted)))
+    wire_frame(&ipv4(
+        OUTSIDE,
+        NODE_A,
+        60,
+        ICMP,
+        &icmp(kind, code, rest, quoted),
+    ))
 }
 
 #[test]
@@ -1408,7 +1438,15 @@ fn icmp_errors_about_masqueraded_flows_are_rewritten_both_ways() {
     // the TCP header (28 bytes: past TCP's checksum).
     let cases = [
         (3, 3, [0; 4], udp_out[14..].to_vec(), POD_PORT, udp_seg, UDP),
-        (3, 4, [0, 0, 0x05, 0xaa], tcp_out[14..14 + 20 + 28].to_vec(), POD_PORT + 1, tcp_seg, TCP),
+        (
+            3,
+            4,
+            [0, 0, 0x05, 0xaa],
+            tcp_out[14..14 + 20 + 28].to_vec(),
+            POD_PORT + 1,
+            tcp_seg,
+            TCP,
+        ),
     ];
     for (kind, code, rest, quoted, pod_port, seg, proto) in cases {
         let input = icmp_error_in(kind, code, rest, &quoted);
@@ -1418,14 +1456,27 @@ fn icmp_errors_about_masqueraded_flows_are_rewritten_both_ways() {
         assert_eq!(ip[16..20], POD_A, "outer destination: the pod");
         assert_eq!(csum(&ip[..20]), 0, "outer IPv4 checksum");
         assert_eq!(csum(&ip[20..]), 0, "ICMP checksum over the rewritten quote");
-        assert_eq!(ip[20..28], input[34..42][..8].iter().copied().enumerate().map(|(i, b)| if (2..4).contains(&i) { ip[20 + i] } else { b }).collect::<Vec<_>>()[..], "type, code, rest kept");
+        assert_eq!(
+            ip[20..28],
+            input[34..42][..8]
+                .iter()
+                .copied()
+                .enumerate()
+                .map(|(i, b)| if (2..4).contains(&i) { ip[20 + i] } else { b })
+                .collect::<Vec<_>>()[..],
+            "type, code, rest kept"
+        );
         let emb = &ip[28..];
         assert_eq!(emb[12..16], POD_A, "quoted source: the pod");
         assert_eq!(csum(&emb[..20]), 0, "quoted IPv4 checksum");
         assert_eq!(port_at(emb, 0), pod_port, "quoted source port: the pod's");
         // The quoted L4 checksum is the one the pod's original packet carried.
         let c = if proto == UDP { 6 } else { 16 };
-        assert_eq!(emb[20 + c..22 + c], seg[c..c + 2], "quoted L4 checksum restored");
+        assert_eq!(
+            emb[20 + c..22 + c],
+            seg[c..c + 2],
+            "quoted L4 checksum restored"
+        );
     }
     assert_eq!(counted(&a, reason::NAT_ICMP_ERROR), 2);
     let _ = (udp_port, tcp_port);
@@ -1434,7 +1485,13 @@ fn icmp_errors_about_masqueraded_flows_are_rewritten_both_ways() {
     let reply = reply_in(UDP, udp_port, &data);
     let (_, reply_to_pod) = run_tc(&mut a, prog_name::FROM_WIRE, &reply);
     let quoted = reply_to_pod[14..].to_vec();
-    let err = wire_frame(&ipv4(POD_A, OUTSIDE, 63, ICMP, &icmp(3, 3, [0; 4], &quoted)));
+    let err = wire_frame(&ipv4(
+        POD_A,
+        OUTSIDE,
+        63,
+        ICMP,
+        &icmp(3, 3, [0; 4], &quoted),
+    ));
     let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &err);
     assert_eq!(ret, TC_ACT_OK);
     let ip = &out[14..];
@@ -1443,12 +1500,27 @@ fn icmp_errors_about_masqueraded_flows_are_rewritten_both_ways() {
     assert_eq!(csum(&ip[20..]), 0);
     let emb = &ip[28..];
     assert_eq!(emb[16..20], NODE_A, "quoted destination: the node");
-    assert_eq!(port_at(emb, 2), udp_port, "quoted destination port: the allocated one");
-    assert!(l4_csum_ok(emb), "the quote is the outside's packet as it sent it");
+    assert_eq!(
+        port_at(emb, 2),
+        udp_port,
+        "quoted destination port: the allocated one"
+    );
+    assert!(
+        l4_csum_ok(emb),
+        "the quote is the outside's packet as it sent it"
+    );
     assert_eq!(emb, &reply[14..], "byte for byte");
     // An error about no flow of ours is left to the node.
-    let stranger = icmp_error_in(3, 3, [0; 4], &ipv4(NODE_A, OUTSIDE, 64, UDP, &udp(NAT_PORTS.1, 53, &data)));
-    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &stranger), (TC_ACT_OK, stranger));
+    let stranger = icmp_error_in(
+        3,
+        3,
+        [0; 4],
+        &ipv4(NODE_A, OUTSIDE, 64, UDP, &udp(NAT_PORTS.1, 53, &data)),
+    );
+    assert_eq!(
+        run_tc(&mut a, prog_name::FROM_WIRE, &stranger),
+        (TC_ACT_OK, stranger)
+    );
 }
 
 #[test]
@@ -1468,7 +1540,11 @@ fn masquerade_table_full_and_port_exhaustion_fail_closed() {
     assert_eq!(counted(&a, reason::DROP_NAT_TABLE_FULL), 1);
     for (sport, out) in established.iter().enumerate() {
         let (ret, again) = run_tc(&mut a, prog_name::TO_WIRE, &flow(1000 + sport as u16));
-        assert_eq!((ret, &again), (TC_ACT_OK, out), "established flows keep working");
+        assert_eq!(
+            (ret, &again),
+            (TC_ACT_OK, out),
+            "established flows keep working"
+        );
     }
     assert_eq!(a.nat_entries().unwrap().len(), 8);
 
@@ -1479,7 +1555,10 @@ fn masquerade_table_full_and_port_exhaustion_fail_closed() {
     for sport in 0..100u16 {
         let (ret, out) = run_tc(&mut b, prog_name::TO_WIRE, &flow(1000 + sport));
         assert_eq!(ret, TC_ACT_OK, "flow {sport}");
-        assert!(seen.insert(port_at(&out[14..], 0)), "no two flows share a port");
+        assert!(
+            seen.insert(port_at(&out[14..], 0)),
+            "no two flows share a port"
+        );
     }
     assert_eq!(seen.len(), 100);
     let (ret, _) = run_tc(&mut b, prog_name::TO_WIRE, &flow(5000));
@@ -1495,10 +1574,19 @@ fn the_nodes_own_ports_in_the_range_are_never_given_to_pods() {
     let data = payload(10);
     // The node itself talks to OUTSIDE:80 from every port of the range but the last.
     for port in NAT_PORTS.0..NAT_PORTS.1 {
-        let own = wire_frame(&ipv4(NODE_A, OUTSIDE, 64, TCP, &tcp(NODE_A, OUTSIDE, port, 80, 0x10, &data)));
+        let own = wire_frame(&ipv4(
+            NODE_A,
+            OUTSIDE,
+            64,
+            TCP,
+            &tcp(NODE_A, OUTSIDE, port, 80, 0x10, &data),
+        ));
         assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &own), (TC_ACT_OK, own));
     }
-    assert_eq!(counted(&a, reason::PASS_NAT_HOST), u64::from(NAT_PORTS.1 - NAT_PORTS.0));
+    assert_eq!(
+        counted(&a, reason::PASS_NAT_HOST),
+        u64::from(NAT_PORTS.1 - NAT_PORTS.0)
+    );
     // A pod's flow to the same endpoint gets the one port left.
     let input = pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data));
     let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &input);
@@ -1506,7 +1594,10 @@ fn the_nodes_own_ports_in_the_range_are_never_given_to_pods() {
     assert_eq!(port_at(&out[14..], 0), NAT_PORTS.1);
     // Replies to the node's own ports reach the node untouched.
     let to_node = reply_in(TCP, NAT_PORTS.0, &data);
-    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &to_node), (TC_ACT_OK, to_node));
+    assert_eq!(
+        run_tc(&mut a, prog_name::FROM_WIRE, &to_node),
+        (TC_ACT_OK, to_node)
+    );
 }
 
 #[test]
@@ -1514,20 +1605,48 @@ fn expired_masquerade_flows_are_collected() {
     let mut a = masq_node(1024, true);
     let data = payload(10);
     let timeouts = NatTimeouts {
-        tcp_established: Duration::from_secs(3600),
-        udp_replied: Duration::from_secs(120),
+        tcp_established: Duration::from_hours(1),
+        udp_replied: Duration::from_mins(2),
         other: Duration::from_secs(30),
     };
     // An established TCP flow, a TCP flow reset by the outside, and a one-way UDP flow.
-    let (_, est) = run_tc(&mut a, prog_name::TO_WIRE, &pod_out(TCP, &tcp(POD_A, OUTSIDE, 1, 80, 0x02, &data)));
-    run_tc(&mut a, prog_name::FROM_WIRE, &reply_in(TCP, port_at(&est[14..], 0), &data));
-    let (_, rst) = run_tc(&mut a, prog_name::TO_WIRE, &pod_out(TCP, &tcp(POD_A, OUTSIDE, 2, 80, 0x02, &data)));
+    let (_, est) = run_tc(
+        &mut a,
+        prog_name::TO_WIRE,
+        &pod_out(TCP, &tcp(POD_A, OUTSIDE, 1, 80, 0x02, &data)),
+    );
+    run_tc(
+        &mut a,
+        prog_name::FROM_WIRE,
+        &reply_in(TCP, port_at(&est[14..], 0), &data),
+    );
+    let (_, rst) = run_tc(
+        &mut a,
+        prog_name::TO_WIRE,
+        &pod_out(TCP, &tcp(POD_A, OUTSIDE, 2, 80, 0x02, &data)),
+    );
     let rst_port = port_at(&rst[14..], 0);
-    let reset = wire_frame(&ipv4(OUTSIDE, NODE_A, 60, TCP, &tcp(OUTSIDE, NODE_A, 80, rst_port, 0x14, &[])));
+    let reset = wire_frame(&ipv4(
+        OUTSIDE,
+        NODE_A,
+        60,
+        TCP,
+        &tcp(OUTSIDE, NODE_A, 80, rst_port, 0x14, &[]),
+    ));
     run_tc(&mut a, prog_name::FROM_WIRE, &reset);
-    run_tc(&mut a, prog_name::TO_WIRE, &pod_out(UDP, &udp_checked(POD_A, OUTSIDE, 3, 53, &data)));
+    run_tc(
+        &mut a,
+        prog_name::TO_WIRE,
+        &pod_out(UDP, &udp_checked(POD_A, OUTSIDE, 3, 53, &data)),
+    );
     assert_eq!(a.nat_entries().unwrap().len(), 6);
-    let newest = a.nat_entries().unwrap().iter().map(|(_, e)| e.last_seen).max().unwrap();
+    let newest = a
+        .nat_entries()
+        .unwrap()
+        .iter()
+        .map(|(_, e)| e.last_seen)
+        .max()
+        .unwrap();
     let at = |secs: u64| newest + secs * 1_000_000_000;
     // 5 s later nothing has expired.
     assert_eq!(a.collect_nat(&timeouts, at(5)).unwrap().removed, 0);
@@ -1536,7 +1655,10 @@ fn expired_masquerade_flows_are_collected() {
     assert_eq!(a.collect_nat(&timeouts, at(31)).unwrap().removed, 2);
     let left: Vec<(NatKey, NatEntry)> = a.nat_entries().unwrap();
     assert_eq!(left.len(), 2);
-    assert!(left.iter().all(|(k, _)| k.proto == TCP && k.dst != NODE_A || k.sport == [0, 80]));
+    assert!(
+        left.iter()
+            .all(|(k, _)| k.proto == TCP && k.dst != NODE_A || k.sport == [0, 80])
+    );
     // The established one lasts its timeout.
     assert_eq!(a.collect_nat(&timeouts, at(3599)).unwrap().removed, 0);
     assert_eq!(a.collect_nat(&timeouts, at(3601)).unwrap().removed, 2);
@@ -1552,20 +1674,43 @@ fn fuzz_masquerade_counts_every_packet_and_keeps_checksums_valid() {
         pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x02, &data)),
         pod_out(UDP, &udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data)),
         pod_out(ICMP, &icmp(8, 0, [0, 1, 0, 1], &data)),
-        icmp_error_in(3, 4, [0, 0, 5, 0xaa], &ipv4(NODE_A, OUTSIDE, 64, TCP, &tcp(NODE_A, OUTSIDE, NAT_PORTS.0, 80, 0x10, &[]))),
+        icmp_error_in(
+            3,
+            4,
+            [0, 0, 5, 0xaa],
+            &ipv4(
+                NODE_A,
+                OUTSIDE,
+                64,
+                TCP,
+                &tcp(NODE_A, OUTSIDE, NAT_PORTS.0, 80, 0x10, &[]),
+            ),
+        ),
     ];
     for i in 0..4000u64 {
         let seed = &seeds[(i % 4) as usize];
-        let input = if i % 8 < 4 { seed.clone() } else { mutate(&mut rng, seed) };
+        let input = if i % 8 < 4 {
+            seed.clone()
+        } else {
+            mutate(&mut rng, seed)
+        };
         for prog in [prog_name::TO_WIRE, prog_name::FROM_WIRE] {
             let before = total_counted(&a);
             let (ret, out) = run_tc(&mut a, prog, &input);
-            assert_eq!(total_counted(&a), before + 1, "run {i} {prog}: counted once");
+            assert_eq!(
+                total_counted(&a),
+                before + 1,
+                "run {i} {prog}: counted once"
+            );
             let valid_in = input.len() > 34 && csum(&input[14..34]) == 0;
             match ret {
                 TC_ACT_OK if out == input => {}
                 TC_ACT_OK => {
-                    assert_eq!(out.len(), input.len(), "run {i} {prog}: NAT keeps the length");
+                    assert_eq!(
+                        out.len(),
+                        input.len(),
+                        "run {i} {prog}: NAT keeps the length"
+                    );
                     if valid_in {
                         assert_eq!(csum(&out[14..34]), 0, "run {i} {prog}: IPv4 checksum");
                     }

@@ -186,6 +186,28 @@ pub struct NatKey {
     pub _pad0: [u8; 2],
 }
 
+impl NatKey {
+    #[must_use]
+    pub const fn new(
+        src: [u8; 4],
+        dst: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+        proto: u8,
+        dir: u8,
+    ) -> Self {
+        Self {
+            src,
+            dst,
+            sport,
+            dport,
+            proto,
+            dir,
+            _pad0: [0; 2],
+        }
+    }
+}
+
 /// Value of the `FLANNEL_NAT` hash: what the key's packets are rewritten to (egress: the node's
 /// address and the allocated port, as source; ingress: the pod's address and port, as
 /// destination), when the entry last saw a packet, and the flow's state.
@@ -381,11 +403,12 @@ pub mod reason {
     pub const fn is_drop(reason: u32) -> bool {
         matches!(
             reason,
-            DROP_TRUNCATED..=DROP_UNSUPPORTED_BACKEND
-                | DROP_NAT_PROTO
-                | DROP_NAT_FRAGMENT
-                | DROP_NAT_TABLE_FULL
-                | DROP_NAT_NO_PORT
+            DROP_TRUNCATED
+                ..=DROP_UNSUPPORTED_BACKEND
+                    | DROP_NAT_PROTO
+                    | DROP_NAT_FRAGMENT
+                    | DROP_NAT_TABLE_FULL
+                    | DROP_NAT_NO_PORT
         )
     }
 }

@@ -34,7 +34,8 @@ pub static FLANNEL_ENDPTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }
 /// when it is full a new flow fails (counted) instead of evicting an established one. The agent
 /// sizes it (`--ip-masq-table-size`) and collects expired entries.
 #[btf_map]
-pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> = HashMap::new();
+pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> =
+    HashMap::new();
 
 /// Per-CPU packet and byte counters, indexed by verdict or drop reason.
 #[btf_map]

@@ -22,7 +22,9 @@ use network_types::ip::Ipv4Hdr;
 use crate::{
     csum,
     maps::FLANNEL_NAT,
-    parse::{ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, in_subnet, ipv4_at, is_fragment, ptr_at},
+    parse::{
+        ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, in_subnet, ipv4_at, is_fragment, ptr_at,
+    },
 };
 
 pub const IPPROTO_ICMP: u8 = 1;
@@ -32,9 +34,11 @@ const ICMP_ECHO: u8 = 8;
 const ICMP_TIME_EXCEEDED: u8 = 11;
 /// `-EEXIST`: the key is taken (a port in use for this remote endpoint).
 const EEXIST: i32 = -17;
-/// Bytes that must be linear: Ethernet, an IPv4 header with options, an ICMP header, the
-/// embedded IPv4 header with options and 20 bytes of its L4 header.
-const PULL_LEN: u32 = (ETH_HLEN + 60 + 8 + 60 + 20) as u32;
+/// Bytes an ICMP error's translation reads past its ICMP header: the quoted IPv4 header with
+/// options and 20 bytes of its L4 header.
+const ICMP_ERROR_LEN: usize = 8 + 60 + 20;
+/// Bytes of a TCP/UDP/ICMP echo header a translation reads.
+const L4_LEN: usize = 20;
 
 /// Offsets of the fields a translation touches, relative to the L4 header.
 const PORTS_OFF: usize = 0;
@@ -46,17 +50,29 @@ const TCP_CSUM_OFF: usize = 16;
 const TCP_FIN: u8 = 0x01;
 const TCP_RST: u8 = 0x04;
 
-/// Makes the headers a translation reads directly accessible.
+/// Makes the first `len` bytes (or the whole packet, if shorter) directly accessible. Only
+/// called for what a decision needs, so that packets that are not translated (encapsulated pod
+/// traffic, the node's own) are never pulled: a pull of a cloned skb copies its head.
 #[inline(always)]
-fn pull(ctx: &TcContext) {
-    let want = if ctx.len() < PULL_LEN {
-        ctx.len()
-    } else {
-        PULL_LEN
-    };
+fn pull(ctx: &TcContext, len: usize) {
+    let len = len as u32;
+    let want = if ctx.len() < len { ctx.len() } else { len };
     if ((ctx.data_end() - ctx.data()) as u32) < want {
         let _ = ctx.pull_data(want);
     }
+}
+
+/// Pulls what a translation of a `proto` packet with its L4 header at `l4` reads.
+#[inline(always)]
+fn pull_l4(ctx: &TcContext, l4: usize, proto: u8, error: bool) {
+    pull(
+        ctx,
+        l4 + if proto == IPPROTO_ICMP && error {
+            ICMP_ERROR_LEN
+        } else {
+            L4_LEN
+        },
+    );
 }
 
 /// The L4 header's offset behind an IPv4 header.
@@ -140,15 +156,7 @@ fn tcp_state(ctx: &TcContext, proto: u8, l4: usize) -> u8 {
 /// The reply-direction key of an original-direction key (`sport` still to be allocated).
 #[inline(always)]
 fn reply_key(key: &NatKey, masq_ip: [u8; 4], port: [u8; 2]) -> NatKey {
-    NatKey {
-        src: key.dst,
-        dst: masq_ip,
-        sport: key.dport,
-        dport: port,
-        proto: key.proto,
-        dir: nat::INGRESS,
-        _pad0: [0; 2],
-    }
+    NatKey::new(key.dst, masq_ip, key.dport, port, key.proto, nat::INGRESS)
 }
 
 /// A start for the port search: random (`--random-fully`) or a hash of the flow.
@@ -217,7 +225,9 @@ fn flow_port(cfg: &NodeConfig, key: &NatKey, flags: u8) -> Result<[u8; 2], u32> 
                 return Err(reason::DROP_NAT_TABLE_FULL);
             }
             // Another CPU created the flow at the same time: use its port.
-            let entry = FLANNEL_NAT.get_ptr(key).ok_or(reason::DROP_NAT_TABLE_FULL)?;
+            let entry = FLANNEL_NAT
+                .get_ptr(key)
+                .ok_or(reason::DROP_NAT_TABLE_FULL)?;
             // SAFETY: the pointer came from a successful lookup.
             Ok(unsafe { (*entry).port })
         }
@@ -330,7 +340,7 @@ pub fn snat(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
     if cfg.masq_ip == [0; 4] {
         return Ok((TC_ACT_OK, reason::PASS_NO_MASQ));
     }
-    pull(ctx);
+    pull(ctx, ETH_HLEN + IPV4_HLEN);
     let eth = crate::parse::eth(ctx)?;
     if !crate::parse::is_ipv4(eth) {
         return Ok((TC_ACT_OK, reason::PASS_NOT_IPV4));
@@ -356,6 +366,7 @@ pub fn snat(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
         return Err(reason::DROP_NAT_FRAGMENT);
     }
     let l4 = l4_offset(ETH_HLEN, ip);
+    pull_l4(ctx, l4, proto, true);
     if proto == IPPROTO_ICMP && icmp_is_error(ctx, l4)? {
         return icmp_error(ctx, cfg, l4, End::Source);
     }
@@ -366,15 +377,7 @@ pub fn snat(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
         // An echo reply of the pod's: no flow of ours (only requests start one).
         return Err(reason::DROP_NAT_PROTO);
     }
-    let key = NatKey {
-        src,
-        dst,
-        sport,
-        dport,
-        proto,
-        dir: nat::EGRESS,
-        _pad0: [0; 2],
-    };
+    let key = NatKey::new(src, dst, sport, dport, proto, nat::EGRESS);
     let port = flow_port(cfg, &key, tcp_state(ctx, proto, l4))?;
     rewrite(ctx, proto, l4, End::Source, cfg.masq_ip, port)?;
     Ok((TC_ACT_OK, reason::NAT_SNAT))
@@ -395,6 +398,7 @@ fn claim_host_port(
         return Ok((TC_ACT_OK, reason::PASS_NO_MASQ));
     }
     let l4 = l4_offset(ETH_HLEN, ip);
+    pull(ctx, l4 + 8);
     let Ok(Some((sport, dport))) = ports(ctx, proto, l4) else {
         return Ok((TC_ACT_OK, reason::PASS_NO_MASQ));
     };
@@ -402,15 +406,7 @@ fn claim_host_port(
     if port < cfg.nat_port_min || port > cfg.nat_port_max {
         return Ok((TC_ACT_OK, reason::PASS_NO_MASQ));
     }
-    let key = NatKey {
-        src: dst,
-        dst: src,
-        sport: dport,
-        dport: sport,
-        proto,
-        dir: nat::INGRESS,
-        _pad0: [0; 2],
-    };
+    let key = NatKey::new(dst, src, dport, sport, proto, nat::INGRESS);
     if let Some(entry) = FLANNEL_NAT.get_ptr_mut(&key) {
         // SAFETY: the pointer came from a successful lookup.
         if unsafe { (*entry).flags } & nat::HOST == 0 {
@@ -445,16 +441,24 @@ fn icmp_is_error(ctx: &TcContext, l4: usize) -> Result<bool, u32> {
 /// about one is rewritten inside and out. `None`: not ours, the stack takes it as it is.
 #[inline(always)]
 pub fn reverse(ctx: &TcContext, cfg: &NodeConfig) -> Result<Option<u32>, u32> {
-    pull(ctx);
     let Ok(ip) = ipv4_at(ctx, ETH_HLEN) else {
         return Ok(None);
     };
     // SAFETY: `ip` came from `ptr_at`.
-    let (proto, src, dst) = unsafe { ((*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+    let (proto, dst) = unsafe { ((*ip).proto, (*ip).dst_addr) };
     if dst != cfg.masq_ip || is_fragment(ip) {
         return Ok(None);
     }
     let l4 = l4_offset(ETH_HLEN, ip);
+    if proto != IPPROTO_TCP && proto != IPPROTO_UDP && proto != IPPROTO_ICMP {
+        return Ok(None);
+    }
+    pull_l4(ctx, l4, proto, true);
+    let Ok(ip) = ipv4_at(ctx, ETH_HLEN) else {
+        return Ok(None);
+    };
+    // SAFETY: `ip` came from `ptr_at` (after the pull moved the packet).
+    let src = unsafe { (*ip).src_addr };
     if proto == IPPROTO_ICMP && icmp_is_error(ctx, l4).unwrap_or(false) {
         return match icmp_error(ctx, cfg, l4, End::Destination) {
             Ok((_, why)) => Ok(Some(why)),
@@ -465,15 +469,7 @@ pub fn reverse(ctx: &TcContext, cfg: &NodeConfig) -> Result<Option<u32>, u32> {
     let Ok(Some((sport, dport))) = ports(ctx, proto, l4) else {
         return Ok(None);
     };
-    let key = NatKey {
-        src,
-        dst,
-        sport,
-        dport,
-        proto,
-        dir: nat::INGRESS,
-        _pad0: [0; 2],
-    };
+    let key = NatKey::new(src, dst, sport, dport, proto, nat::INGRESS);
     let Some(entry) = FLANNEL_NAT.get_ptr_mut(&key) else {
         return Ok(None);
     };
@@ -505,37 +501,14 @@ fn icmp_error(ctx: &TcContext, cfg: &NodeConfig, l4: usize, end: End) -> Result<
         _ => None,
     }
     .ok_or(reason::DROP_NAT_PROTO)?;
-    // The embedded packet travelled the other way: its reverse is a packet of the flow.
-    let (key, emb_end) = match end {
-        // The pod reports on a packet the remote sent it (remote → pod): the flow's original key
-        // is pod → remote.
-        End::Source => (
-            NatKey {
-                src: edst,
-                dst: esrc,
-                sport: edport,
-                dport: esport,
-                proto: eproto,
-                dir: nat::EGRESS,
-                _pad0: [0; 2],
-            },
-            End::Destination,
-        ),
-        // A router reports on our translated packet (masq → remote): the reply key is
-        // remote → masq.
-        End::Destination => (
-            NatKey {
-                src: edst,
-                dst: esrc,
-                sport: edport,
-                dport: esport,
-                proto: eproto,
-                dir: nat::INGRESS,
-                _pad0: [0; 2],
-            },
-            End::Source,
-        ),
+    // The quoted packet travelled the other way, so its reverse is a packet of the flow: the
+    // pod reports on one the remote sent it (remote → pod; reversed, the original direction),
+    // or a router reports on our translated one (node → remote; reversed, the reply direction).
+    let (dir, emb_end) = match end {
+        End::Source => (nat::EGRESS, End::Destination),
+        End::Destination => (nat::INGRESS, End::Source),
     };
+    let key = NatKey::new(edst, esrc, edport, esport, eproto, dir);
     let entry = FLANNEL_NAT.get_ptr(&key).ok_or(reason::DROP_NAT_PROTO)?;
     // SAFETY: the pointer came from a successful lookup; the fields are copied at once.
     let (flags, addr, port) = unsafe { ((*entry).flags, (*entry).addr, (*entry).port) };

@@ -553,14 +553,20 @@ impl Testbed {
         self.add_netns(&far)?;
         ip(&ul, "addr replace 198.18.0.1/24 dev br0")?;
         in_ns(&ul, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
-        ip(&ul, &format!("link add far0 mtu {mtu} type veth peer name eth0 netns {far}"))?;
+        ip(
+            &ul,
+            &format!("link add far0 mtu {mtu} type veth peer name eth0 netns {far}"),
+        )?;
         ip(&ul, "addr add 198.19.0.1/24 dev far0")?;
         ip(&ul, "link set far0 up")?;
         ip(&far, &format!("link set eth0 mtu {mtu} up"))?;
         ip(&far, &format!("addr add {FAR_OUTSIDE_IP}/24 dev eth0"))?;
         ip(&far, "route add default via 198.19.0.1")?;
         for node in &self.nodes {
-            ip(&node.netns, "route replace 198.19.0.0/24 via 198.18.0.1 dev eth0")?;
+            ip(
+                &node.netns,
+                "route replace 198.19.0.0/24 via 198.18.0.1 dev eth0",
+            )?;
         }
         Ok(Pod {
             netns: far,

@@ -77,8 +77,15 @@ fn udp_round_trip(pod: &Pod, outside: &Pod, port: u16) -> Result<SocketAddr> {
             break;
         }
     }
-    let seen = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
-    ensure!(got.as_deref() == Some(&payload[..]), "{}: no UDP echo from {}", pod.ip, outside.ip);
+    let seen = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
+    ensure!(
+        got.as_deref() == Some(&payload[..]),
+        "{}: no UDP echo from {}",
+        pod.ip,
+        outside.ip
+    );
     seen.get(&payload)
         .copied()
         .context("the outside host saw nothing")
@@ -96,7 +103,11 @@ fn port_unreachable_reaches(pod: &Pod, outside: &Pod) -> Result<()> {
             _ => thread::sleep(Duration::from_millis(200)),
         }
     }
-    bail!("{}: no port unreachable came back from {}", pod.ip, outside.ip)
+    bail!(
+        "{}: no port unreachable came back from {}",
+        pod.ip,
+        outside.ip
+    )
 }
 
 fn node_ip(tb: &Testbed, i: usize) -> Ipv4Addr {
@@ -109,7 +120,11 @@ fn ebpf_masquerade_takes_pods_to_the_outside_on_a_forward_drop_node() -> Result<
     let outside = tb.add_outside()?;
     let far = tb.add_far_outside(1280)?;
     // Docker's FORWARD policy on node 1: only flanneld's forward rules let pod traffic through.
-    in_ns(&tb.nodes[0].netns, "iptables", &["-w", "-P", "FORWARD", "DROP"])?;
+    in_ns(
+        &tb.nodes[0].netns,
+        "iptables",
+        &["-w", "-P", "FORWARD", "DROP"],
+    )?;
     let pods = tb.pods();
     let (pod, remote) = (&pods[0], &pods[2]);
     ensure!(pod.node == 0 && remote.node == 1);
@@ -144,11 +159,20 @@ fn ebpf_masquerade_takes_pods_to_the_outside_on_a_forward_drop_node() -> Result<
     // connections; the forward rules are flanneld's; no kernel masquerade rule is installed.
     let entries = tb.pinned_entries(0, "FLANNEL_NAT")?;
     ensure!(
-        entries.iter().any(|e| e["key"]["dport"].is_array() && e["value"]["last_seen"].is_number()),
+        entries
+            .iter()
+            .any(|e| e["key"]["dport"].is_array() && e["value"]["last_seen"].is_number()),
         "NAT table: {entries:?}"
     );
-    let reserved = in_ns(&tb.nodes[0].netns, "sysctl", &["-n", "net.ipv4.ip_local_reserved_ports"])?;
-    ensure!(reserved.trim() == "61000-65535", "reserved ports: {reserved:?}");
+    let reserved = in_ns(
+        &tb.nodes[0].netns,
+        "sysctl",
+        &["-n", "net.ipv4.ip_local_reserved_ports"],
+    )?;
+    ensure!(
+        reserved.trim() == "61000-65535",
+        "reserved ports: {reserved:?}"
+    );
     let filter = in_ns(&tb.nodes[0].netns, "iptables-save", &["-t", "filter"])?;
     for rule in [
         format!("-A FLANNEL-FWD -s {NETWORK} -m comment --comment \"flanneld forward\" -j ACCEPT"),
@@ -158,7 +182,10 @@ fn ebpf_masquerade_takes_pods_to_the_outside_on_a_forward_drop_node() -> Result<
         ensure!(filter.contains(&rule), "missing {rule:?} in\n{filter}");
     }
     let nat = in_ns(&tb.nodes[0].netns, "iptables-save", &["-t", "nat"])?;
-    ensure!(!nat.contains("FLANNEL-POSTRTG"), "kernel masquerade rules with eBPF:\n{nat}");
+    ensure!(
+        !nat.contains("FLANNEL-POSTRTG"),
+        "kernel masquerade rules with eBPF:\n{nat}"
+    );
     Ok(())
 }
 
@@ -174,11 +201,19 @@ fn without_ip_masq_nothing_is_rewritten() -> Result<()> {
         client.send_to(b"plain", (outside.ip, 5353))?;
         thread::sleep(Duration::from_millis(100));
     }
-    let seen = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
+    let seen = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
     let from = seen.get(&b"plain"[..]).context("nothing arrived")?;
-    ensure!(from.ip() == pod.ip, "without --ip-masq the outside must see the pod: {from}");
     ensure!(
-        !tb.nodes[0].pins().read_dir()?.any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("link-to_wire"))),
+        from.ip() == pod.ip,
+        "without --ip-masq the outside must see the pod: {from}"
+    );
+    ensure!(
+        !tb.nodes[0]
+            .pins()
+            .read_dir()?
+            .any(|e| e.is_ok_and(|e| e.file_name().to_string_lossy().starts_with("link-to_wire"))),
         "the masquerade program is attached without --ip-masq"
     );
     Ok(())
@@ -204,7 +239,7 @@ fn ten_thousand_concurrent_flows_never_share_an_outside_tuple() -> Result<()> {
     let pods: Vec<Pod> = tb.pods().into_iter().filter(|p| p.node == 0).collect();
     let servers = PORTS
         .iter()
-        .map(|&p| udp_echo_server(&outside, p, FLOWS / PORTS.len(), Duration::from_secs(60)))
+        .map(|&p| udp_echo_server(&outside, p, FLOWS / PORTS.len(), Duration::from_mins(1)))
         .collect::<Result<Vec<_>>>()?;
     // 10,000 sockets open at once, from both pods of node 1, to four ports of the outside host.
     let mut clients = Vec::with_capacity(FLOWS);
@@ -230,7 +265,10 @@ fn ten_thousand_concurrent_flows_never_share_an_outside_tuple() -> Result<()> {
                 answered[i] |= buf[..n] == *format!("flow {i}").as_bytes();
             }
         }
-        eprintln!("round {round}: {} of {FLOWS} answered", answered.iter().filter(|a| **a).count());
+        eprintln!(
+            "round {round}: {} of {FLOWS} answered",
+            answered.iter().filter(|a| **a).count()
+        );
         if answered.iter().all(|a| *a) {
             break;
         }
@@ -238,22 +276,55 @@ fn ten_thousand_concurrent_flows_never_share_an_outside_tuple() -> Result<()> {
     let mut tuples = BTreeSet::new();
     let mut flows = 0;
     for (server, port) in servers.into_iter().zip(PORTS) {
-        for (payload, from) in server.join().map_err(|_| anyhow::anyhow!("server panicked"))? {
-            ensure!(from.ip() == node_ip(&tb, 0), "flow {payload:?} seen from {from}");
-            ensure!(tuples.insert((from, port)), "two flows share the outside tuple {from} → :{port}");
+        for (payload, from) in server
+            .join()
+            .map_err(|_| anyhow::anyhow!("server panicked"))?
+        {
+            ensure!(
+                from.ip() == node_ip(&tb, 0),
+                "flow {payload:?} seen from {from}"
+            );
+            ensure!(
+                tuples.insert((from, port)),
+                "two flows share the outside tuple {from} → :{port}"
+            );
             flows += 1;
         }
     }
     ensure!(flows == FLOWS, "the outside saw {flows} of {FLOWS} flows");
     ensure!(answered.iter().all(|a| *a), "every flow got its echo back");
     let entries = tb.pinned_entries(0, "FLANNEL_NAT")?;
-    ensure!(entries.len() >= 2 * FLOWS, "{} NAT entries for {FLOWS} flows", entries.len());
+    ensure!(
+        entries.len() >= 2 * FLOWS,
+        "{} NAT entries for {FLOWS} flows",
+        entries.len()
+    );
+    // `--stats` says how full the table is.
+    let pin = tb.nodes[0].pin_dir.to_string_lossy().into_owned();
+    let (ok, out, _) = tb.agent_once(0, &["--stats", "--pin-dir", &pin])?;
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("masquerade table:"))
+        .unwrap_or_default();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    ensure!(
+        ok && words.get(4) == Some(&"65536")
+            && words.get(2).and_then(|n| n.parse::<usize>().ok()) >= Some(2 * FLOWS)
+            && words
+                .get(6)
+                .and_then(|n| n.trim_start_matches('(').parse::<usize>().ok())
+                >= Some(FLOWS),
+        "--stats: {line:?}"
+    );
     Ok(())
 }
 
 #[test]
 fn a_full_table_fails_new_flows_closed_and_keeps_established_ones() -> Result<()> {
-    let mut tb = Testbed::start("mqfull", masq_options(&[Ebpf, Ebpf], 1, &["--ip-masq-table-size", "1024"]))?;
+    let mut tb = Testbed::start(
+        "mqfull",
+        masq_options(&[Ebpf, Ebpf], 1, &["--ip-masq-table-size", "1024"]),
+    )?;
     let outside = tb.add_outside()?;
     let pod = tb.pods()[0].clone();
     let first = udp_socket(&pod.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
@@ -277,10 +348,18 @@ fn a_full_table_fails_new_flows_closed_and_keeps_established_ones() -> Result<()
     ensure!(entries == 1024, "{entries} entries in a 1024-entry table");
     // The established flow still works; the flows that found no room got nothing.
     first.send(b"first again")?;
-    let n = first.recv(&mut buf).context("established flow after the table filled")?;
+    let n = first
+        .recv(&mut buf)
+        .context("established flow after the table filled")?;
     ensure!(&buf[..n] == b"first again");
-    let seen = server.join().map_err(|_| anyhow::anyhow!("server panicked"))?;
-    ensure!(seen.len() <= 512 + 1, "{} flows got through a 512-flow table", seen.len());
+    let seen = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
+    ensure!(
+        seen.len() <= 512 + 1,
+        "{} flows got through a 512-flow table",
+        seen.len()
+    );
     ensure!(
         seen.values().all(|from| from.ip() == node_ip(&tb, 0)),
         "no flow leaked the pod's address"
@@ -295,9 +374,8 @@ fn a_masqueraded_transfer_survives_sigkill_and_restart_of_the_agent() -> Result<
     let outside = tb.add_outside()?;
     let pod = tb.pods()[0].clone();
     let to = outside.clone();
-    let transfer = thread::spawn(move || {
-        tcp_echo_seen(&pod, &to, 8 * MIB, Some(Duration::from_millis(20)))
-    });
+    let transfer =
+        thread::spawn(move || tcp_echo_seen(&pod, &to, 8 * MIB, Some(Duration::from_millis(20))));
     thread::sleep(Duration::from_millis(700));
     tb.stop_agent(0, Signal::SIGKILL)?;
     thread::sleep(Duration::from_millis(300));
@@ -323,11 +401,17 @@ fn our_iptables(tb: &Testbed, i: usize, table: &str) -> Result<Vec<String>> {
 
 #[test]
 fn the_kernel_path_uses_flanneld_iptables_rules_kept_in_place() -> Result<()> {
-    let mut tb = Testbed::start("mqipt", masq_options(&[Netlink, Netlink], 1, &["--iptables-resync", "1"]))?;
+    let mut tb = Testbed::start(
+        "mqipt",
+        masq_options(&[Netlink, Netlink], 1, &["--iptables-resync", "1"]),
+    )?;
     let outside = tb.add_outside()?;
     let pod = tb.pods()[0].clone();
     let (_, peer) = tcp_echo_seen(&pod, &outside, 4 * MIB, None)?;
-    ensure!(peer.ip() == node_ip(&tb, 0), "kernel MASQUERADE: seen from {peer}");
+    ensure!(
+        peer.ip() == node_ip(&tb, 0),
+        "kernel MASQUERADE: seen from {peer}"
+    );
     let subnet = &tb.nodes[0].subnet;
     let want_nat = vec![
         ":FLANNEL-POSTRTG - ".to_string(),
@@ -340,9 +424,16 @@ fn the_kernel_path_uses_flanneld_iptables_rules_kept_in_place() -> Result<()> {
         format!("-A FLANNEL-POSTRTG ! -s {NETWORK} -d {NETWORK} -m comment --comment \"flanneld masq\" -j MASQUERADE --random-fully"),
     ];
     let got = our_iptables(&tb, 0, "nat")?;
-    ensure!(got.len() == want_nat.len(), "nat rules:\n{}", got.join("\n"));
+    ensure!(
+        got.len() == want_nat.len(),
+        "nat rules:\n{}",
+        got.join("\n")
+    );
     for (g, w) in got.iter().zip(&want_nat) {
-        ensure!(g.starts_with(w.trim_end()), "nat rule\n  got  {g}\n  want {w}");
+        ensure!(
+            g.starts_with(w.trim_end()),
+            "nat rule\n  got  {g}\n  want {w}"
+        );
     }
     // A rule deleted by hand comes back within the resync period.
     in_ns(
@@ -350,35 +441,56 @@ fn the_kernel_path_uses_flanneld_iptables_rules_kept_in_place() -> Result<()> {
         "iptables",
         &["-w", "-t", "nat", "-D", "FLANNEL-POSTRTG", "5"],
     )?;
-    ensure!(our_iptables(&tb, 0, "nat")?.len() == want_nat.len() - 1, "the rule was deleted");
-    wait_for("the deleted rule to come back", Duration::from_secs(5), || {
-        our_iptables(&tb, 0, "nat").is_ok_and(|g| g.len() == want_nat.len())
-    })?;
+    ensure!(
+        our_iptables(&tb, 0, "nat")?.len() == want_nat.len() - 1,
+        "the rule was deleted"
+    );
+    wait_for(
+        "the deleted rule to come back",
+        Duration::from_secs(5),
+        || our_iptables(&tb, 0, "nat").is_ok_and(|g| g.len() == want_nat.len()),
+    )?;
     // --cleanup removes ours and only ours.
-    in_ns(&tb.nodes[0].netns, "iptables", &["-w", "-N", "SOMEONE-ELSE"])?;
+    in_ns(
+        &tb.nodes[0].netns,
+        "iptables",
+        &["-w", "-N", "SOMEONE-ELSE"],
+    )?;
     tb.stop_agent(0, Signal::SIGTERM)?;
     let pin = tb.nodes[0].pin_dir.to_string_lossy().into_owned();
     let (ok, _, err) = tb.agent_once(0, &["--cleanup", "--pin-dir", &pin])?;
     ensure!(ok, "--cleanup failed: {err}");
-    ensure!(our_iptables(&tb, 0, "nat")?.is_empty() && our_iptables(&tb, 0, "filter")?.is_empty(), "rules left after --cleanup");
+    ensure!(
+        our_iptables(&tb, 0, "nat")?.is_empty() && our_iptables(&tb, 0, "filter")?.is_empty(),
+        "rules left after --cleanup"
+    );
     let all = in_ns(&tb.nodes[0].netns, "iptables-save", &[])?;
-    ensure!(all.contains(":SOMEONE-ELSE"), "--cleanup removed a chain that is not ours");
+    ensure!(
+        all.contains(":SOMEONE-ELSE"),
+        "--cleanup removed a chain that is not ours"
+    );
     Ok(())
 }
 
 #[test]
 fn enable_nftables_uses_flanneld_tables() -> Result<()> {
     let mut options = masq_options(&[Netlink, Netlink], 1, &[]);
-    options.net_conf = format!(
-        r#"{{"Network":"{NETWORK}","EnableNFTables":true,"Backend":{{"Type":"vxlan"}}}}"#
-    );
+    options.net_conf =
+        format!(r#"{{"Network":"{NETWORK}","EnableNFTables":true,"Backend":{{"Type":"vxlan"}}}}"#);
     let mut tb = Testbed::start("mqnft", options)?;
     let outside = tb.add_outside()?;
     let pod = tb.pods()[0].clone();
     let (_, peer) = tcp_echo_seen(&pod, &outside, 2 * MIB, None)?;
-    ensure!(peer.ip() == node_ip(&tb, 0), "nftables masquerade: seen from {peer}");
+    ensure!(
+        peer.ip() == node_ip(&tb, 0),
+        "nftables masquerade: seen from {peer}"
+    );
     let subnet = &tb.nodes[0].subnet;
-    let table = in_ns(&tb.nodes[0].netns, "nft", &["list", "table", "ip", "flannel-ipv4"])?;
+    let table = in_ns(
+        &tb.nodes[0].netns,
+        "nft",
+        &["list", "table", "ip", "flannel-ipv4"],
+    )?;
     for rule in [
         "type nat hook postrouting priority srcnat".to_string(),
         format!("ip saddr {subnet} ip daddr {NETWORK} return"),
@@ -394,6 +506,9 @@ fn enable_nftables_uses_flanneld_tables() -> Result<()> {
         ensure!(table.contains(&rule), "missing {rule:?} in\n{table}");
     }
     let nat = in_ns(&tb.nodes[0].netns, "iptables-save", &["-t", "nat"])?;
-    ensure!(!nat.contains("FLANNEL-POSTRTG"), "iptables rules beside nftables:\n{nat}");
+    ensure!(
+        !nat.contains("FLANNEL-POSTRTG"),
+        "iptables rules beside nftables:\n{nat}"
+    );
     Ok(())
 }

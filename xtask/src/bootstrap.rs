@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 /// Debian packages the tests, the demo and the benchmark use.
-const DEBIAN_PACKAGES: [&str; 8] = [
+const DEBIAN_PACKAGES: [&str; 10] = [
     "iproute2",
     "iputils-ping",
     "bpftool",
@@ -20,6 +20,9 @@ const DEBIAN_PACKAGES: [&str; 8] = [
     // The etcd subnet manager's tests run a real etcd, and write leases as operators do.
     "etcd-server",
     "etcd-client",
+    // The trafficmngr fallback (flanneld's masquerade/forward rules) and its tests.
+    "iptables",
+    "nftables",
 ];
 
 pub fn say(msg: &str) {

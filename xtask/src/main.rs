@@ -13,7 +13,8 @@ use anyhow::{Context as _, Result, ensure};
 use bootstrap::{say, sh};
 use clap::{Parser, Subcommand, ValueEnum};
 use flannel_tests::{
-    Backend, Iperf3Server, NodeKind, Options, Testbed, iperf3, ping, summarize, tcp_echo,
+    Backend, Iperf3Server, NodeKind, Options, Pod, Testbed, iperf3, ping, summarize, tcp_echo,
+    tcp_echo_seen,
 };
 
 #[derive(Parser)]
@@ -337,7 +338,8 @@ fn run(
     kinds.extend(std::iter::repeat_n(NodeKind::Netlink, netlink));
     kinds.extend(std::iter::repeat_n(NodeKind::Stock, stock));
     let mut options = Options::backend(backend, &kinds, pods);
-    options.agent_args = vec!["--decap".into(), decap.flag().into()];
+    // As kube-flannel.yml starts every node.
+    options.agent_args = vec!["--decap".into(), decap.flag().into(), "--ip-masq".into()];
     if matches!(
         backend,
         Backend::Vxlan {
@@ -351,7 +353,8 @@ fn run(
     say(&format!(
         "creating the demo cluster ({backend:?}): {nodes} flannel-agent node(s), {netlink} netlink node(s), {stock} stock-flannel node(s), {pods} pod(s) each"
     ));
-    let tb = Testbed::start("demo", options)?;
+    let mut tb = Testbed::start("demo", options)?;
+    let outside = tb.add_outside()?;
     print_cluster(&tb, backend);
     let all = tb.pods();
     let (first, last) = (&all[0], &all[all.len() - 1]);
@@ -372,6 +375,7 @@ fn run(
             first.ip, second.ip
         );
     }
+    show_masquerade(&tb, first, &outside, backend)?;
     print_counters(&tb)?;
     if backend == Backend::Wireguard {
         println!("\nThe wireguard backend runs on its WireGuard device, not on eBPF:");
@@ -392,6 +396,10 @@ fn run(
         pins.display()
     );
     println!("  bpftool map dump pinned {}/FLANNEL_STATS", pins.display());
+    println!(
+        "  bpftool map dump pinned {}/FLANNEL_NAT     # masqueraded flows",
+        pins.display()
+    );
     println!(
         "  ip netns exec {} bpftool net show dev eth0",
         tb.nodes[0].netns
@@ -418,6 +426,29 @@ fn run(
     say("stopping the agents and removing the cluster");
     drop(tb);
     say("cleaned up");
+    Ok(())
+}
+
+/// A pod reaching a host outside the pod network, and the address that host saw.
+fn show_masquerade(tb: &Testbed, pod: &Pod, outside: &Pod, backend: Backend) -> Result<()> {
+    println!(
+        "\nTo a host outside the pod network ({} in netns {}), masqueraded (--ip-masq):",
+        outside.ip, outside.netns
+    );
+    ping(pod, outside.ip)?;
+    println!("  ping {} -> {}: ok", pod.ip, outside.ip);
+    let (rtt, peer) = tcp_echo_seen(pod, outside, 4 << 20, None)?;
+    println!(
+        "  TCP 4 MiB each way {} <-> {}: verified in {rtt:.2?}; the outside host saw the connection come from {peer} (node {}, {})",
+        pod.ip,
+        outside.ip,
+        tb.nodes[pod.node].public_ip,
+        if tb.nodes[pod.node].kind == NodeKind::Ebpf && backend != Backend::Wireguard {
+            "eBPF masquerade"
+        } else {
+            "iptables MASQUERADE"
+        }
+    );
     Ok(())
 }
 

@@ -19,9 +19,8 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
-    NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, map_name, nat,
-    prog_name, reason,
+    Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NatEntry, NatKey,
+    NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, map_name, nat, prog_name, reason,
 };
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -844,7 +843,7 @@ pub struct NatTimeouts {
 }
 
 /// TCP before its reply, and after a FIN (Linux: `syn_sent`, `time_wait` 120 s).
-const TCP_TRANSITORY: Duration = Duration::from_secs(120);
+const TCP_TRANSITORY: Duration = Duration::from_mins(2);
 /// TCP after an RST (Linux: `close` 10 s).
 const TCP_RESET: Duration = Duration::from_secs(10);
 const IPPROTO_TCP: u8 = 6;
@@ -889,15 +888,14 @@ pub fn monotonic_ns() -> u64 {
 /// The reply-direction key of a flow's original-direction entry.
 #[must_use]
 pub fn nat_reply_key(key: &NatKey, entry: &NatEntry) -> NatKey {
-    NatKey {
-        src: key.dst,
-        dst: entry.addr,
-        sport: key.dport,
-        dport: entry.port,
-        proto: key.proto,
-        dir: nat::INGRESS,
-        _pad0: [0; 2],
-    }
+    NatKey::new(
+        key.dst,
+        entry.addr,
+        key.dport,
+        entry.port,
+        key.proto,
+        nat::INGRESS,
+    )
 }
 
 /// Every entry of the pinned masquerade table under `root`.
@@ -915,6 +913,41 @@ fn list_nat<T: std::borrow::Borrow<MapData>>(
         .iter()
         .collect::<Result<_, _>>()
         .map_err(|e| map_err(map_name::NAT, "listing", e))
+}
+
+/// How full the pinned masquerade table under `root` is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NatOccupancy {
+    /// Entries in use (two per flow, one per claimed node port).
+    pub entries: usize,
+    /// Masqueraded flows (original-direction entries).
+    pub flows: usize,
+    /// Node ports of the range claimed for the node's own flows.
+    pub host_claims: usize,
+    /// The table's size (`--ip-masq-table-size`).
+    pub capacity: u32,
+}
+
+/// The occupancy of the pinned masquerade table under `root`.
+pub fn nat_occupancy(root: &Path) -> Result<NatOccupancy, Error> {
+    let entries = read_nat(root)?;
+    let map = open_nat(root)?;
+    let Map::HashMap(data) = &map else {
+        return Err(missing_map(map_name::NAT));
+    };
+    let capacity = data
+        .info()
+        .map_err(|e| map_err(map_name::NAT, "reading its size", e))?
+        .max_entries();
+    Ok(NatOccupancy {
+        entries: entries.len(),
+        flows: entries.iter().filter(|(k, _)| k.dir == nat::EGRESS).count(),
+        host_claims: entries
+            .iter()
+            .filter(|(_, e)| e.flags & nat::HOST != 0)
+            .count(),
+        capacity,
+    })
 }
 
 fn open_nat(root: &Path) -> Result<Map, Error> {
@@ -965,7 +998,8 @@ fn collect_in<T: std::borrow::BorrowMut<MapData>>(
     }
     // Host claims, and replies whose original entry is gone (a race, or a restart mid-way).
     for (key, entry) in entries.iter().filter(|(k, _)| k.dir == nat::INGRESS) {
-        if !live_replies.contains(key) && idle(entry.last_seen) > timeouts.of(key.proto, entry.flags)
+        if !live_replies.contains(key)
+            && idle(entry.last_seen) > timeouts.of(key.proto, entry.flags)
         {
             doomed.insert(*key);
         }

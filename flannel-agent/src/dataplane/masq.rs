@@ -120,7 +120,11 @@ pub fn spawn_collector(pin_root: PathBuf, timeouts: NatTimeouts) {
                 std::thread::sleep(COLLECT_EVERY);
                 match ebpf::collect_nat(&pin_root, &timeouts, ebpf::monotonic_ns()) {
                     Ok(c) if c.removed > 0 => {
-                        debug!(entries = c.entries, removed = c.removed, "masquerade table collected");
+                        debug!(
+                            entries = c.entries,
+                            removed = c.removed,
+                            "masquerade table collected"
+                        );
                     }
                     Ok(_) => {}
                     Err(e) => warn!("collecting the masquerade table: {e}"),
@@ -128,7 +132,9 @@ pub fn spawn_collector(pin_root: PathBuf, timeouts: NatTimeouts) {
             }
         });
     if let Err(e) = spawned {
-        warn!("starting the masquerade table collector: {e}; expired flows stay until the table is cleaned up");
+        warn!(
+            "starting the masquerade table collector: {e}; expired flows stay until the table is cleaned up"
+        );
     }
 }
 
@@ -143,9 +149,15 @@ mod tests {
         let f = dir.join("reserved");
         fs::write(&f, "8080,9000-9010\n").unwrap();
         reserve_ports_at(&f, (61000, 65535)).unwrap();
-        assert_eq!(fs::read_to_string(&f).unwrap(), "8080,9000-9010,61000-65535");
+        assert_eq!(
+            fs::read_to_string(&f).unwrap(),
+            "8080,9000-9010,61000-65535"
+        );
         reserve_ports_at(&f, (61000, 65535)).unwrap();
-        assert_eq!(fs::read_to_string(&f).unwrap(), "8080,9000-9010,61000-65535");
+        assert_eq!(
+            fs::read_to_string(&f).unwrap(),
+            "8080,9000-9010,61000-65535"
+        );
         release_ports_at(&f, (61000, 65535)).unwrap();
         assert_eq!(fs::read_to_string(&f).unwrap(), "8080,9000-9010");
         fs::write(&f, "\n").unwrap();
@@ -159,16 +171,22 @@ mod tests {
     #[test]
     fn timeouts_follow_the_flow_state() {
         let t = NatTimeouts {
-            tcp_established: Duration::from_secs(432_000),
-            udp_replied: Duration::from_secs(120),
+            tcp_established: Duration::from_hours(120),
+            udp_replied: Duration::from_mins(2),
             other: Duration::from_secs(30),
         };
-        assert_eq!(t.of(6, 0), Duration::from_secs(120));
-        assert_eq!(t.of(6, nat::SEEN_REPLY), Duration::from_secs(432_000));
-        assert_eq!(t.of(6, nat::SEEN_REPLY | nat::CLOSING), Duration::from_secs(120));
-        assert_eq!(t.of(6, nat::SEEN_REPLY | nat::RESET), Duration::from_secs(10));
+        assert_eq!(t.of(6, 0), Duration::from_mins(2));
+        assert_eq!(t.of(6, nat::SEEN_REPLY), Duration::from_hours(120));
+        assert_eq!(
+            t.of(6, nat::SEEN_REPLY | nat::CLOSING),
+            Duration::from_mins(2)
+        );
+        assert_eq!(
+            t.of(6, nat::SEEN_REPLY | nat::RESET),
+            Duration::from_secs(10)
+        );
         assert_eq!(t.of(17, 0), Duration::from_secs(30));
-        assert_eq!(t.of(17, nat::SEEN_REPLY), Duration::from_secs(120));
+        assert_eq!(t.of(17, nat::SEEN_REPLY), Duration::from_mins(2));
         assert_eq!(t.of(1, nat::SEEN_REPLY), Duration::from_secs(30));
     }
 }
