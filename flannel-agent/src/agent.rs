@@ -1,13 +1,15 @@
 //! The control loop: validate everything, then program the dataplane, then follow changes.
 use std::{
     collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use aya::programs::TcAttachType;
-use flannel_ebpf_common::{NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name};
+use flannel_ebpf_common::{
+    MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NodeConfig, RemoteNode, RemoteSubnet, backend, prog_name,
+};
 use ipnet::Ipv4Net;
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -28,6 +30,7 @@ use crate::{
         routes::{self, Route},
         wireguard::{Peer, WireguardDevice},
     },
+    health,
     iface::{self, ExtIface, Link, Netlink, RouteTable},
     lease::{
         Lease,
@@ -35,6 +38,7 @@ use crate::{
         kube::{self, Annotations, KubeClient, KubeManager, retry},
         static_file,
     },
+    metrics,
     subnet_env::SubnetEnv,
     trafficmngr::{self, Engine, RuleSet},
 };
@@ -399,6 +403,9 @@ impl EbpfNode {
             info!(address = %m.addr, ports = ?m.ports, fully_random = m.fully_random, "masquerade in eBPF");
         } else if dp.detach(prog_name::TO_WIRE) {
             info!("masquerade off: detached the eBPF masquerade");
+            if let Err(e) = masq::release_ports(args.ip_masq_port_range) {
+                warn!("{e}");
+            }
         }
         if let Some(cni) = &cni {
             attach_cni(&mut dp, cni)?;
@@ -465,8 +472,13 @@ impl EbpfNode {
         match nl
             .endpoints(link.index, plan.own.subnet)
             .await
-            .and_then(|e| self.dp.sync_endpoints(&e))
-        {
+            .and_then(|e| {
+                metrics::METRICS
+                    .map_entries
+                    .get_or_create(&metrics::label("map", "endpoints"))
+                    .set(i64::try_from(e.len()).unwrap_or(i64::MAX));
+                self.dp.sync_endpoints(&e)
+            }) {
             Ok(report) if !report.is_empty() => debug!(%report, "local endpoints"),
             Ok(_) => {}
             Err(e) => warn!("learning local endpoints: {e}"),
@@ -778,6 +790,10 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         println!("{data}");
         return Ok(());
     }
+    if args.healthz_port != 0 {
+        // Up before the lease source is reached: /healthz answers while the agent waits for it.
+        health::serve(SocketAddr::new(args.healthz_ip, args.healthz_port)).await?;
+    }
     let subnet_mgr = if args.kube_subnet_mgr {
         SubnetMgr::Kube
     } else {
@@ -947,6 +963,11 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         ipmasq: args.ip_masq,
     };
     subnet_env(&plan).write(&args.subnet_file)?;
+    if matches!(active, Active::Ebpf(_)) {
+        metrics::export_datapath(args.pin_dir.clone());
+    }
+    record(&plan, leases.len(), args.ip_masq_table_size);
+    metrics::set_ready(true);
     info!(
         dataplane = active.name(), backend = node.netconf.backend.name(), %report,
         subnet_file = %args.subnet_file.display(), "dataplane active"
@@ -1040,9 +1061,14 @@ pub async fn run(args: &Args) -> Result<(), Error> {
             Ok(next) => {
                 next.report_unreachable(Some(&plan));
                 let started = Instant::now();
-                let report = match active.apply(&nl, &node, &next).await {
+                let applied = active.apply(&nl, &node, &next).await;
+                metrics::METRICS
+                    .reconcile_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                let report = match applied {
                     Ok(r) => r,
                     Err(e) => {
+                        metrics::METRICS.reconcile_errors.inc();
                         // Transient (e.g. netlink): keep the plan we had, retry on the next change
                         // or repair pass.
                         warn!("applying the leases: {e}; will retry");
@@ -1056,6 +1082,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                     subnet_env(&next).write(&args.subnet_file)?;
                 }
                 info!(%report, leases = leases.len(), took = ?started.elapsed(), "leases changed");
+                record(&next, leases.len(), args.ip_masq_table_size);
                 plan = next;
             }
         }
@@ -1065,6 +1092,37 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         "stopping; the dataplane stays and keeps forwarding (`flannel-agent --cleanup` removes it)"
     );
     Ok(())
+}
+
+/// Publishes what `plan` (from `leases` leases) holds as metrics.
+fn record(plan: &Plan, leases: usize, nat_entries: u32) {
+    let m = &metrics::METRICS;
+    m.leases.set(i64::try_from(leases).unwrap_or(i64::MAX));
+    let count = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+    for (kind, n) in [
+        ("route", plan.desired.routes.len()),
+        ("unreachable", plan.unreachable.len()),
+        ("wireguard", plan.wg_peers.len()),
+    ] {
+        m.peers
+            .get_or_create(&metrics::label("kind", kind))
+            .set(count(n));
+    }
+    for (map, n, capacity) in [
+        ("routes", plan.desired.routes.len(), MAX_ROUTES),
+        ("nodes", plan.desired.nodes.len(), MAX_NODES),
+        ("endpoints", 0, MAX_ENDPOINTS),
+        ("nat", 0, nat_entries),
+    ] {
+        if map != "endpoints" && map != "nat" {
+            m.map_entries
+                .get_or_create(&metrics::label("map", map))
+                .set(count(n));
+        }
+        m.map_capacity
+            .get_or_create(&metrics::label("map", map))
+            .set(i64::from(capacity));
+    }
 }
 
 /// Installs flanneld's masquerade/forward rules with `engine` (removing the other engine's) and

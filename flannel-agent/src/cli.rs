@@ -134,6 +134,22 @@ pub struct Args {
     #[arg(long = "iptables-forward-rules", env = "FLANNELD_IPTABLES_FORWARD_RULES", num_args = 0..=1, default_missing_value = "true", action = ArgAction::Set, default_value = "true")]
     pub iptables_forward_rules: bool,
 
+    /// Address of the health endpoints (`/healthz`, `/readyz`) and of `/metrics`.
+    #[arg(
+        long = "healthz-ip",
+        env = "FLANNELD_HEALTHZ_IP",
+        default_value = "0.0.0.0"
+    )]
+    pub healthz_ip: std::net::IpAddr,
+
+    /// Port of the health endpoints and `/metrics`; 0 (the default, as flanneld) serves none.
+    #[arg(
+        long = "healthz-port",
+        env = "FLANNELD_HEALTHZ_PORT",
+        default_value_t = 0
+    )]
+    pub healthz_port: u16,
+
     /// Where leases come from. Default: `kube` with `--kube-subnet-mgr`, `static` with
     /// `--leases`, else `etcd` (as flanneld).
     #[arg(long = "subnet-mgr", value_enum)]

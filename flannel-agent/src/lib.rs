@@ -9,9 +9,11 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod health;
 pub mod iface;
 pub mod json;
 pub mod lease;
+pub mod metrics;
 pub mod subnet_env;
 pub mod trafficmngr;
 

@@ -119,14 +119,19 @@ pub fn spawn_collector(pin_root: PathBuf, timeouts: NatTimeouts) {
             loop {
                 std::thread::sleep(COLLECT_EVERY);
                 match ebpf::collect_nat(&pin_root, &timeouts, ebpf::monotonic_ns()) {
-                    Ok(c) if c.removed > 0 => {
-                        debug!(
-                            entries = c.entries,
-                            removed = c.removed,
-                            "masquerade table collected"
-                        );
+                    Ok(c) => {
+                        crate::metrics::METRICS
+                            .map_entries
+                            .get_or_create(&crate::metrics::label("map", "nat"))
+                            .set(i64::try_from(c.entries - c.removed).unwrap_or(i64::MAX));
+                        if c.removed > 0 {
+                            debug!(
+                                entries = c.entries,
+                                removed = c.removed,
+                                "masquerade table collected"
+                            );
+                        }
                     }
-                    Ok(_) => {}
                     Err(e) => warn!("collecting the masquerade table: {e}"),
                 }
             }

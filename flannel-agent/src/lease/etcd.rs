@@ -482,6 +482,7 @@ impl EtcdManager {
                 match list_and_watch(&watcher, &prefix, &own, &tx).await {
                     Ok(()) => backoff = Duration::from_secs(1),
                     Err(e) => {
+                        crate::metrics::source_error("etcd");
                         warn!(
                             "watching {prefix}/subnets at {}: {e}; retrying in {backoff:?} (the dataplane keeps its state)",
                             watcher.endpoints()
@@ -518,7 +519,10 @@ impl EtcdManager {
                         info!(key = %self.key, "renewed this node's subnet lease for 24 h");
                     }
                     Ok(false) => lost(&self.key),
-                    Err(e) => warn!("renewing {}: {e}; retrying in 10 s", self.key),
+                    Err(e) => {
+                        crate::metrics::source_error("etcd");
+                        warn!("renewing {}: {e}; retrying in 10 s", self.key);
+                    }
                 }
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }

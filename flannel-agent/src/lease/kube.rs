@@ -453,6 +453,7 @@ impl KubeManager {
                 match list_and_watch(&client, &ann, &mut nodes, &mut skipped, &tx).await {
                     Ok(()) => backoff = Duration::from_secs(1),
                     Err(e) => {
+                        crate::metrics::source_error("kube");
                         warn!(
                             "watching nodes at {}: {e}; retrying in {backoff:?} (the dataplane keeps its state)",
                             client.server()
@@ -628,6 +629,7 @@ where
         match f().await {
             Ok(v) => return v,
             Err(e) => {
+                crate::metrics::source_error("startup");
                 warn!(
                     "waiting for {what}: {e}; retrying in {backoff:?} (pinned dataplane state keeps forwarding)"
                 );

@@ -35,7 +35,10 @@ pub fn follow(
                         changed
                     });
                 }
-                Err(e) => tracing::warn!("{e}; keeping the current leases"),
+                Err(e) => {
+                    crate::metrics::source_error("file");
+                    tracing::warn!("{e}; keeping the current leases");
+                }
             }
         }
     });
