@@ -761,8 +761,17 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         return cleanup(args).await;
     }
     if args.stats {
-        for (name, c) in ebpf::read_stats(&args.pin_dir)? {
+        let by_program = ebpf::read_stats_by_program(&args.pin_dir)?;
+        for (name, c) in ebpf::totals(&by_program) {
             println!("{name:<26} {:>12} packets {:>16} bytes", c.packets, c.bytes);
+        }
+        println!("by program:");
+        for c in by_program.iter().filter(|c| c.counter.packets > 0) {
+            let name = format!("{}/{}", c.program, c.reason);
+            println!(
+                "{name:<40} {:>12} packets {:>16} bytes",
+                c.counter.packets, c.counter.bytes
+            );
         }
         let nat = ebpf::nat_occupancy(&args.pin_dir)?;
         println!(

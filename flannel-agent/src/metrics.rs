@@ -163,18 +163,18 @@ impl Collector for Datapath {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
-        let Some(stats) = root.and_then(|r| ebpf::read_stats(&r).ok()) else {
+        let Some(stats) = root.and_then(|r| ebpf::read_stats_by_program(&r).ok()) else {
             return Ok(());
         };
         for (name, help, bytes) in [
             (
                 "datapath_packets",
-                "Packets the eBPF programs handled, by verdict or drop reason",
+                "Packets the eBPF programs handled, by program and verdict or drop reason",
                 false,
             ),
             (
                 "datapath_bytes",
-                "Bytes the eBPF programs handled, by verdict or drop reason",
+                "Bytes the eBPF programs handled, by program and verdict or drop reason",
                 true,
             ),
         ] {
@@ -184,9 +184,14 @@ impl Collector for Datapath {
                 None,
                 ConstCounter::new(0u64).metric_type(),
             )?;
-            for (reason, c) in &stats {
-                let value = if bytes { c.bytes } else { c.packets };
-                let labels = [("reason", *reason)];
+            // Counters that never counted are left out: 5 programs × 47 reasons are mostly zero.
+            for c in stats.iter().filter(|c| c.counter.packets > 0) {
+                let value = if bytes {
+                    c.counter.bytes
+                } else {
+                    c.counter.packets
+                };
+                let labels = [("program", c.program), ("reason", c.reason)];
                 ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
             }
         }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flannel_agent::dataplane::{
     Desired,
-    ebpf::{EbpfDataplane, NatTimeouts, sum_stats},
+    ebpf::{EbpfDataplane, NatTimeouts, sum_stats, sum_stats_by_program},
 };
 use flannel_ebpf_common::{
     Endpoint, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, backend, nat, prog_name,
@@ -1724,4 +1724,27 @@ fn fuzz_masquerade_counts_every_packet_and_keeps_checksums_valid() {
             }
         }
     }
+}
+
+#[test]
+fn counters_tell_the_programs_apart() {
+    let mut a = node_b();
+    // The same malformed IPv4 header (version 6 in an IPv4 frame) from a pod and off the wire.
+    let mut bad = pod_frame(POD_A, 64, 100);
+    bad[14] = 0x65;
+    assert_eq!(run_tc(&mut a, prog_name::FROM_PODS, &bad).0, TC_ACT_SHOT);
+    let mut bad_wire = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 64, 6, &payload(10)));
+    bad_wire[14 + 50 + 14] = 0x65;
+    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &bad_wire).0, TC_ACT_SHOT);
+    let by_program = sum_stats_by_program(a.ebpf()).unwrap();
+    let packets = |program: &str, reason: &str| {
+        by_program
+            .iter()
+            .find(|c| c.program == program && c.reason == reason)
+            .map_or(0, |c| c.counter.packets)
+    };
+    assert_eq!(packets("from_pods", "drop_bad_ipv4"), 1);
+    assert_eq!(packets("from_wire", "drop_bad_ipv4"), 1);
+    assert_eq!(packets("from_host", "drop_bad_ipv4"), 0);
+    assert_eq!(counted(&a, reason::DROP_BAD_IPV4), 2, "totals sum the programs");
 }

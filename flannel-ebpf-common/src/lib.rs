@@ -44,6 +44,37 @@ pub mod prog_name {
     pub const TO_WIRE: &str = "to_wire";
 }
 
+/// The programs, as counters tell them apart: `FLANNEL_STATS` is indexed by
+/// [`stats_slot`]`(program, reason)`.
+pub mod program {
+    pub const FROM_PODS: u32 = 0;
+    pub const FROM_HOST: u32 = 1;
+    pub const FROM_WIRE: u32 = 2;
+    pub const FROM_WIRE_XDP: u32 = 3;
+    pub const TO_WIRE: u32 = 4;
+    /// Number of programs.
+    pub const COUNT: u32 = 5;
+    /// Programs `FLANNEL_STATS` has room for (new programs keep the map's shape).
+    pub const SLOTS: u32 = 8;
+    /// Names, indexed by program (as in [`super::prog_name`]).
+    pub const NAMES: [&str; COUNT as usize] = [
+        super::prog_name::FROM_PODS,
+        super::prog_name::FROM_HOST,
+        super::prog_name::FROM_WIRE,
+        super::prog_name::FROM_WIRE_XDP,
+        super::prog_name::TO_WIRE,
+    ];
+}
+
+/// Entries of `FLANNEL_STATS`: a counter per program and reason.
+pub const STATS_SLOTS: u32 = program::SLOTS * reason::SLOTS;
+
+/// The `FLANNEL_STATS` index of `reason` counted by `program`.
+#[must_use]
+pub const fn stats_slot(program: u32, reason: u32) -> u32 {
+    program * reason::SLOTS + reason
+}
+
 /// Maximum number of remote subnets (one per node lease).
 pub const MAX_ROUTES: u32 = 16_384;
 /// Slots of the `FLANNEL_SUBNETS` array: the remote subnets of a Network indexed by their number
@@ -162,7 +193,7 @@ pub struct Endpoint {
     pub _pad0: [u8; 2],
 }
 
-/// One per-CPU counter of `FLANNEL_STATS`, indexed by [`reason`].
+/// One per-CPU counter of `FLANNEL_STATS`, indexed by [`stats_slot`] of program and [`reason`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct Counter {
@@ -454,6 +485,7 @@ const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<RouteKey>() == 8);
 const _: () = assert!(reason::NAMES.len() == reason::COUNT as usize);
 const _: () = assert!(reason::COUNT <= reason::SLOTS);
+const _: () = assert!(program::COUNT <= program::SLOTS);
 
 #[cfg(feature = "user")]
 mod user {

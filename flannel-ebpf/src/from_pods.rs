@@ -10,7 +10,7 @@ use aya_ebpf::{
     btf_maps::lpm_trie::Key,
     programs::TcContext,
 };
-use flannel_ebpf_common::{NodeConfig, backend, ipip, reason, udp, vxlan};
+use flannel_ebpf_common::{NodeConfig, backend, ipip, program, reason, udp, vxlan};
 
 use crate::{
     drop::tc_counted,
@@ -44,7 +44,9 @@ const UDP_FLAGS: u64 = BPF_F_ADJ_ROOM_FIXED_GSO as u64
 const UDP_OUTER_TTL: u8 = 64;
 
 pub fn run(ctx: &TcContext) -> i32 {
-    tc_counted(ctx, |ctx, cfg| to_remote(ctx, cfg, false))
+    tc_counted(ctx, program::FROM_PODS, |ctx, cfg| {
+        to_remote(ctx, cfg, false)
+    })
 }
 
 /// Sends an IPv4 packet for a pod on another node out of the uplink; passes what is not for

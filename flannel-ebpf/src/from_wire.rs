@@ -16,7 +16,7 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use flannel_ebpf_common::{NodeConfig, backend, ipip, reason, udp, vxlan};
+use flannel_ebpf_common::{NodeConfig, backend, ipip, program, reason, udp, vxlan};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -199,7 +199,7 @@ fn check_inner<const OFF: usize>(pkt: &impl Packet, cfg: &NodeConfig) -> Result<
 }
 
 pub fn run_tc(ctx: &TcContext) -> i32 {
-    tc_counted(ctx, try_from_wire_tc)
+    tc_counted(ctx, program::FROM_WIRE, try_from_wire_tc)
 }
 
 #[inline(always)]
@@ -298,11 +298,11 @@ pub fn run_xdp(ctx: &XdpContext) -> u32 {
         // Passes are counted by tc, which sees every packet XDP passes.
         Ok(None) => XDP_PASS,
         Ok(Some(why)) => {
-            count(why, len);
+            count(program::FROM_WIRE_XDP, why, len);
             XDP_PASS
         }
         Err(why) => {
-            count(why, len);
+            count(program::FROM_WIRE_XDP, why, len);
             XDP_DROP
         }
     }

@@ -5,7 +5,7 @@ use aya_ebpf::{
 };
 use flannel_ebpf_common::{
     Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NatEntry, NatKey,
-    NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, reason,
+    NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend,
 };
 
 /// This node's configuration (one entry).
@@ -37,9 +37,10 @@ pub static FLANNEL_ENDPTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }
 pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> =
     HashMap::new();
 
-/// Per-CPU packet and byte counters, indexed by verdict or drop reason.
+/// Per-CPU packet and byte counters, indexed by program and verdict or drop reason
+/// (`stats_slot`).
 #[btf_map]
-pub static FLANNEL_STATS: PerCpuArray<Counter, { reason::SLOTS as usize }> = PerCpuArray::new();
+pub static FLANNEL_STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCpuArray::new();
 
 /// This node's configuration, if the agent has enabled the dataplane.
 #[inline(always)]

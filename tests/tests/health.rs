@@ -109,7 +109,7 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
 
     // Metrics: parsed by Prometheus's parser; the datapath counter grows with a transfer and
     // equals what `--stats` reads from the same map.
-    let encap = r#"flannel_datapath_packets_total{reason="encap_vxlan"}"#;
+    let encap = r#"flannel_datapath_packets_total{program="from_pods",reason="encap_vxlan"}"#;
     let before = scrape(&tb, 0)?;
     let pods = tb.pods();
     tcp_echo(&pods[0], &pods[1], 4 << 20)?;
@@ -118,10 +118,10 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
     let grown = after[encap] - before.get(encap).copied().unwrap_or(0.0);
     ensure!(grown >= 100.0, "{encap} grew by {grown} over a 4 MiB transfer");
     ensure!(
-        after[encap].to_string() == counters["encap_vxlan"].to_string(),
+        after[encap].to_string() == counters["from_pods/encap_vxlan"].to_string(),
         "/metrics says {} and --stats {}",
         after[encap],
-        counters["encap_vxlan"]
+        counters["from_pods/encap_vxlan"]
     );
     for (name, want) in [
         ("flannel_leases", 2.0),

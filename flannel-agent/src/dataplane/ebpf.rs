@@ -20,7 +20,8 @@ use aya::{
 };
 use flannel_ebpf_common::{
     Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NatEntry, NatKey,
-    NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, map_name, nat, prog_name, reason,
+    NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend, map_name, nat,
+    prog_name, reason, stats_slot,
 };
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -137,7 +138,7 @@ fn expected_maps(nat_entries: u32) -> [(&'static str, MapType, u32, u32, u32); 7
             MapType::PerCpuArray,
             4,
             size_of::<Counter>() as u32,
-            reason::SLOTS,
+            STATS_SLOTS,
         ),
         (
             map_name::ENDPOINTS,
@@ -644,8 +645,21 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         .map_err(|source| prog_err(prog_name::FROM_WIRE_XDP, "verifying", source))
 }
 
-/// Per-reason counters summed over CPUs.
+/// A counter of one program and reason, summed over CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgramCounter {
+    pub program: &'static str,
+    pub reason: &'static str,
+    pub counter: Counter,
+}
+
+/// Per-reason counters summed over CPUs and programs.
 pub fn sum_stats(ebpf: &Ebpf) -> Result<Vec<(&'static str, Counter)>, Error> {
+    Ok(totals(&sum_stats_by_program(ebpf)?))
+}
+
+/// Per-program, per-reason counters summed over CPUs.
+pub fn sum_stats_by_program(ebpf: &Ebpf) -> Result<Vec<ProgramCounter>, Error> {
     let map = ebpf
         .map(map_name::STATS)
         .ok_or_else(|| missing_map(map_name::STATS))?;
@@ -654,19 +668,43 @@ pub fn sum_stats(ebpf: &Ebpf) -> Result<Vec<(&'static str, Counter)>, Error> {
     collect_stats(&array)
 }
 
+/// Per-reason totals over programs, in reason order.
+#[must_use]
+pub fn totals(by_program: &[ProgramCounter]) -> Vec<(&'static str, Counter)> {
+    reason::NAMES
+        .iter()
+        .map(|&name| {
+            let total = by_program
+                .iter()
+                .filter(|c| c.reason == name)
+                .fold(Counter::default(), |acc, c| add(acc, c.counter));
+            (name, total)
+        })
+        .collect()
+}
+
+fn add(a: Counter, b: Counter) -> Counter {
+    Counter {
+        packets: a.packets + b.packets,
+        bytes: a.bytes + b.bytes,
+    }
+}
+
 fn collect_stats<T: std::borrow::Borrow<MapData>>(
     array: &PerCpuArray<T, Counter>,
-) -> Result<Vec<(&'static str, Counter)>, Error> {
+) -> Result<Vec<ProgramCounter>, Error> {
     let mut out = Vec::new();
-    for (i, name) in reason::NAMES.iter().enumerate() {
-        let values = array
-            .get(&(i as u32), 0)
-            .map_err(|e| map_err(map_name::STATS, "reading", e))?;
-        let total = values.iter().fold(Counter::default(), |acc, c| Counter {
-            packets: acc.packets + c.packets,
-            bytes: acc.bytes + c.bytes,
-        });
-        out.push((*name, total));
+    for (p, program) in flannel_ebpf_common::program::NAMES.iter().enumerate() {
+        for (r, reason) in reason::NAMES.iter().enumerate() {
+            let values = array
+                .get(&stats_slot(p as u32, r as u32), 0)
+                .map_err(|e| map_err(map_name::STATS, "reading", e))?;
+            out.push(ProgramCounter {
+                program,
+                reason,
+                counter: values.iter().copied().fold(Counter::default(), add),
+            });
+        }
     }
     Ok(out)
 }
@@ -1021,8 +1059,13 @@ fn collect_in<T: std::borrow::BorrowMut<MapData>>(
     })
 }
 
-/// Per-reason counters summed over CPUs, read from the pinned stats map.
+/// Per-reason counters summed over CPUs and programs, read from the pinned stats map.
 pub fn read_stats(root: &Path) -> Result<Vec<(&'static str, Counter)>, Error> {
+    Ok(totals(&read_stats_by_program(root)?))
+}
+
+/// Per-program, per-reason counters summed over CPUs, read from the pinned stats map.
+pub fn read_stats_by_program(root: &Path) -> Result<Vec<ProgramCounter>, Error> {
     let pins = PinDir::new(root);
     let path = pins.map(map_name::STATS);
     let data = MapData::from_pin(&path).map_err(|e| Error::Pin {
