@@ -434,10 +434,6 @@ fn from_pods_drops_with_a_reason() {
     let cases = [
         (pod_frame([10, 244, 99, 1], 64, 100), reason::DROP_NO_ROUTE),
         (pod_frame(POD_B, 1, 100), reason::DROP_TTL_EXCEEDED),
-        (
-            pod_frame(POD_B, 64, 1500 - 20 - 50 + 1),
-            reason::DROP_TOO_BIG,
-        ),
         (bad_ihl, reason::DROP_BAD_IPV4),
         (not_v4, reason::DROP_BAD_IPV4),
     ];
@@ -452,6 +448,57 @@ fn from_pods_drops_with_a_reason() {
         &pod_frame(POD_B, 64, 1500 - 20 - 50),
     );
     assert_eq!(ret, TC_ACT_REDIRECT);
+}
+
+/// Runs `prog` on `input` as a GSO packet of `gso_size` (`__sk_buff.gso_size` through the
+/// test run's context).
+fn run_tc_gso(dp: &mut EbpfDataplane, prog: &str, input: &[u8], gso_size: u32) -> i32 {
+    // `struct __sk_buff` (192 bytes on 6.18): `gso_size` at 176.
+    let mut ctx = [0u8; 192];
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test_run {prog} gso {gso_size}: {e}"));
+    r.return_value.cast_signed()
+}
+
+#[test]
+fn too_big_pod_packets_go_to_the_kernel_for_fragmentation_needed() {
+    let mut a = node_a();
+    // One byte over the pod MTU (a pod whose own MTU is 1500): to the kernel, untouched.
+    let big = pod_frame(POD_B, 64, 1500 - 20 - 50 + 1);
+    assert_eq!(
+        run_tc(&mut a, prog_name::FROM_PODS, &big),
+        (TC_ACT_OK, big.clone())
+    );
+    assert_eq!(counted(&a, reason::PASS_TOO_BIG), 1);
+    // The node's own packet was routed by the same MTU already: dropped, counted.
+    let mut own = big.clone();
+    own[26..30].copy_from_slice(&[10, 244, 1, 1]);
+    fix_ipv4_csum(&mut own, 14);
+    assert_eq!(run_tc(&mut a, prog_name::FROM_HOST, &own).0, TC_ACT_SHOT);
+    assert_eq!(counted(&a, reason::DROP_TOO_BIG), 1);
+    // GSO packets are judged by their segments: 20 + 20 + 1420 + 50 > 1500 goes to the kernel
+    // (which answers DF segments with fragmentation-needed); 1410-byte segments fit.
+    let gso = pod_frame(POD_B, 64, 2000);
+    assert_eq!(
+        run_tc_gso(&mut a, prog_name::FROM_PODS, &gso, 1420),
+        TC_ACT_OK
+    );
+    assert_eq!(counted(&a, reason::PASS_TOO_BIG), 2);
+    run_tc_gso(&mut a, prog_name::FROM_PODS, &gso, 1410);
+    assert_eq!(
+        counted(&a, reason::PASS_TOO_BIG),
+        2,
+        "fitting segments are not too big"
+    );
 }
 
 fn cases_push(a: &mut EbpfDataplane, cases: &[(Vec<u8>, u32)]) {
@@ -903,8 +950,8 @@ fn host_gw_forwards_unencapsulated_and_the_node_is_no_extra_hop() {
         let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1480));
         assert_eq!(ret, TC_ACT_REDIRECT);
         let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1481));
-        assert_eq!(ret, TC_ACT_SHOT);
-        assert_eq!(counted(&a, reason::DROP_TOO_BIG), 1);
+        assert_eq!(ret, TC_ACT_OK);
+        assert_eq!(counted(&a, reason::PASS_TOO_BIG), 1);
     }
     // The receiving side delivers plain packets for its pods, whatever its backend.
     for kind in [
@@ -973,7 +1020,8 @@ fn ipip_encapsulates_like_the_kernel_ipip_device() {
     let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1460));
     assert_eq!(ret, TC_ACT_REDIRECT);
     let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1461));
-    assert_eq!(ret, TC_ACT_SHOT);
+    assert_eq!(ret, TC_ACT_OK, "too big: to the kernel");
+    assert_eq!(counted(&a, reason::PASS_TOO_BIG), 1);
 }
 
 #[test]
@@ -1039,7 +1087,8 @@ fn udp_encapsulates_like_flanneld_udp_backend() {
     let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1452));
     assert_eq!(ret, TC_ACT_REDIRECT);
     let (ret, _) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 1453));
-    assert_eq!(ret, TC_ACT_SHOT);
+    assert_eq!(ret, TC_ACT_OK, "too big: to the kernel");
+    assert_eq!(counted(&a, reason::PASS_TOO_BIG), 1);
 }
 
 /// Decapsulation of `frame` (around `inner`) on node B of backend `kind`: tc, learnt pod, XDP.
@@ -1733,9 +1782,17 @@ fn counters_tell_the_programs_apart() {
     let mut bad = pod_frame(POD_A, 64, 100);
     bad[14] = 0x65;
     assert_eq!(run_tc(&mut a, prog_name::FROM_PODS, &bad).0, TC_ACT_SHOT);
-    let mut bad_wire = vxlan_frame(NODE_A, VNI, VTEP_B, &ipv4(POD_A, POD_B, 64, 6, &payload(10)));
+    let mut bad_wire = vxlan_frame(
+        NODE_A,
+        VNI,
+        VTEP_B,
+        &ipv4(POD_A, POD_B, 64, 6, &payload(10)),
+    );
     bad_wire[14 + 50 + 14] = 0x65;
-    assert_eq!(run_tc(&mut a, prog_name::FROM_WIRE, &bad_wire).0, TC_ACT_SHOT);
+    assert_eq!(
+        run_tc(&mut a, prog_name::FROM_WIRE, &bad_wire).0,
+        TC_ACT_SHOT
+    );
     let by_program = sum_stats_by_program(a.ebpf()).unwrap();
     let packets = |program: &str, reason: &str| {
         by_program
@@ -1746,5 +1803,9 @@ fn counters_tell_the_programs_apart() {
     assert_eq!(packets("from_pods", "drop_bad_ipv4"), 1);
     assert_eq!(packets("from_wire", "drop_bad_ipv4"), 1);
     assert_eq!(packets("from_host", "drop_bad_ipv4"), 0);
-    assert_eq!(counted(&a, reason::DROP_BAD_IPV4), 2, "totals sum the programs");
+    assert_eq!(
+        counted(&a, reason::DROP_BAD_IPV4),
+        2,
+        "totals sum the programs"
+    );
 }

@@ -373,8 +373,13 @@ pub mod reason {
     pub const DROP_NAT_NO_PORT: u32 = 45;
     /// A node flow on a port a pod flow already holds (counted; the pod flow keeps the port).
     pub const NAT_HOST_COLLISION: u32 = 46;
+    /// A pod's packet too big for the pod MTU (a pod whose own MTU is larger, or a GSO packet
+    /// whose segments are): handed to the kernel, whose route for remote subnets carries the pod
+    /// MTU, so it answers a DF packet with ICMP fragmentation-needed and fragments the others
+    /// (the fragments come back through `from_host`).
+    pub const PASS_TOO_BIG: u32 = 47;
     /// Number of reasons in use.
-    pub const COUNT: u32 = 47;
+    pub const COUNT: u32 = 48;
     /// Slots of `FLANNEL_STATS`: room for new reasons without changing the pinned map's shape.
     pub const SLOTS: u32 = 64;
 
@@ -427,6 +432,7 @@ pub mod reason {
         "drop_nat_table_full",
         "drop_nat_no_port",
         "nat_host_collision",
+        "pass_too_big",
     ];
 
     /// True for the reasons that mean the packet was dropped.

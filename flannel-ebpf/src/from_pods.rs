@@ -17,7 +17,10 @@ use crate::{
     encap::{self, IP_DF, Outer},
     fib,
     maps::{FLANNEL_ROUTES, indexed_route},
-    parse::{ETH_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4},
+    parse::{
+        ETH_HLEN, IPPROTO_TCP, UDP_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4,
+        ptr_at,
+    },
 };
 
 /// `BPF_F_ADJ_ROOM_ENCAP_L2(len)`: the inner L2 header length, for GSO.
@@ -47,6 +50,27 @@ pub fn run(ctx: &TcContext) -> i32 {
     tc_counted(ctx, program::FROM_PODS, |ctx, cfg| {
         to_remote(ctx, cfg, false)
     })
+}
+
+/// The length of the IPv4 packets that will leave: the packet itself, or for a GSO packet each
+/// segment (its headers plus `gso_size`).
+#[inline(always)]
+fn inner_packet_len(ctx: &TcContext, ip: *const network_types::ip::Ipv4Hdr, len: u32) -> u32 {
+    // SAFETY: reading fields of the program's own context and of a header from `ptr_at`.
+    let (gso_size, vihl, proto) = unsafe { ((*ctx.skb.skb).gso_size, (*ip).vihl, (*ip).proto) };
+    if gso_size == 0 {
+        return len;
+    }
+    let l4 = ETH_HLEN + usize::from(vihl & 0x0f) * 4;
+    let l4_len = match proto {
+        IPPROTO_TCP => match ptr_at::<[u8; 2]>(ctx, l4 + 12) {
+            // SAFETY: bounds checked by `ptr_at`.
+            Ok(off) => u32::from(unsafe { (*off)[0] } >> 4) * 4,
+            Err(_) => 20,
+        },
+        _ => UDP_HLEN as u32,
+    };
+    (l4 - ETH_HLEN) as u32 + l4_len + gso_size
 }
 
 /// Sends an IPv4 packet for a pod on another node out of the uplink; passes what is not for
@@ -83,10 +107,15 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
     // Each `_HOST` verdict follows its pod verdict.
     let verdict = verdict + u32::from(host);
     let inner_len = ctx.len() - ETH_HLEN as u32;
-    // SAFETY: reading a field of the program's own context.
-    let gso_size = unsafe { (*ctx.skb.skb).gso_size };
-    if gso_size == 0 && inner_len + overhead > cfg.uplink_mtu {
-        return Err(reason::DROP_TOO_BIG);
+    if inner_packet_len(ctx, ip, inner_len) + overhead > cfg.uplink_mtu {
+        if host {
+            // The kernel routed it already, by the same MTU.
+            return Err(reason::DROP_TOO_BIG);
+        }
+        // The kernel's route for remote subnets carries the pod MTU: it answers a DF packet
+        // with fragmentation-needed and fragments the others, which come back through cni0's
+        // egress to `from_host`. flannel.1 does the same by its device MTU.
+        return Ok((TC_ACT_OK, reason::PASS_TOO_BIG));
     }
     if !host {
         decrement_ttl(ip)?;

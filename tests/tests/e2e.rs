@@ -489,3 +489,82 @@ fn a_new_pod_is_learnt_from_its_first_exchange_not_at_the_next_poll() -> Result<
     }
     Ok(())
 }
+
+/// `ping` from `pod` with its output whatever the exit status.
+fn ping_output(pod: &Pod, args: &[&str]) -> Result<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &pod.netns, "ping"])
+        .args(args)
+        .output()?;
+    Ok(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
+}
+
+#[test]
+fn a_pod_with_too_large_an_mtu_gets_fragmentation_needed_not_a_black_hole() -> Result<()> {
+    let tb = Testbed::start("pmtu", Options::vxlan(&[Ebpf, Ebpf, Stock], 1))?;
+    let pods = tb.pods();
+    let (pod, ours, stock) = (&pods[0], &pods[1], &pods[2]);
+    // A misconfigured pod: MTU 1500 on a node whose pod MTU is 1450 (both ends of its veth).
+    ip(&pod.netns, "link set eth0 mtu 1500")?;
+    for port in ip(&tb.nodes[0].netns, "-o link show master cni0")?
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1)?.split('@').next())
+    {
+        ip(&tb.nodes[0].netns, &format!("link set {port} mtu 1500"))?;
+    }
+    for peer in [ours, stock] {
+        // DF: the node answers fragmentation-needed with the pod MTU.
+        let out = ping_output(
+            pod,
+            &[
+                "-c",
+                "2",
+                "-i",
+                "0.3",
+                "-W",
+                "1",
+                "-M",
+                "do",
+                "-s",
+                "1472",
+                &peer.ip.to_string(),
+            ],
+        )?;
+        ensure!(
+            out.contains("mtu = 1450") || out.contains("mtu=1450"),
+            "ping -M do -s 1472 {}: no fragmentation-needed with mtu 1450:\n{out}",
+            peer.ip
+        );
+        // Without DF: fragmented on the way, reassembled by the peer, answered.
+        let out = ping_output(
+            pod,
+            &[
+                "-c",
+                "2",
+                "-i",
+                "0.3",
+                "-W",
+                "2",
+                "-M",
+                "dont",
+                "-s",
+                "1472",
+                &peer.ip.to_string(),
+            ],
+        )?;
+        ensure!(
+            out.contains(" 0% packet loss"),
+            "ping -M dont -s 1472 {}:\n{out}",
+            peer.ip
+        );
+        // TCP adapts and the transfer completes.
+        tcp_echo(pod, peer, 5 * MIB)?;
+    }
+    let stats = tb.stats(0)?;
+    ensure!(stats["pass_too_big"] > 0, "{}", summarize(&stats));
+    Ok(())
+}
