@@ -117,6 +117,11 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
         // egress to `from_host`. flannel.1 does the same by its device MTU.
         return Ok((TC_ACT_OK, reason::PASS_TOO_BIG));
     }
+    if overhead != 0 && inner_len + overhead > u32::from(u16::MAX) {
+        // A BIG TCP super-packet: an outer IPv4 header cannot describe it (its length would
+        // wrap), and segmenting it here is not possible.
+        return Err(reason::DROP_TOO_BIG);
+    }
     if !host {
         decrement_ttl(ip)?;
     }
