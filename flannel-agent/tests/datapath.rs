@@ -1809,3 +1809,25 @@ fn counters_tell_the_programs_apart() {
         "totals sum the programs"
     );
 }
+
+#[test]
+fn configuration_changes_are_double_buffered() {
+    let mut a = node_a();
+    let first = a.config().unwrap();
+    let slot = a.config_slot().unwrap();
+    // A new configuration (another public IP) lands in the other slot and is then in force:
+    // the programs encapsulate from the new address at once.
+    let mut next = first;
+    next.public_ip = [198, 18, 0, 99];
+    a.set_config(&next).unwrap();
+    assert_eq!(a.config_slot().unwrap(), 1 - slot, "the other slot is selected");
+    assert_eq!(a.config().unwrap(), next);
+    let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 100));
+    assert_eq!(ret, TC_ACT_REDIRECT);
+    assert_eq!(out[26..30], [198, 18, 0, 99], "outer source from the new configuration");
+    // And back: the selector flips again, the slot written last is the one in force.
+    a.set_config(&first).unwrap();
+    assert_eq!(a.config_slot().unwrap(), slot);
+    let (_, out) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 100));
+    assert_eq!(out[26..30], NODE_A);
+}

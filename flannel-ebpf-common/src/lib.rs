@@ -27,7 +27,18 @@ pub mod map_name {
     pub const ENDPOINTS: &str = "FLANNEL_ENDPTS";
     pub const SUBNETS: &str = "FLANNEL_SUBNETS";
     pub const NAT: &str = "FLANNEL_NAT";
-    pub const ALL: [&str; 7] = [CONFIG, ROUTES, NODES, STATS, ENDPOINTS, SUBNETS, NAT];
+    /// Which of `FLANNEL_CONFIG`'s two slots is in force.
+    pub const CONFIG_SELECT: &str = "FLANNEL_CFGSEL";
+    pub const ALL: [&str; 8] = [
+        CONFIG,
+        ROUTES,
+        NODES,
+        STATS,
+        ENDPOINTS,
+        SUBNETS,
+        NAT,
+        CONFIG_SELECT,
+    ];
 }
 
 /// Names of the programs in the object file.
@@ -104,7 +115,12 @@ pub mod backend {
     pub const UDP: u8 = 4;
 }
 
-/// This node's configuration: the single entry (key 0) of the `FLANNEL_CONFIG` array.
+/// Slots of `FLANNEL_CONFIG`: the agent writes a new configuration into the slot not in force,
+/// then switches `FLANNEL_CFGSEL` to it, so a program never reads a half-written configuration.
+pub const CONFIG_SLOTS: u32 = 2;
+
+/// This node's configuration: the entry of the `FLANNEL_CONFIG` array that `FLANNEL_CFGSEL`
+/// selects.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
 pub struct NodeConfig {

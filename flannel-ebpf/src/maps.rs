@@ -4,13 +4,18 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NatEntry, NatKey,
-    NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend,
+    CONFIG_SLOTS, Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
+    NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend,
 };
 
-/// This node's configuration (one entry).
+/// This node's configuration, double-buffered: the agent fills the slot not in force, then
+/// points `FLANNEL_CFGSEL` at it (a 4-byte store), so a program never sees a torn update.
 #[btf_map]
-pub static FLANNEL_CONFIG: Array<NodeConfig, 1> = Array::new();
+pub static FLANNEL_CONFIG: Array<NodeConfig, { CONFIG_SLOTS as usize }> = Array::new();
+
+/// The `FLANNEL_CONFIG` slot in force (0 or 1).
+#[btf_map]
+pub static FLANNEL_CFGSEL: Array<u32, 1> = Array::new();
 
 /// Remote pod subnet → remote node, longest-prefix match on the inner destination.
 #[btf_map]
@@ -45,7 +50,8 @@ pub static FLANNEL_STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCp
 /// This node's configuration, if the agent has enabled the dataplane.
 #[inline(always)]
 pub fn config() -> Option<&'static NodeConfig> {
-    match FLANNEL_CONFIG.get(0) {
+    let slot = FLANNEL_CFGSEL.get(0).map_or(0, |s| *s & 1);
+    match FLANNEL_CONFIG.get(slot) {
         Some(cfg) if cfg.enabled != 0 => Some(cfg),
         _ => None,
     }

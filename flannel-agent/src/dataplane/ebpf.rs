@@ -19,9 +19,9 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES, NatEntry, NatKey,
-    NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend, map_name, nat,
-    prog_name, reason, stats_slot,
+    CONFIG_SLOTS, Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
+    NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend,
+    map_name, nat, prog_name, reason, stats_slot,
 };
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -96,7 +96,7 @@ impl PinDir {
 
 /// Expected shape of each pinned map: (name, type, key size, value size, max entries), with a
 /// masquerade table of `nat_entries`.
-fn expected_maps(nat_entries: u32) -> [(&'static str, MapType, u32, u32, u32); 7] {
+fn expected_maps(nat_entries: u32) -> [(&'static str, MapType, u32, u32, u32); 8] {
     [
         (
             map_name::SUBNETS,
@@ -117,8 +117,9 @@ fn expected_maps(nat_entries: u32) -> [(&'static str, MapType, u32, u32, u32); 7
             MapType::Array,
             4,
             size_of::<NodeConfig>() as u32,
-            1,
+            CONFIG_SLOTS,
         ),
+        (map_name::CONFIG_SELECT, MapType::Array, 4, 4, 1),
         (
             map_name::ROUTES,
             MapType::LpmTrie,
@@ -285,17 +286,27 @@ impl EbpfDataplane {
         &self.pins
     }
 
-    /// The configuration currently in the map (what a previous agent left, after a restart).
+    /// The configuration in force (what a previous agent left, after a restart).
     pub fn config(&self) -> Result<NodeConfig, Error> {
-        let map = self
-            .ebpf
-            .map(map_name::CONFIG)
-            .ok_or_else(|| missing_map(map_name::CONFIG))?;
-        let array: Array<_, NodeConfig> =
-            Array::try_from(map).map_err(|e| map_err(map_name::CONFIG, "opening", e))?;
-        array
-            .get(&0, 0)
+        let slot = self.config_slot()?;
+        self.array::<NodeConfig>(map_name::CONFIG)?
+            .get(&slot, 0)
             .map_err(|e| map_err(map_name::CONFIG, "reading", e))
+    }
+
+    /// The `FLANNEL_CONFIG` slot in force.
+    pub fn config_slot(&self) -> Result<u32, Error> {
+        Ok(self
+            .array::<u32>(map_name::CONFIG_SELECT)?
+            .get(&0, 0)
+            .map_err(|e| map_err(map_name::CONFIG_SELECT, "reading", e))?
+            & 1)
+    }
+
+    /// An array map of the object, opened for reading.
+    fn array<V: aya::Pod>(&self, name: &str) -> Result<Array<&MapData, V>, Error> {
+        let map = self.ebpf.map(name).ok_or_else(|| missing_map(name))?;
+        Array::try_from(map).map_err(|e| map_err(name, "opening", e))
     }
 
     /// An array map of the object, opened for writing.
@@ -304,10 +315,16 @@ impl EbpfDataplane {
         Array::try_from(map).map_err(|e| map_err(name, "opening", e))
     }
 
+    /// Puts `cfg` in force: written whole into the slot not in force, then selected, so a
+    /// program never reads a half-written configuration.
     pub fn set_config(&mut self, cfg: &NodeConfig) -> Result<(), Error> {
+        let next = 1 - self.config_slot()?;
         self.array_mut::<NodeConfig>(map_name::CONFIG)?
-            .set(0, cfg, 0)
-            .map_err(|e| map_err(map_name::CONFIG, "writing", e))
+            .set(next, cfg, 0)
+            .map_err(|e| map_err(map_name::CONFIG, "writing", e))?;
+        self.array_mut::<u32>(map_name::CONFIG_SELECT)?
+            .set(0, next, 0)
+            .map_err(|e| map_err(map_name::CONFIG_SELECT, "writing", e))
     }
 
     /// Makes the maps hold exactly `desired`, touching only what differs. New nodes are accepted
