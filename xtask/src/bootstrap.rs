@@ -69,6 +69,7 @@ pub fn ensure_all() -> Result<()> {
     ensure_debian_packages()?;
     ensure_nightly()?;
     ensure_bpf_linker()?;
+    ensure_python_venv()?;
     Ok(())
 }
 
@@ -100,6 +101,22 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
         .args(["install", "-y", "-qq", "--no-install-recommends"])
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// What `cargo xtask image` needs besides the usual toolchain: `musl-gcc` (ring's C code in the
+/// static agent), `umoci` and `skopeo` (the OCI layout and its docker archive), and the musl
+/// target of the toolchain that builds the agent.
+pub fn ensure_image_tools() -> Result<()> {
+    ensure_packages(&["musl-tools", "umoci", "skopeo"])?;
+    let target = "x86_64-unknown-linux-musl";
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if !installed.lines().any(|l| l.trim() == target) {
+        say(&format!(
+            "adding the {target} target (the image's agent is static)"
+        ));
+        sh(Command::new("rustup").args(["target", "add", target]))?;
+    }
+    Ok(())
 }
 
 fn ensure_nightly() -> Result<()> {
@@ -158,6 +175,76 @@ fn nightly_llvm() -> Result<(PathBuf, u32)> {
 
 fn home() -> PathBuf {
     std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from)
+}
+
+/// The Python packages the tests run: `kubernetes-validate` (the deployment manifest's offline
+/// schema check, with the Kubernetes API schemas bundled) and `prometheus-client` (the metrics
+/// test's parser).
+const PYTHON_PACKAGES: [(&str, &str); 2] = [
+    ("kubernetes-validate", "kubernetes_validate"),
+    ("prometheus-client", "prometheus_client"),
+];
+
+/// The virtual environment holding [`PYTHON_PACKAGES`].
+fn venv_dir() -> PathBuf {
+    home().join(".cache/flannel-ebpf/venv")
+}
+
+/// The venv's interpreter, which the tests get as `FLANNEL_VENV_PYTHON`.
+pub fn venv_python() -> PathBuf {
+    venv_dir().join("bin/python")
+}
+
+/// Makes the venv with Debian's python3 (its `venv` module from `python3-venv`) and installs
+/// [`PYTHON_PACKAGES`] into it, unless they already import there.
+fn ensure_python_venv() -> Result<()> {
+    let python = venv_python();
+    let modules = PYTHON_PACKAGES.map(|(_, m)| m).join(", ");
+    let imports = |p: &Path| {
+        Command::new(p)
+            .args(["-c", &format!("import {modules}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    if imports(&python) {
+        return Ok(());
+    }
+    ensure_packages(&["python3-venv"])?;
+    let dir = venv_dir();
+    let runs = Command::new(&python)
+        .args(["-c", "pass"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !runs {
+        // Missing, or made by a Python that is gone: (re)made from scratch.
+        say(&format!(
+            "making a Python venv at {} (the manifest and metrics tests' packages)",
+            dir.display()
+        ));
+        sh(Command::new("/usr/bin/python3")
+            .args(["-m", "venv", "--clear"])
+            .arg(&dir))?;
+    }
+    let packages = PYTHON_PACKAGES.map(|(p, _)| p);
+    say(&format!(
+        "installing {} into the venv (from PyPI, once)",
+        packages.join(" ")
+    ));
+    sh(Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages))?;
+    ensure!(
+        imports(&python),
+        "{} still cannot import {modules}",
+        python.display()
+    );
+    Ok(())
 }
 
 fn ensure_bpf_linker() -> Result<()> {

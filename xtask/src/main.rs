@@ -1,6 +1,7 @@
 //! `cargo xtask run | test | bench`: each installs what it needs first and says what it does.
 mod bench;
 mod bootstrap;
+mod image;
 
 use std::{
     path::PathBuf,
@@ -103,6 +104,9 @@ enum Task {
     },
     /// Unit, `BPF_PROG_TEST_RUN` and end-to-end tests (as root).
     Test,
+    /// The container image: a static agent and the tools it runs, as an OCI layout and a
+    /// `docker load`-able archive in target/image/ (no registry or container daemon needed).
+    Image,
     /// Pod-to-pod TCP throughput through each datapath, interleaved, with ratios.
     Bench {
         /// A short run (fewer, shorter repetitions): a smoke test of the harness.
@@ -187,6 +191,7 @@ fn main() -> Result<()> {
     }
     match cli.task {
         Task::Test => test(),
+        Task::Image => image::command(),
         Task::Run {
             backend,
             nodes,
@@ -228,6 +233,7 @@ fn main() -> Result<()> {
 fn test() -> Result<()> {
     bootstrap::ensure_all()?;
     let agent = build_agent(false)?;
+    let image = image::build()?;
     flannel_tests::sweep_stale();
     say(
         "running unit, BPF_PROG_TEST_RUN and end-to-end tests (one at a time: each builds its own cluster)",
@@ -245,6 +251,8 @@ fn test() -> Result<()> {
         "--test-threads=1",
     ])
     .env("FLANNEL_AGENT_BIN", &agent)
+    .env("FLANNEL_IMAGE", &image)
+    .env("FLANNEL_VENV_PYTHON", bootstrap::venv_python())
     .stdout(std::process::Stdio::piped());
     say(
         "$ cargo test -p flannel-ebpf-common -p flannel-agent -p flannel-tests -- --test-threads=1",

@@ -32,9 +32,6 @@ use crate::{Error, iface::Link};
 /// The compiled programs, built by build.rs.
 pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/flannel"));
 
-/// The magic number of a bpffs superblock (`BPF_FS_MAGIC`).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
-
 /// Where XDP decapsulation runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DecapMode {
@@ -797,8 +794,10 @@ fn remove_pins(paths: &[PathBuf]) {
 
 /// Makes sure `root` is on a bpffs, mounting one at /sys/fs/bpf if nothing is mounted there.
 fn ensure_bpffs(root: &Path) -> Result<(), Error> {
-    let bpffs =
-        |p: &Path| nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    let bpffs = |p: &Path| {
+        nix::sys::statfs::statfs(p)
+            .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
+    };
     let existing = root
         .ancestors()
         .find(|p| p.exists())
