@@ -490,11 +490,14 @@ fn a_new_pod_is_learnt_from_its_first_exchange_not_at_the_next_poll() -> Result<
     Ok(())
 }
 
-/// `ping` from `pod` with its output whatever the exit status.
-fn ping_output(pod: &Pod, args: &[&str]) -> Result<String> {
+/// Two pings of 1,472 bytes from `pod` to `dst` with path-MTU discovery `mode` (`do`: DF set,
+/// `dont`: fragment), with their output whatever the exit status.
+fn ping_1472(pod: &Pod, dst: std::net::Ipv4Addr, mode: &str) -> Result<String> {
     let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &pod.netns, "ping"])
-        .args(args)
+        .args([
+            "netns", "exec", &pod.netns, "ping", "-c", "2", "-i", "0.3", "-W", "2",
+        ])
+        .args(["-M", mode, "-s", "1472", &dst.to_string()])
         .output()?;
     Ok(format!(
         "{}{}",
@@ -518,44 +521,14 @@ fn a_pod_with_too_large_an_mtu_gets_fragmentation_needed_not_a_black_hole() -> R
     }
     for peer in [ours, stock] {
         // DF: the node answers fragmentation-needed with the pod MTU.
-        let out = ping_output(
-            pod,
-            &[
-                "-c",
-                "2",
-                "-i",
-                "0.3",
-                "-W",
-                "1",
-                "-M",
-                "do",
-                "-s",
-                "1472",
-                &peer.ip.to_string(),
-            ],
-        )?;
+        let out = ping_1472(pod, peer.ip, "do")?;
         ensure!(
             out.contains("mtu = 1450") || out.contains("mtu=1450"),
             "ping -M do -s 1472 {}: no fragmentation-needed with mtu 1450:\n{out}",
             peer.ip
         );
         // Without DF: fragmented on the way, reassembled by the peer, answered.
-        let out = ping_output(
-            pod,
-            &[
-                "-c",
-                "2",
-                "-i",
-                "0.3",
-                "-W",
-                "2",
-                "-M",
-                "dont",
-                "-s",
-                "1472",
-                &peer.ip.to_string(),
-            ],
-        )?;
+        let out = ping_1472(pod, peer.ip, "dont")?;
         ensure!(
             out.contains(" 0% packet loss"),
             "ping -M dont -s 1472 {}:\n{out}",
