@@ -738,8 +738,9 @@ fn from_wire_drops_bad_vxlan_with_a_reason() {
         (inner_len_lies, reason::DROP_BAD_IPV4),
         (not_local, reason::DROP_INNER_NOT_LOCAL),
         (inner_arp, reason::DROP_INNER_NOT_IPV4),
-        (good[..60].to_vec(), reason::DROP_TRUNCATED),
-        (good[..70].to_vec(), reason::DROP_TRUNCATED),
+        // Cut short: the outer total length claims more than arrived.
+        (good[..60].to_vec(), reason::DROP_BAD_OUTER),
+        (good[..70].to_vec(), reason::DROP_BAD_OUTER),
     ];
     for (input, why) in cases {
         let name = reason::NAMES[why as usize];
@@ -1189,7 +1190,7 @@ fn ipip_and_udp_drop_bad_tunnel_traffic_with_a_reason() {
             (bad_inner_csum, reason::DROP_BAD_IPV4),
             (inner_len_lies, reason::DROP_BAD_IPV4),
             (not_v4, reason::DROP_BAD_IPV4),
-            (good[..off + 10].to_vec(), reason::DROP_TRUNCATED),
+            (good[..off + 10].to_vec(), reason::DROP_BAD_OUTER),
         ];
         for (input, why) in cases {
             let name = reason::NAMES[why as usize];
@@ -1820,14 +1821,77 @@ fn configuration_changes_are_double_buffered() {
     let mut next = first;
     next.public_ip = [198, 18, 0, 99];
     a.set_config(&next).unwrap();
-    assert_eq!(a.config_slot().unwrap(), 1 - slot, "the other slot is selected");
+    assert_eq!(
+        a.config_slot().unwrap(),
+        1 - slot,
+        "the other slot is selected"
+    );
     assert_eq!(a.config().unwrap(), next);
     let (ret, out) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 100));
     assert_eq!(ret, TC_ACT_REDIRECT);
-    assert_eq!(out[26..30], [198, 18, 0, 99], "outer source from the new configuration");
+    assert_eq!(
+        out[26..30],
+        [198, 18, 0, 99],
+        "outer source from the new configuration"
+    );
     // And back: the selector flips again, the slot written last is the one in force.
     a.set_config(&first).unwrap();
     assert_eq!(a.config_slot().unwrap(), slot);
     let (_, out) = run_tc(&mut a, prog_name::FROM_PODS, &pod_frame(POD_B, 64, 100));
     assert_eq!(out[26..30], NODE_A);
+}
+
+#[test]
+fn outer_lengths_are_checked_before_decapsulation() {
+    let mut b = node_b();
+    let good = vxlan_frame(
+        NODE_A,
+        VNI,
+        VTEP_B,
+        &ipv4(POD_A, POD_B, 63, 6, &payload(100)),
+    );
+    // Ethernet padding after a valid packet is fine.
+    let mut padded = good.clone();
+    padded.extend_from_slice(&[0; 10]);
+    assert_eq!(
+        run_tc(&mut b, prog_name::FROM_WIRE, &padded).0,
+        TC_ACT_REDIRECT
+    );
+    let with_tot_len = |tot: u16| {
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&tot.to_be_bytes());
+        fix_ipv4_csum(&mut f, 14);
+        f
+    };
+    let with_udp_len = |len: u16| {
+        let mut f = good.clone();
+        f[38..40].copy_from_slice(&len.to_be_bytes());
+        f
+    };
+    let actual = (good.len() - 14) as u16;
+    let cases = [
+        ("total length beyond the packet", with_tot_len(actual + 1)),
+        (
+            "total length without room for the headers",
+            with_tot_len(20 + 8 + 8 + 14 + 19),
+        ),
+        (
+            "UDP length beyond the IP payload",
+            with_udp_len(actual - 20 + 1),
+        ),
+        (
+            "UDP length without room for the headers",
+            with_udp_len(8 + 8 + 14 + 19),
+        ),
+    ];
+    for (what, frame) in &cases {
+        let before = counted(&b, reason::DROP_BAD_OUTER);
+        assert_eq!(
+            run_tc(&mut b, prog_name::FROM_WIRE, frame).0,
+            TC_ACT_SHOT,
+            "{what}"
+        );
+        assert_eq!(counted(&b, reason::DROP_BAD_OUTER), before + 1, "{what}");
+        assert_eq!(run_xdp(&mut b, frame).0, XDP_DROP, "{what} (XDP)");
+    }
 }

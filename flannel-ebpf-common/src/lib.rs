@@ -394,8 +394,11 @@ pub mod reason {
     /// MTU, so it answers a DF packet with ICMP fragmentation-needed and fragments the others
     /// (the fragments come back through `from_host`).
     pub const PASS_TOO_BIG: u32 = 47;
+    /// Our tunnel traffic whose outer IPv4 total length or UDP length does not fit the packet
+    /// or cannot hold the tunnel headers and an inner IPv4 header.
+    pub const DROP_BAD_OUTER: u32 = 48;
     /// Number of reasons in use.
-    pub const COUNT: u32 = 48;
+    pub const COUNT: u32 = 49;
     /// Slots of `FLANNEL_STATS`: room for new reasons without changing the pinned map's shape.
     pub const SLOTS: u32 = 64;
 
@@ -449,6 +452,7 @@ pub mod reason {
         "drop_nat_no_port",
         "nat_host_collision",
         "pass_too_big",
+        "drop_bad_outer",
     ];
 
     /// True for the reasons that mean the packet was dropped.
@@ -462,6 +466,7 @@ pub mod reason {
                     | DROP_NAT_FRAGMENT
                     | DROP_NAT_TABLE_FULL
                     | DROP_NAT_NO_PORT
+                    | DROP_BAD_OUTER
         )
     }
 }

@@ -124,6 +124,7 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     }
     if cfg.backend as u8 == backend::IPIP {
         // Our IPIP from here on: whatever is wrong is a counted drop.
+        check_outer::<IPIP_INNER_IP_OFF>(pkt, ip, None)?;
         known_source(src)?;
         check_inner::<IPIP_INNER_IP_OFF>(pkt, cfg)?;
         return Ok(Wire::Decap(Tunnel::Ipip));
@@ -137,12 +138,14 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     }
     if cfg.backend as u8 == backend::UDP {
         // flannel's udp backend: the payload is the inner IPv4 packet.
+        check_outer::<UDP_INNER_IP_OFF>(pkt, ip, Some(udp))?;
         known_source(src)?;
         check_inner::<UDP_INNER_IP_OFF>(pkt, cfg)?;
         return Ok(Wire::Decap(Tunnel::Udp));
     }
 
     // Our VXLAN from here on: whatever is wrong is a counted drop.
+    check_outer::<VXLAN_INNER_IP_OFF>(pkt, ip, Some(udp))?;
     let vx = ptr_at::<VxlanHdr>(pkt, VXLAN_OFF)?;
     // SAFETY: `vx` came from `ptr_at`.
     let (flags, vni) = unsafe { ((*vx).flags, (*vx).vni) };
@@ -163,6 +166,32 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     }
     check_inner::<VXLAN_INNER_IP_OFF>(pkt, cfg)?;
     Ok(Wire::Decap(Tunnel::Vxlan))
+}
+
+/// Checks the outer IPv4 total length (and UDP length) of our tunnel traffic whose inner IPv4
+/// header starts at `INNER`: it must hold the tunnel headers and an inner IPv4 header, and fit
+/// what arrived (Ethernet padding may follow it).
+#[inline(always)]
+fn check_outer<const INNER: usize>(
+    pkt: &impl Packet,
+    ip: *const network_types::ip::Ipv4Hdr,
+    udp: Option<*const network_types::udp::UdpHdr>,
+) -> Result<(), u32> {
+    let min = (INNER + IPV4_HLEN - ETH_HLEN) as u32;
+    let room = pkt.len().saturating_sub(ETH_HLEN as u32);
+    // SAFETY: `ip` came from `ptr_at`.
+    let tot = u32::from(u16::from_be_bytes(unsafe { (*ip).tot_len }));
+    if tot < min || tot > room {
+        return Err(reason::DROP_BAD_OUTER);
+    }
+    if let Some(udp) = udp {
+        // SAFETY: `udp` came from `ptr_at`.
+        let len = u32::from(u16::from_be_bytes(unsafe { (*udp).len }));
+        if len < min - IPV4_HLEN as u32 || len > tot - IPV4_HLEN as u32 {
+            return Err(reason::DROP_BAD_OUTER);
+        }
+    }
+    Ok(())
 }
 
 /// Tunnel traffic is accepted only from nodes with a lease.
