@@ -16,8 +16,9 @@ use aya::programs::{SchedClassifier, TestRun as _, TestRunOptions, Xdp};
 use flannel_agent::dataplane::{Desired, ebpf::EbpfDataplane};
 use flannel_ebpf_common::{Endpoint, RemoteNode, RemoteSubnet, backend, prog_name};
 use flannel_tests::packet::{
-    NODE_A, NODE_B, POD_A, POD_B, UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, config_for, eth,
-    ipip_frame, ipv4, payload, pod_frame, udp_frame, vxlan_frame,
+    NODE_A, NODE_B, OUTSIDE, POD_A, POD_B, UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, config_for,
+    eth, ipip_frame, ipv4, masq_config, payload, pod_frame, tcp, udp_frame, vxlan_around,
+    vxlan_frame, wire_frame,
 };
 
 const TC_ACT_OK: u32 = 0;
@@ -72,6 +73,9 @@ struct Case {
     prog: &'static str,
     input: Vec<u8>,
     want: u32,
+    /// Bytes the output must hold at an offset, where the verdict alone does not tell the path
+    /// (the masquerade passes translated and untouched packets alike).
+    want_out: Vec<(usize, Vec<u8>)>,
     repeat: u32,
     ns: Vec<f64>,
 }
@@ -84,9 +88,16 @@ impl Case {
             prog,
             input: input.to_vec(),
             want,
+            want_out: Vec::new(),
             repeat: 1,
             ns: Vec::new(),
         }
+    }
+
+    /// As [`Self::new`], also checking that the output holds `bytes` at `offset`.
+    fn with_output(mut self, offset: usize, bytes: &[u8]) -> Self {
+        self.want_out.push((offset, bytes.to_vec()));
+        self
     }
 
     /// Runs the case `calls` times, keeping the kernel's ns per run of each call.
@@ -117,6 +128,14 @@ impl Case {
                 r.return_value,
                 self.want
             );
+            for (offset, bytes) in &self.want_out {
+                let got = out[..r.data_size_out as usize].get(*offset..*offset + bytes.len());
+                ensure!(
+                    got == Some(&bytes[..]),
+                    "{}: output at {offset} is {got:?} instead of {bytes:?}",
+                    self.name
+                );
+            }
             self.ns.push(r.duration.as_secs_f64() * 1e9);
         }
         Ok(())
@@ -368,5 +387,116 @@ fn cases() -> Result<(Vec<EbpfDataplane>, Vec<Case>)> {
             XDP_PASS,
         ));
     }
+    masquerade_cases(&mut dps, &mut cases)?;
     Ok((dps, cases))
+}
+
+/// The masquerade (`--ip-masq`) on node A: `to_wire` translating a pod's packet of an
+/// established flow, `from_wire` translating the reply back, and `to_wire` passing the node's own
+/// VXLAN packet (what most packets on an overlay node's uplink are). The flow is created (and its
+/// reply seen) by one untimed run of each first, so that the timed runs find both entries; the
+/// output is checked on every run, the verdict being `TC_ACT_OK` either way.
+fn masquerade_cases(dps: &mut Vec<EbpfDataplane>, cases: &mut Vec<Case>) -> Result<()> {
+    const POD_PORT: u16 = 40_000;
+    const SERVER_PORT: u16 = 5201;
+    // An MTU-sized TCP segment (ACK) of the pod to the outside host.
+    let data = payload(1400 - 40);
+    let out_seg = tcp(POD_A, OUTSIDE, POD_PORT, SERVER_PORT, 0x10, &data);
+    let pod_out = wire_frame(&ipv4(POD_A, OUTSIDE, 63, 6, &out_seg));
+    let mut dp = node(
+        &masq_config(
+            config(NODE_A, [10, 244, 1, 0], VTEP_A, [0x02, 0, 0, 0, 0, 0xa1]),
+            true,
+        ),
+        "10.244.2.0/24",
+        NODE_B,
+        VTEP_B,
+    )?;
+    // Offsets in a frame: the IPv4 source address at 26, its destination at 30, the TCP source
+    // and destination ports at 34 and 36.
+    let snat = run_once(&mut dp, prog_name::TO_WIRE, &pod_out)?;
+    ensure!(
+        snat[26..30] == NODE_A,
+        "to_wire did not masquerade the pod's packet"
+    );
+    let port = [snat[34], snat[35]];
+    let reply_seg = tcp(
+        OUTSIDE,
+        NODE_A,
+        SERVER_PORT,
+        u16::from_be_bytes(port),
+        0x10,
+        &data,
+    );
+    let reply = wire_frame(&ipv4(OUTSIDE, NODE_A, 60, 6, &reply_seg));
+    let back = run_once(&mut dp, prog_name::FROM_WIRE, &reply)?;
+    ensure!(
+        back[30..34] == POD_A,
+        "from_wire did not translate the reply back"
+    );
+    // The node's own VXLAN packet (source port 40000, outside the masquerade range).
+    let vxlan = vxlan_around(
+        NODE_A,
+        VNI,
+        &eth(VTEP_B, VTEP_A, 0x0800, &ipv4(POD_A, POD_B, 63, 6, &out_seg)),
+    );
+    dps.push(dp);
+    let n = dps.len() - 1;
+    cases.push(
+        Case::new(
+            "to_wire: SNAT (established flow)",
+            n,
+            prog_name::TO_WIRE,
+            &pod_out,
+            TC_ACT_OK,
+        )
+        // Source address and port.
+        .with_output(26, &NODE_A)
+        .with_output(34, &port),
+    );
+    cases.push(
+        Case::new(
+            "from_wire: reverse SNAT",
+            n,
+            prog_name::FROM_WIRE,
+            &reply,
+            TC_ACT_OK,
+        )
+        // Destination address and port.
+        .with_output(30, &POD_A)
+        .with_output(36, &POD_PORT.to_be_bytes()),
+    );
+    cases.push(
+        Case::new(
+            "to_wire: pass (not masqueraded)",
+            n,
+            prog_name::TO_WIRE,
+            &vxlan,
+            TC_ACT_OK,
+        )
+        .with_output(0, &vxlan),
+    );
+    Ok(())
+}
+
+/// One untimed run of a tc program; its output.
+fn run_once(dp: &mut EbpfDataplane, prog: &str, input: &[u8]) -> Result<Vec<u8>> {
+    let mut out = vec![0u8; input.len() + 256];
+    let program: &mut SchedClassifier = dp
+        .ebpf_mut()
+        .program_mut(prog)
+        .ok_or_else(|| anyhow::anyhow!("no {prog}"))?
+        .try_into()?;
+    let r = program.test_run(TestRunOptions {
+        data_in: Some(input),
+        data_out: Some(&mut out),
+        ..Default::default()
+    })?;
+    ensure!(
+        r.return_value == TC_ACT_OK,
+        "{prog}: verdict {}",
+        r.return_value
+    );
+    out.truncate(r.data_size_out as usize);
+    Ok(out)
 }
