@@ -1895,3 +1895,81 @@ fn outer_lengths_are_checked_before_decapsulation() {
         assert_eq!(run_xdp(&mut b, frame).0, XDP_DROP, "{what} (XDP)");
     }
 }
+
+#[test]
+fn a_closed_or_long_idle_flow_gives_its_port_to_a_new_flow() {
+    let mut a = masq_node(1024, true);
+    // One port in the range: every flow to OUTSIDE:80 competes for it.
+    let mut cfg = a.config().unwrap();
+    cfg.nat_port_max = cfg.nat_port_min;
+    a.set_config(&cfg).unwrap();
+    let data = payload(10);
+    let syn = |sport: u16| pod_out(TCP, &tcp(POD_A, OUTSIDE, sport, 80, 0x02, &data));
+    let reply = |flags: u8| {
+        wire_frame(&ipv4(
+            OUTSIDE,
+            NODE_A,
+            60,
+            TCP,
+            &tcp(OUTSIDE, NODE_A, 80, NAT_PORTS.0, flags, &[]),
+        ))
+    };
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &syn(1)).0, TC_ACT_OK);
+    run_tc(&mut a, prog_name::FROM_WIRE, &reply(0x12));
+    // An open flow keeps its port.
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &syn(2)).0, TC_ACT_SHOT);
+    assert_eq!(counted(&a, reason::DROP_NAT_NO_PORT), 1);
+    // Closed by a FIN each way: the port is free again a second later.
+    let fin = pod_out(TCP, &tcp(POD_A, OUTSIDE, 1, 80, 0x11, &[]));
+    run_tc(&mut a, prog_name::TO_WIRE, &fin);
+    run_tc(&mut a, prog_name::FROM_WIRE, &reply(0x11));
+    assert_eq!(
+        run_tc(&mut a, prog_name::TO_WIRE, &syn(2)).0,
+        TC_ACT_SHOT,
+        "not at once"
+    );
+    std::thread::sleep(Duration::from_millis(1100));
+    let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &syn(2));
+    assert_eq!(ret, TC_ACT_OK, "the closed flow's port is taken over");
+    assert_eq!(port_at(&out[14..], 0), NAT_PORTS.0);
+    let entries = a.nat_entries().unwrap();
+    assert_eq!(entries.len(), 2, "the old flow is gone: {entries:?}");
+    assert!(
+        entries
+            .iter()
+            .all(|(k, e)| k.sport == 2u16.to_be_bytes() || e.port == 2u16.to_be_bytes())
+    );
+    // The reply now reaches the new flow's pod port.
+    let (_, back) = run_tc(&mut a, prog_name::FROM_WIRE, &reply(0x12));
+    assert_eq!(port_at(&back[14..], 2), 2);
+    // Reset by the outside: free at once.
+    run_tc(&mut a, prog_name::FROM_WIRE, &reply(0x14));
+    assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &syn(3)).0, TC_ACT_OK);
+    // A UDP flow idle for 30 s gives its port up; one idle for less keeps it.
+    let udp_flow = |sport: u16| pod_out(UDP, &udp_checked(POD_A, OUTSIDE, sport, 53, &data));
+    assert_eq!(
+        run_tc(&mut a, prog_name::TO_WIRE, &udp_flow(10)).0,
+        TC_ACT_OK
+    );
+    assert_eq!(
+        run_tc(&mut a, prog_name::TO_WIRE, &udp_flow(11)).0,
+        TC_ACT_SHOT
+    );
+    age_nat_entries(&mut a, 31);
+    assert_eq!(
+        run_tc(&mut a, prog_name::TO_WIRE, &udp_flow(11)).0,
+        TC_ACT_OK
+    );
+}
+
+/// Makes every masquerade entry `secs` older.
+fn age_nat_entries(dp: &mut EbpfDataplane, secs: u64) {
+    let entries = dp.nat_entries().unwrap();
+    let map = dp.ebpf_mut().map_mut("FLANNEL_NAT").unwrap();
+    let mut table: aya::maps::HashMap<_, NatKey, NatEntry> =
+        aya::maps::HashMap::try_from(map).unwrap();
+    for (k, mut e) in entries {
+        e.last_seen = e.last_seen.saturating_sub(secs * 1_000_000_000);
+        table.insert(k, e, 0).unwrap();
+    }
+}

@@ -293,6 +293,10 @@ pub mod nat {
     pub const KUBE_MASQ_MARK: u32 = 0x4000;
     /// How often `last_seen` is rewritten at most (fewer writes to a shared cache line).
     pub const TOUCH_NS: u64 = 1_000_000_000;
+    /// A flow idle this long gives its port to a new flow that needs it (TCP: one that never saw
+    /// a reply; closed TCP flows give it up after [`TOUCH_NS`]): Linux's 30 s timeout for
+    /// unreplied and single-exchange UDP.
+    pub const REUSE_IDLE_NS: u64 = 30_000_000_000;
     /// Ports tried for a new flow before giving up ([`super::reason::DROP_NAT_NO_PORT`]):
     /// consecutive ports from a random (or hashed) start, so a range of up to this many ports is
     /// searched whole; in a larger, nearly exhausted range a new flow can fail while a port is

@@ -12,8 +12,8 @@
 //! place (RFC 1624); TCP and UDP checksums go through `bpf_l4_csum_replace`, which also handles
 //! the pseudo-header of a `CHECKSUM_PARTIAL` skb (pods' offloaded checksums, GSO).
 use aya_ebpf::{
-    bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_ns},
+    bindings::{BPF_EXIST, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK},
+    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
 use flannel_ebpf_common::{NatEntry, NatKey, NodeConfig, nat, reason};
@@ -109,9 +109,11 @@ fn ports(ctx: &TcContext, proto: u8, l4: usize) -> Result<Option<([u8; 2], [u8; 
 }
 
 #[inline(always)]
+/// `CLOCK_MONOTONIC`, coarse: entry times need no more than a tick's precision, and the coarse
+/// clock is a memory read where the fine one reads the clock source on every packet.
 fn now() -> u64 {
     // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_ns() }
+    unsafe { bpf_ktime_get_coarse_ns() }
 }
 
 /// Refreshes an entry's time (at most once per [`nat::TOUCH_NS`]) and flags.
@@ -173,6 +175,49 @@ fn port_seed(cfg: &NodeConfig, key: &NatKey) -> u32 {
     h ^ (h >> 15)
 }
 
+/// Gives the port of the flow whose reply key `reply` is to a new flow (writing `back` in its
+/// place) if that flow is over: a TCP flow reset, or closed by a FIN each way, for a second (as
+/// Linux's `tcp_tw_reuse` lets a TIME_WAIT tuple be reused), or any other flow idle for
+/// [`nat::REUSE_IDLE_NS`] (Linux's unreplied and single-exchange UDP timeout). Without this a
+/// closed connection would hold its port for the collector's 120 s, and a busy remote endpoint
+/// would run out of ports at a few dozen new connections a second. The node's own ports are
+/// never taken.
+#[inline(always)]
+fn take_over(reply: &NatKey, back: &NatEntry, now: u64) -> bool {
+    let Some(old) = FLANNEL_NAT.get_ptr(reply) else {
+        return false;
+    };
+    // SAFETY: the pointer came from a successful lookup; the fields are copied at once.
+    let (flags, last_seen, addr, port) =
+        unsafe { ((*old).flags, (*old).last_seen, (*old).addr, (*old).port) };
+    let idle = now.saturating_sub(last_seen);
+    if flags & nat::HOST != 0 {
+        return false;
+    }
+    let original = NatKey::new(addr, reply.src, port, reply.sport, reply.proto, nat::EGRESS);
+    let over = if reply.proto != IPPROTO_TCP {
+        idle >= nat::REUSE_IDLE_NS
+    } else if flags & nat::RESET != 0 {
+        true
+    } else if flags & nat::CLOSING != 0 && idle >= nat::TOUCH_NS {
+        // SAFETY: as above.
+        FLANNEL_NAT
+            .get_ptr(&original)
+            .is_none_or(|o| unsafe { (*o).flags } & (nat::CLOSING | nat::RESET) != 0)
+    } else {
+        idle >= nat::REUSE_IDLE_NS && flags & nat::SEEN_REPLY == 0
+    };
+    if !over {
+        return false;
+    }
+    // The old flow's original direction goes first, so that its late packets start a new flow
+    // instead of being translated to the port it no longer owns.
+    let _ = FLANNEL_NAT.remove(&original);
+    FLANNEL_NAT
+        .insert(reply, back, u64::from(BPF_EXIST))
+        .is_ok()
+}
+
 /// The allocated port of a flow, creating the flow (both entries) if it is new.
 #[inline(always)]
 fn flow_port(cfg: &NodeConfig, key: &NatKey, flags: u8) -> Result<[u8; 2], u32> {
@@ -202,6 +247,10 @@ fn flow_port(cfg: &NodeConfig, key: &NatKey, flags: u8) -> Result<[u8; 2], u32> 
         reply.dport = (p as u16).to_be_bytes();
         match FLANNEL_NAT.insert(&reply, &back, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
+                port = Some(reply.dport);
+                break;
+            }
+            Err(EEXIST) if take_over(&reply, &back, t) => {
                 port = Some(reply.dport);
                 break;
             }
