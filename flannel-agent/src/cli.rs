@@ -82,11 +82,12 @@ pub struct Args {
 
     /// Ports (and ICMP echo identifiers) the eBPF masquerade allocates, `MIN-MAX`. The agent
     /// adds them to `net.ipv4.ip_local_reserved_ports` so the node's own connections never take
-    /// them; the default lies above Linux's default `ip_local_port_range` (32768–60999).
+    /// them; the default lies below Kubernetes' NodePorts (30000–32767) and Linux's default
+    /// `ip_local_port_range` (32768–60999).
     #[arg(
         long = "ip-masq-port-range",
         env = "FLANNELD_IP_MASQ_PORT_RANGE",
-        default_value = "61000-65535",
+        default_value = "1024-29999",
         value_parser = parse_port_range
     )]
     pub ip_masq_port_range: (u16, u16),

@@ -1919,7 +1919,8 @@ fn a_closed_or_long_idle_flow_gives_its_port_to_a_new_flow() {
     // An open flow keeps its port.
     assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, &syn(2)).0, TC_ACT_SHOT);
     assert_eq!(counted(&a, reason::DROP_NAT_NO_PORT), 1);
-    // Closed by a FIN each way: the port is free again a second later.
+    // Closed by a FIN each way: the port is free again once the remote end's TIME_WAIT (60 s)
+    // is over.
     let fin = pod_out(TCP, &tcp(POD_A, OUTSIDE, 1, 80, 0x11, &[]));
     run_tc(&mut a, prog_name::TO_WIRE, &fin);
     run_tc(&mut a, prog_name::FROM_WIRE, &reply(0x11));
@@ -1928,7 +1929,13 @@ fn a_closed_or_long_idle_flow_gives_its_port_to_a_new_flow() {
         TC_ACT_SHOT,
         "not at once"
     );
-    std::thread::sleep(Duration::from_millis(1100));
+    age_nat_entries(&mut a, 50);
+    assert_eq!(
+        run_tc(&mut a, prog_name::TO_WIRE, &syn(2)).0,
+        TC_ACT_SHOT,
+        "not within 60 s"
+    );
+    age_nat_entries(&mut a, 11);
     let (ret, out) = run_tc(&mut a, prog_name::TO_WIRE, &syn(2));
     assert_eq!(ret, TC_ACT_OK, "the closed flow's port is taken over");
     assert_eq!(port_at(&out[14..], 0), NAT_PORTS.0);

@@ -294,19 +294,23 @@ pub mod nat {
     /// How often `last_seen` is rewritten at most (fewer writes to a shared cache line).
     pub const TOUCH_NS: u64 = 1_000_000_000;
     /// A flow idle this long gives its port to a new flow that needs it (TCP: one that never saw
-    /// a reply; closed TCP flows give it up after [`TOUCH_NS`]): Linux's 30 s timeout for
-    /// unreplied and single-exchange UDP.
+    /// a reply; closed TCP flows give it up after [`TIME_WAIT_NS`], reset ones at once): Linux's
+    /// 30 s timeout for unreplied and single-exchange UDP.
     pub const REUSE_IDLE_NS: u64 = 30_000_000_000;
     /// Ports tried for a new flow before giving up ([`super::reason::DROP_NAT_NO_PORT`]):
     /// consecutive ports from a random (or hashed) start, so a range of up to this many ports is
     /// searched whole; in a larger, nearly exhausted range a new flow can fail while a port is
     /// still free (as the kernel's own bounded search).
     pub const PORT_TRIES: u32 = 128;
-    /// Default port range: above Linux's default `ip_local_port_range` (32768–60999), so the
-    /// node's own connections never take these ports by default; the agent also reserves them
-    /// (`net.ipv4.ip_local_reserved_ports`).
-    pub const DEFAULT_PORT_MIN: u16 = 61_000;
-    pub const DEFAULT_PORT_MAX: u16 = 65_535;
+    /// Default port range: below Kubernetes' NodePort range (30000–32767) and Linux's default
+    /// `ip_local_port_range` (32768–60999), so the node's own connections never autobind these
+    /// ports (the agent also reserves them, `net.ipv4.ip_local_reserved_ports`); 28,976 ports
+    /// per remote address, port and protocol.
+    pub const DEFAULT_PORT_MIN: u16 = 1_024;
+    pub const DEFAULT_PORT_MAX: u16 = 29_999;
+    /// How long a TCP flow closed by a FIN each way keeps its port: the remote end that closed
+    /// first holds the tuple in TIME_WAIT (Linux: 60 s), and a new connection on it could stall.
+    pub const TIME_WAIT_NS: u64 = 60_000_000_000;
 }
 
 /// Key of the `FLANNEL_ROUTES` LPM trie as the kernel sees it: prefix length then address.

@@ -176,11 +176,10 @@ fn port_seed(cfg: &NodeConfig, key: &NatKey) -> u32 {
 }
 
 /// Gives the port of the flow whose reply key `reply` is to a new flow (writing `back` in its
-/// place) if that flow is over: a TCP flow reset, or closed by a FIN each way, for a second (as
-/// Linux's `tcp_tw_reuse` lets a TIME_WAIT tuple be reused), or any other flow idle for
-/// [`nat::REUSE_IDLE_NS`] (Linux's unreplied and single-exchange UDP timeout). Without this a
-/// closed connection would hold its port for the collector's 120 s, and a busy remote endpoint
-/// would run out of ports at a few dozen new connections a second. The node's own ports are
+/// place) if that flow is over: a TCP flow reset, or closed by a FIN each way longer than the
+/// remote end's TIME_WAIT ([`nat::TIME_WAIT_NS`]), or any other flow idle for
+/// [`nat::REUSE_IDLE_NS`] (Linux's unreplied and single-exchange UDP timeout); otherwise a
+/// closed connection would hold its port until the collector's 120 s. The node's own ports are
 /// never taken.
 #[inline(always)]
 fn take_over(reply: &NatKey, back: &NatEntry, now: u64) -> bool {
@@ -195,17 +194,17 @@ fn take_over(reply: &NatKey, back: &NatEntry, now: u64) -> bool {
         return false;
     }
     let original = NatKey::new(addr, reply.src, port, reply.sport, reply.proto, nat::EGRESS);
-    let over = if reply.proto != IPPROTO_TCP {
-        idle >= nat::REUSE_IDLE_NS
-    } else if flags & nat::RESET != 0 {
-        true
-    } else if flags & nat::CLOSING != 0 && idle >= nat::TOUCH_NS {
+    let over = if reply.proto == IPPROTO_TCP {
+        // Both directions' TCP state: a reset either way, or a FIN each way.
         // SAFETY: as above.
-        FLANNEL_NAT
+        let out = FLANNEL_NAT
             .get_ptr(&original)
-            .is_none_or(|o| unsafe { (*o).flags } & (nat::CLOSING | nat::RESET) != 0)
+            .map_or(nat::CLOSING, |o| unsafe { (*o).flags });
+        (flags | out) & nat::RESET != 0
+            || (flags & out & nat::CLOSING != 0 && idle >= nat::TIME_WAIT_NS)
+            || (flags & nat::SEEN_REPLY == 0 && idle >= nat::REUSE_IDLE_NS)
     } else {
-        idle >= nat::REUSE_IDLE_NS && flags & nat::SEEN_REPLY == 0
+        idle >= nat::REUSE_IDLE_NS
     };
     if !over {
         return false;

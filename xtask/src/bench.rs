@@ -408,8 +408,48 @@ fn measure(
 
 /// The agent's resident memory and map-sync time with `n` leases (fake peers added to its lease
 /// file in one change).
-fn agent_scale(n: usize) -> Result<(f64, f64)> {
+/// The agent at a lease count: memory, map-sync time, and `/metrics` scraped once a second.
+struct AgentScale {
+    rss_mib: f64,
+    sync_ms: f64,
+    /// Median and slowest scrape of `/metrics` (connect, request, whole answer), ms.
+    scrape_ms: (f64, f64),
+    /// The agent's CPU time while scraped once a second, as a share of one core.
+    cpu_share: f64,
+}
+
+/// The health/metrics port of the scale test's agent.
+const METRICS_PORT: u16 = 9101;
+
+/// `GET /metrics` from inside `netns`: how long the whole answer took, in ms.
+fn scrape_ms(netns: &str) -> Result<f64> {
+    use std::io::{Read as _, Write as _};
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
+    let started = std::time::Instant::now();
+    let mut conn = flannel_tests::with_netns(netns, move || {
+        Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut body = Vec::new();
+    conn.read_to_end(&mut body)?;
+    anyhow::ensure!(body.starts_with(b"HTTP/1.1 200"), "/metrics did not answer 200");
+    Ok(started.elapsed().as_secs_f64() * 1e3)
+}
+
+/// utime + stime of `pid`, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from the state (field 3) here.
+    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    Ok(tick(11) + tick(12))
+}
+
+fn agent_scale(n: usize, scrapes: u32) -> Result<AgentScale> {
     let mut options = Options::vxlan(&[NodeKind::Ebpf], 0);
+    options.agent_args = vec!["--healthz-port".into(), METRICS_PORT.to_string()];
     options.net_conf =
         r#"{"Network":"10.0.0.0/8","SubnetLen":24,"Backend":{"Type":"vxlan"}}"#.into();
     let tb = Testbed::start("scale", options)?;
@@ -447,16 +487,34 @@ fn agent_scale(n: usize) -> Result<(f64, f64)> {
         .and_then(|t| t.split_whitespace().next())
         .ok_or_else(|| anyhow!("no took= in {line}"))?;
     let ms = parse_duration_ms(took)?;
-    // Let the host routes (one per lease) settle too, then read the memory.
+    // Let the host routes (one per lease) settle too, then scrape /metrics once a second, as a
+    // Prometheus would, timing each scrape and the agent's CPU meanwhile; then read the memory.
     std::thread::sleep(Duration::from_secs(2));
     let pid = tb.agent_pid(0).ok_or_else(|| anyhow!("no agent"))?;
+    let ticks0 = cpu_ticks(pid)?;
+    let started = std::time::Instant::now();
+    let mut times = Vec::new();
+    for _ in 0..scrapes {
+        let t = std::time::Instant::now();
+        times.push(scrape_ms(&node.netns)?);
+        std::thread::sleep(Duration::from_secs(1).saturating_sub(t.elapsed()));
+    }
+    let hz = 100.0; // USER_HZ
+    let cpu_share = (cpu_ticks(pid)? - ticks0) as f64 / hz / started.elapsed().as_secs_f64();
+    let slowest = times.iter().copied().fold(0.0, f64::max);
+    let scrape = (median(&mut times), slowest);
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let rss_kib: f64 = status
         .lines()
         .find_map(|l| l.strip_prefix("VmRSS:"))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .ok_or_else(|| anyhow!("no VmRSS"))?;
-    Ok((rss_kib / 1024.0, ms))
+    Ok(AgentScale {
+        rss_mib: rss_kib / 1024.0,
+        sync_ms: ms,
+        scrape_ms: scrape,
+        cpu_share,
+    })
 }
 
 /// A Debug-printed `Duration` (`12.3ms`, `1.2s`, `850µs`) in milliseconds.
@@ -716,13 +774,25 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     };
     // Off again: it would add its own cost to the test-run timings below.
     drop(stats_on);
-    say("measuring the agent's memory and map sync at 10, 1,000 and 5,000 leases");
+    say(
+        "measuring the agent's memory, map sync and /metrics scrapes (once a second) at 10, 1,000 and 5,000 leases",
+    );
     let mut agent = serde_json::Map::new();
     let mut agent_rows = String::new();
+    let scrapes = if quick { 5 } else { 20 };
     for n in [10, 1000, 5000] {
-        let (rss, ms) = agent_scale(n)?;
-        agent.insert(n.to_string(), json!({"rss_mib": rss, "map_sync_ms": ms}));
-        let _ = writeln!(agent_rows, "| {n} | {rss:.1} | {ms:.1} |");
+        let a = agent_scale(n, scrapes)?;
+        let (rss, ms, (p50, worst), cpu) = (a.rss_mib, a.sync_ms, a.scrape_ms, a.cpu_share);
+        agent.insert(
+            n.to_string(),
+            json!({"rss_mib": rss, "map_sync_ms": ms, "scrape_ms_p50": p50,
+                   "scrape_ms_max": worst, "cpu_share_scraped": cpu}),
+        );
+        let _ = writeln!(
+            agent_rows,
+            "| {n} | {rss:.1} | {ms:.1} | {p50:.2} | {worst:.2} | {:.2} |",
+            cpu * 100.0
+        );
     }
     // Report.
     let idx = |name: &str| paths.iter().position(|p| p.name == name).expect("path");
@@ -815,7 +885,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     };
     let _ = writeln!(
         table,
-        "\nAgent (static lease file, one change adding every lease):\n\n| leases | RSS MiB | map sync ms |\n|---|---|---|\n{agent_rows}"
+        "\nAgent (static lease file, one change adding every lease; then `/metrics` scraped once a second, {scrapes} times; RSS after the scrapes; targets: RSS ≤ 30 MiB, map sync ≤ 1 s, scrape ≤ 10 ms):\n\n| leases | RSS MiB | map sync ms | scrape ms (median) | scrape ms (slowest) | agent CPU % while scraped |\n|---|---|---|---|---|---|\n{agent_rows}"
     );
     let _ = writeln!(
         table,
