@@ -1980,3 +1980,27 @@ fn age_nat_entries(dp: &mut EbpfDataplane, secs: u64) {
         table.insert(k, e, 0).unwrap();
     }
 }
+
+#[test]
+fn the_backends_own_port_is_never_allocated() {
+    let mut a = masq_node(1024, false);
+    // A range of two ports, one of them VXLAN's: every flow gets the other one or none.
+    let mut cfg = a.config().unwrap();
+    (cfg.nat_port_min, cfg.nat_port_max) = (PORT, PORT + 1);
+    a.set_config(&cfg).unwrap();
+    let data = payload(10);
+    let (ret, out) = run_tc(
+        &mut a,
+        prog_name::TO_WIRE,
+        &pod_out(UDP, &udp_checked(POD_A, OUTSIDE, 1, 53, &data)),
+    );
+    assert_eq!(ret, TC_ACT_OK);
+    assert_eq!(port_at(&out[14..], 0), PORT + 1);
+    let (ret, _) = run_tc(
+        &mut a,
+        prog_name::TO_WIRE,
+        &pod_out(UDP, &udp_checked(POD_A, OUTSIDE, 2, 53, &data)),
+    );
+    assert_eq!(ret, TC_ACT_SHOT, "VXLAN's port is not handed out");
+    assert_eq!(counted(&a, reason::DROP_NAT_NO_PORT), 1);
+}

@@ -243,6 +243,11 @@ fn flow_port(cfg: &NodeConfig, key: &NatKey, flags: u8) -> Result<[u8; 2], u32> 
     let mut port = None;
     for i in 0..nat::PORT_TRIES {
         let p = min + (seed + i) % span;
+        if p == u32::from(cfg.port) {
+            // The backend's own port (VXLAN's 8472, udp's 8285): replies to it would be taken
+            // for tunnel traffic.
+            continue;
+        }
         reply.dport = (p as u16).to_be_bytes();
         match FLANNEL_NAT.insert(&reply, &back, u64::from(BPF_NOEXIST)) {
             Ok(()) => {
