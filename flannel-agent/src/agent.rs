@@ -1117,17 +1117,21 @@ fn record(plan: &Plan, leases: usize, nat_entries: u32) {
             .get_or_create(&metrics::label("kind", kind))
             .set(count(n));
     }
-    for (map, n, capacity) in [
-        ("routes", plan.desired.routes.len(), MAX_ROUTES),
-        ("nodes", plan.desired.nodes.len(), MAX_NODES),
-        ("endpoints", 0, MAX_ENDPOINTS),
-        ("nat", 0, nat_entries),
+    // Endpoints and NAT entries are counted where they are synced and collected.
+    for (map, n) in [
+        ("routes", plan.desired.routes.len()),
+        ("nodes", plan.desired.nodes.len()),
     ] {
-        if map != "endpoints" && map != "nat" {
-            m.map_entries
-                .get_or_create(&metrics::label("map", map))
-                .set(count(n));
-        }
+        m.map_entries
+            .get_or_create(&metrics::label("map", map))
+            .set(count(n));
+    }
+    for (map, capacity) in [
+        ("routes", MAX_ROUTES),
+        ("nodes", MAX_NODES),
+        ("endpoints", MAX_ENDPOINTS),
+        ("nat", nat_entries),
+    ] {
         m.map_capacity
             .get_or_create(&metrics::label("map", map))
             .set(i64::from(capacity));

@@ -253,6 +253,13 @@ impl NatKey {
             _pad0: [0; 2],
         }
     }
+
+    /// The reply-direction key of this original-direction key, whose packets leave from `addr`
+    /// and `port` once translated.
+    #[must_use]
+    pub const fn reply(&self, addr: [u8; 4], port: [u8; 2]) -> Self {
+        Self::new(self.dst, addr, self.dport, port, self.proto, nat::INGRESS)
+    }
 }
 
 /// Value of the `FLANNEL_NAT` hash: what the key's packets are rewritten to (egress: the node's
@@ -302,14 +309,14 @@ pub mod nat {
     /// searched whole; in a larger, nearly exhausted range a new flow can fail while a port is
     /// still free (as the kernel's own bounded search).
     pub const PORT_TRIES: u32 = 128;
-    /// Default port range: below Kubernetes' NodePort range (30000–32767) and Linux's default
+    /// Default port range: below Kubernetes' `NodePort` range (30000–32767) and Linux's default
     /// `ip_local_port_range` (32768–60999), so the node's own connections never autobind these
     /// ports (the agent also reserves them, `net.ipv4.ip_local_reserved_ports`); 28,976 ports
     /// per remote address, port and protocol.
     pub const DEFAULT_PORT_MIN: u16 = 1_024;
     pub const DEFAULT_PORT_MAX: u16 = 29_999;
     /// How long a TCP flow closed by a FIN each way keeps its port: the remote end that closed
-    /// first holds the tuple in TIME_WAIT (Linux: 60 s), and a new connection on it could stall.
+    /// first holds the tuple in `TIME_WAIT` (Linux: 60 s), and a new connection on it could stall.
     pub const TIME_WAIT_NS: u64 = 60_000_000_000;
 }
 

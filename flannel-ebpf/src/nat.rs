@@ -155,12 +155,6 @@ fn tcp_state(ctx: &TcContext, proto: u8, l4: usize) -> u8 {
     state
 }
 
-/// The reply-direction key of an original-direction key (`sport` still to be allocated).
-#[inline(always)]
-fn reply_key(key: &NatKey, masq_ip: [u8; 4], port: [u8; 2]) -> NatKey {
-    NatKey::new(key.dst, masq_ip, key.dport, port, key.proto, nat::INGRESS)
-}
-
 /// A start for the port search: random (`--random-fully`) or a hash of the flow.
 #[inline(always)]
 fn port_seed(cfg: &NodeConfig, key: &NatKey) -> u32 {
@@ -239,7 +233,7 @@ fn flow_port(cfg: &NodeConfig, key: &NatKey, flags: u8) -> Result<[u8; 2], u32> 
         flags: 0,
         _pad0: 0,
     };
-    let mut reply = reply_key(key, cfg.masq_ip, [0; 2]);
+    let mut reply = key.reply(cfg.masq_ip, [0; 2]);
     let mut port = None;
     for i in 0..nat::PORT_TRIES {
         let p = min + (seed + i) % span;
@@ -549,11 +543,7 @@ fn icmp_error(ctx: &TcContext, cfg: &NodeConfig, l4: usize, end: End) -> Result<
     // SAFETY: `emb` came from `ptr_at`.
     let (eproto, esrc, edst) = unsafe { ((*emb).proto, (*emb).src_addr, (*emb).dst_addr) };
     let el4 = l4_offset(emb_off, emb);
-    let (esport, edport) = match eproto {
-        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_ICMP => ports(ctx, eproto, el4)?,
-        _ => None,
-    }
-    .ok_or(reason::DROP_NAT_PROTO)?;
+    let (esport, edport) = ports(ctx, eproto, el4)?.ok_or(reason::DROP_NAT_PROTO)?;
     // The quoted packet travelled the other way, so its reverse is a packet of the flow: the
     // pod reports on one the remote sent it (remote → pod; reversed, the original direction),
     // or a router reports on our translated one (node → remote; reversed, the reply direction).

@@ -116,7 +116,8 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
     let after = scrape(&tb, 0)?;
     let counters = tb.stats(0)?;
     let grown = after[encap] - before.get(encap).copied().unwrap_or(0.0);
-    ensure!(grown >= 100.0, "{encap} grew by {grown} over a 4 MiB transfer");
+    // 4 MiB leave in GSO super-packets of at most 64 KiB: at least 64 of them.
+    ensure!(grown >= 64.0, "{encap} grew by {grown} over a 4 MiB transfer");
     ensure!(
         after[encap].to_string() == counters["from_pods/encap_vxlan"].to_string(),
         "/metrics says {} and --stats {}",

@@ -939,19 +939,6 @@ pub fn monotonic_ns() -> u64 {
     u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
-/// The reply-direction key of a flow's original-direction entry.
-#[must_use]
-pub fn nat_reply_key(key: &NatKey, entry: &NatEntry) -> NatKey {
-    NatKey::new(
-        key.dst,
-        entry.addr,
-        key.dport,
-        entry.port,
-        key.proto,
-        nat::INGRESS,
-    )
-}
-
 /// Every entry of the pinned masquerade table under `root`.
 pub fn read_nat(root: &Path) -> Result<Vec<(NatKey, NatEntry)>, Error> {
     let map = open_nat(root)?;
@@ -1039,7 +1026,7 @@ fn collect_in<T: std::borrow::BorrowMut<MapData>>(
     let mut doomed = std::collections::HashSet::new();
     let mut live_replies = std::collections::HashSet::new();
     for (key, entry) in entries.iter().filter(|(k, _)| k.dir == nat::EGRESS) {
-        let reply_key = nat_reply_key(key, entry);
+        let reply_key = key.reply(entry.addr, entry.port);
         let reply = entries.get(&reply_key);
         let flags = entry.flags | reply.map_or(0, |r| r.flags);
         let newest = reply.map_or(entry.last_seen, |r| r.last_seen.max(entry.last_seen));
