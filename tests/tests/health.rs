@@ -11,9 +11,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, ensure};
-use flannel_tests::{
-    NodeKind::Ebpf, Options, SubnetMgr, Testbed, tcp_echo, wait_for, with_netns,
-};
+use flannel_tests::{NodeKind::Ebpf, Options, SubnetMgr, Testbed, tcp_echo, wait_for, with_netns};
 use nix::sys::signal::Signal;
 
 const PORT: u16 = 8081;
@@ -25,7 +23,10 @@ fn get(tb: &Testbed, i: usize, path: &str) -> Result<(u16, String)> {
         Ok(TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(conn, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    write!(
+        conn,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;
     let status = text
@@ -33,7 +34,10 @@ fn get(tb: &Testbed, i: usize, path: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("no status line in {text:?}"))?;
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_string();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
     Ok((status, body))
 }
 
@@ -94,14 +98,23 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
     tb.stop_agent(0, Signal::SIGTERM)?;
     tb.kube.as_ref().context("kube")?.set_down(true);
     tb.spawn_agent(0)?;
-    wait_for("/healthz while the API is down", Duration::from_secs(10), || {
-        get(&tb, 0, "/healthz").is_ok_and(|(s, _)| s == 200)
-    })?;
+    wait_for(
+        "/healthz while the API is down",
+        Duration::from_secs(10),
+        || get(&tb, 0, "/healthz").is_ok_and(|(s, _)| s == 200),
+    )?;
     let (status, body) = get(&tb, 0, "/readyz")?;
     ensure!(
         (status, body.as_str()) == (503, "flanneld is not ready yet"),
         "/readyz before programming: {status} {body:?}"
     );
+    // The agent counts the outage once its first request has failed.
+    let startup_errors = r#"flannel_lease_source_errors_total{source="startup"}"#;
+    wait_for(
+        "the API outage to be counted",
+        Duration::from_secs(20),
+        || scrape(&tb, 0).is_ok_and(|m| m.get(startup_errors).is_some_and(|v| *v >= 1.0)),
+    )?;
     tb.kube.as_ref().context("kube")?.set_down(false);
     wait_for("/readyz to turn 200", Duration::from_secs(40), || {
         get(&tb, 0, "/readyz").is_ok_and(|(s, _)| s == 200)
@@ -117,7 +130,10 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
     let counters = tb.stats(0)?;
     let grown = after[encap] - before.get(encap).copied().unwrap_or(0.0);
     // 4 MiB leave in GSO super-packets of at most 64 KiB: at least 64 of them.
-    ensure!(grown >= 64.0, "{encap} grew by {grown} over a 4 MiB transfer");
+    ensure!(
+        grown >= 64.0,
+        "{encap} grew by {grown} over a 4 MiB transfer"
+    );
     ensure!(
         after[encap].to_string() == counters["from_pods/encap_vxlan"].to_string(),
         "/metrics says {} and --stats {}",
@@ -131,14 +147,20 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
         (r#"flannel_map_entries{map="nodes"}"#, 1.0),
         (r#"flannel_map_capacity{map="routes"}"#, 16_384.0),
     ] {
-        ensure!(after.get(name) == Some(&want), "{name}: {:?} (want {want})", after.get(name));
+        ensure!(
+            after.get(name) == Some(&want),
+            "{name}: {:?} (want {want})",
+            after.get(name)
+        );
     }
     ensure!(
-        after.get(r#"flannel_lease_source_errors_total{source="startup"}"#).is_some_and(|v| *v >= 1.0),
+        after.get(startup_errors).is_some_and(|v| *v >= 1.0),
         "the API outage was not counted: {after:?}"
     );
     ensure!(
-        after.keys().any(|k| k.starts_with("flannel_build_info{version=")),
+        after
+            .keys()
+            .any(|k| k.starts_with("flannel_build_info{version=")),
         "no build info"
     );
     ensure!(
