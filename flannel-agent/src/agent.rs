@@ -28,6 +28,7 @@ use crate::{
         masq::{self, Masquerade},
         netlink::{self as kernel, KernelDataplane},
         routes::{self, Route},
+        slowpath,
         wireguard::{Peer, WireguardDevice},
     },
     health,
@@ -416,6 +417,17 @@ impl EbpfNode {
             decap = xdp.map_or("tc".to_string(), |m| format!("xdp ({m})")),
             pins = %dp.pins().dir.display(), "eBPF programs attached"
         );
+        // Last: nothing after it can fail over to the netlink dataplane, whose VXLAN device
+        // needs the port.
+        if matches!(
+            cfg.backend as u8,
+            backend::VXLAN | backend::UDP | backend::IPIP
+        ) && let Err(e) = slowpath::spawn(args.pin_dir.clone(), cfg.backend as u8, cfg.port)
+        {
+            warn!(
+                "{e}: fragmented tunnel traffic and tunnel traffic with IP options will not be delivered"
+            );
+        }
         Ok(Self {
             dp,
             cfg,

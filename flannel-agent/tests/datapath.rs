@@ -288,6 +288,65 @@ fn outer_ip_ids_differ_between_packets_of_a_flow() {
     }
 }
 
+/// Runs `prog` on `input` with `__sk_buff.gso_size` and `gso_segs` set through the test run's
+/// context; the verdict and the output.
+fn run_tc_segments(
+    dp: &mut EbpfDataplane,
+    prog: &str,
+    input: &[u8],
+    gso_size: u32,
+    gso_segs: u32,
+) -> (i32, Vec<u8>) {
+    // `struct __sk_buff` (192 bytes on 6.18): `gso_segs` at 164, `gso_size` at 176.
+    let mut ctx = [0u8; 192];
+    ctx[164..168].copy_from_slice(&gso_segs.to_ne_bytes());
+    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
+    let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).unwrap().try_into().unwrap();
+    let mut out = vec![0u8; input.len() + 256];
+    let r = p
+        .test_run(TestRunOptions {
+            data_in: Some(input),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("test_run {prog} gso {gso_size}x{gso_segs}: {e}"));
+    out.truncate(r.data_size_out as usize);
+    (r.return_value.cast_signed(), out)
+}
+
+#[test]
+fn a_gso_packet_takes_an_outer_ip_id_per_segment() {
+    // The kernel numbers the segments of a GSO packet from its outer ID up, so the next packet
+    // must start past them or two segments in flight share an ID. The counter is per CPU: stay
+    // on one.
+    let mut cpus = nix::sched::CpuSet::new();
+    cpus.set(0).unwrap();
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &cpus).unwrap();
+    // The test run cannot encapsulate a GSO packet (its skb has no GSO type, which
+    // `bpf_skb_adjust_room` refuses), but the IDs are reserved before that: a plain packet sent
+    // after a GSO packet of n segments has an ID n + 1 past the plain packet before it.
+    let id = |out: &[u8]| u16::from_be_bytes([out[18], out[19]]);
+    for kind in [backend::VXLAN, backend::IPIP] {
+        let mut a = node_a_of(kind, kind);
+        let plain = pod_frame(POD_B, 64, 200);
+        let gso = pod_frame(POD_B, 64, 1400);
+        // (gso_segs, IDs taken): without a segment count (a GSO packet from an untrusted
+        // source), an upper bound from the length: 1,434 bytes in 400-byte segments.
+        for (segs, taken) in [(10u32, 10u16), (3, 3), (1, 1), (7, 7), (0, 4)] {
+            let (ret, before) = run_tc(&mut a, prog_name::FROM_PODS, &plain);
+            assert_eq!(ret, TC_ACT_REDIRECT);
+            run_tc_segments(&mut a, prog_name::FROM_PODS, &gso, 400, segs);
+            let (_, after) = run_tc(&mut a, prog_name::FROM_PODS, &plain);
+            assert_eq!(
+                id(&after).wrapping_sub(id(&before)),
+                1 + taken,
+                "backend {kind}: {segs} segments"
+            );
+        }
+    }
+}
+
 /// The `FLANNEL_SUBNETS` slot `i`.
 fn slot(dp: &EbpfDataplane, i: u32) -> RemoteSubnet {
     let array: aya::maps::Array<_, RemoteSubnet> = dp
@@ -654,6 +713,21 @@ fn from_wire_xdp_decapsulates() {
     assert_eq!(counted(&b, reason::DELIVER_LOCAL_BRIDGE), 1);
 }
 
+/// `frame` with four bytes of outer IPv4 options (three NOPs and an end of list) after its outer
+/// IPv4 header at 14, lengths and checksum fixed.
+fn with_outer_options(frame: &[u8]) -> Vec<u8> {
+    let mut f = frame[..34].to_vec();
+    f.extend_from_slice(&[1, 1, 1, 0]);
+    f.extend_from_slice(&frame[34..]);
+    f[14] = 0x46;
+    let tot = u16::from_be_bytes([f[16], f[17]]) + 4;
+    f[16..18].copy_from_slice(&tot.to_be_bytes());
+    f[24..26].copy_from_slice(&[0, 0]);
+    let c = csum(&f[14..38]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
 #[test]
 fn from_wire_passes_what_is_not_our_vxlan() {
     let mut b = node_b();
@@ -681,7 +755,15 @@ fn from_wire_passes_what_is_not_our_vxlan() {
         f[20] = 0x20; // MF
         f
     };
+    let with_options = with_outer_options(&vxlan_frame(NODE_A, VNI, VTEP_B, &inner));
+    let other_port_with_options = {
+        let mut f = with_outer_options(&vxlan_frame(NODE_A, VNI, VTEP_B, &inner));
+        f[40..42].copy_from_slice(&4789u16.to_be_bytes());
+        f
+    };
     for (input, why) in [
+        (with_options, reason::PASS_IP_OPTIONS),
+        (other_port_with_options, reason::PASS_NOT_OVERLAY),
         (other_port, reason::PASS_NOT_OVERLAY),
         (not_to_us, reason::PASS_NOT_OVERLAY),
         (tcp_to_node, reason::PASS_NOT_OVERLAY),

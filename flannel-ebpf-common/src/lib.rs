@@ -29,7 +29,9 @@ pub mod map_name {
     pub const NAT: &str = "FLANNEL_NAT";
     /// Which of `FLANNEL_CONFIG`'s two slots is in force.
     pub const CONFIG_SELECT: &str = "FLANNEL_CFGSEL";
-    pub const ALL: [&str; 8] = [
+    /// The next outer IPv4 ID, per CPU.
+    pub const IP_ID: &str = "FLANNEL_IPID";
+    pub const ALL: [&str; 9] = [
         CONFIG,
         ROUTES,
         NODES,
@@ -38,6 +40,7 @@ pub mod map_name {
         SUBNETS,
         NAT,
         CONFIG_SELECT,
+        IP_ID,
     ];
 }
 
@@ -63,8 +66,12 @@ pub mod program {
     pub const FROM_WIRE: u32 = 2;
     pub const FROM_WIRE_XDP: u32 = 3;
     pub const TO_WIRE: u32 = 4;
+    /// Not a BPF program: the agent's slow-path receiver, which delivers the tunnel traffic the
+    /// programs leave to the stack (outer fragments, outer IP options). It counts its verdicts in
+    /// the same map, so `--stats` and the metrics show them beside the programs'.
+    pub const SLOW_PATH: u32 = 5;
     /// Number of programs.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 6;
     /// Programs `FLANNEL_STATS` has room for (new programs keep the map's shape).
     pub const SLOTS: u32 = 8;
     /// Names, indexed by program (as in [`super::prog_name`]).
@@ -74,6 +81,7 @@ pub mod program {
         super::prog_name::FROM_WIRE,
         super::prog_name::FROM_WIRE_XDP,
         super::prog_name::TO_WIRE,
+        "slow_path",
     ];
 }
 
@@ -364,6 +372,8 @@ pub mod reason {
     pub const PASS_NOT_OVERLAY: u32 = 18;
     pub const PASS_LOCAL_SUBNET: u32 = 19;
     pub const PASS_NOT_CONFIGURED: u32 = 20;
+    /// A fragment (of anything addressed to this node): to the stack, which reassembles it; if it
+    /// was tunnel traffic, the agent's slow-path receiver delivers the whole datagram.
     pub const PASS_FRAGMENT: u32 = 21;
     pub const PASS_UNPARSED: u32 = 22;
     // Drops.
@@ -412,8 +422,16 @@ pub mod reason {
     /// Our tunnel traffic whose outer IPv4 total length or UDP length does not fit the packet
     /// or cannot hold the tunnel headers and an inner IPv4 header.
     pub const DROP_BAD_OUTER: u32 = 48;
+    /// Our tunnel traffic whose outer IPv4 header carries options: to the stack, where the agent's
+    /// slow-path receiver delivers it.
+    pub const PASS_IP_OPTIONS: u32 = 49;
+    /// Slow path (counted by the agent, program `slow_path`): tunnel traffic that was not ours to
+    /// deliver (unknown source, wrong VNI or MAC, not for a local pod, malformed).
+    pub const SLOW_PATH_REFUSED: u32 = 50;
+    /// Slow path: tunnel traffic that could not be handed to the stack (the send failed).
+    pub const SLOW_PATH_SEND_FAILED: u32 = 51;
     /// Number of reasons in use.
-    pub const COUNT: u32 = 49;
+    pub const COUNT: u32 = 52;
     /// Slots of `FLANNEL_STATS`: room for new reasons without changing the pinned map's shape.
     pub const SLOTS: u32 = 64;
 
@@ -468,6 +486,9 @@ pub mod reason {
         "nat_host_collision",
         "pass_too_big",
         "drop_bad_outer",
+        "pass_ip_options",
+        "slow_path_refused",
+        "slow_path_send_failed",
     ];
 
     /// True for the reasons that mean the packet was dropped.
@@ -482,6 +503,8 @@ pub mod reason {
                     | DROP_NAT_TABLE_FULL
                     | DROP_NAT_NO_PORT
                     | DROP_BAD_OUTER
+                    | SLOW_PATH_REFUSED
+                    | SLOW_PATH_SEND_FAILED
         )
     }
 }

@@ -2,13 +2,13 @@
 //! `flannel.<VNI>` (`vxlan id <VNI> dstport <Port> nolearning`: no UDP checksum, TTL 64, DF clear,
 //! flow-hash source port), IPIP as `flannel.ipip`, and flannel's udp backend (the inner IPv4 packet
 //! as the whole payload of a UDP datagram from and to its port).
-use aya_ebpf::helpers::bpf_get_smp_processor_id;
+use aya_ebpf::{helpers::bpf_get_smp_processor_id, programs::TcContext};
 use flannel_ebpf_common::{NodeConfig, RemoteSubnet, ipip, udp, vxlan};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     csum,
-    maps::FLANNEL_STATS,
+    maps::FLANNEL_IPID,
     parse::{
         ETH_HLEN, ETH_P_IP, IPPROTO_SCTP, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN,
         IPV4_VIHL_NO_OPTIONS, Packet, ptr_at,
@@ -53,12 +53,20 @@ pub fn source_port(hash: u32) -> u16 {
     (((u64::from(hash) * span) >> 32) as u32 + SRC_PORT_MIN) as u16
 }
 
-/// A flow hash of an inner IPv4 packet behind an Ethernet header: addresses and protocol, and for
-/// TCP, UDP and SCTP without IP options or fragmentation also the ports, mixed with the
+/// A flow hash of the inner IPv4 packet behind the Ethernet header: addresses and protocol, and
+/// for TCP, UDP and SCTP without IP options or fragmentation also the ports, mixed with the
 /// multiply-xorshift steps of murmur3's finaliser. Its only job is the kernel's: the same flow
-/// always gets the same outer source port, different flows spread over the range.
+/// always gets the same outer source port, different flows spread over the range. Ports outside
+/// the linear area are pulled in first, so a flow hashes alike however its skbs are laid out.
+/// Packet pointers the caller holds are invalid afterwards.
 #[inline(always)]
-pub fn flow_hash(pkt: &impl Packet, ip: *const Ipv4Hdr) -> Result<u32, u32> {
+pub fn flow_hash(ctx: &TcContext) -> Result<u32, u32> {
+    const PORTS_END: usize = ETH_HLEN + IPV4_HLEN + 4;
+    if ctx.data_end() - ctx.data() < PORTS_END && ctx.len() as usize >= PORTS_END {
+        // A failed pull leaves the ports unread below: the hash is then of the addresses alone.
+        let _ = ctx.pull_data(PORTS_END as u32);
+    }
+    let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
     // SAFETY: `ip` came from `ptr_at`.
     let (vihl, proto, frags, src, dst) = unsafe {
         (
@@ -73,8 +81,10 @@ pub fn flow_hash(pkt: &impl Packet, ip: *const Ipv4Hdr) -> Result<u32, u32> {
         && u16::from_be_bytes(frags) & 0x3fff == 0
         && matches!(proto, IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP)
     {
-        // SAFETY: `ptr_at` checked the four bytes.
-        u32::from_ne_bytes(unsafe { *ptr_at::<[u8; 4]>(pkt, ETH_HLEN + IPV4_HLEN)? })
+        ptr_at::<[u8; 4]>(ctx, ETH_HLEN + IPV4_HLEN).map_or(0, |p| {
+            // SAFETY: `ptr_at` checked the four bytes.
+            u32::from_ne_bytes(unsafe { *p })
+        })
     } else {
         0
     };
@@ -84,20 +94,28 @@ pub fn flow_hash(pkt: &impl Packet, ip: *const Ipv4Hdr) -> Result<u32, u32> {
     Ok(h ^ (h >> 16))
 }
 
-/// An outer IPv4 ID for a packet counted under `verdict`: this CPU's count of such packets,
-/// offset per CPU. The ID matters only if the underlay fragments an outer packet (DF clear, as
-/// the kernel's VXLAN and IPIP devices send them), so it need only differ between packets in
-/// flight between two nodes, which a per-CPU counter ensures as well as the kernel's hashed
-/// per-destination counter (`ip_select_ident`). `bpf_get_prandom_u32` costs ~30 ns here.
+/// The outer IPv4 ID for a packet that leaves as `segments` packets (a GSO packet is cut into
+/// segments whose IDs count up from it, as the kernel's segmentation numbers them): this CPU's
+/// next ID, advanced by `segments`, offset per CPU. The ID matters only if the underlay fragments
+/// an outer packet (DF clear, as the kernel's VXLAN and IPIP devices send them), so it need only
+/// differ between packets in flight between two nodes, which a per-CPU counter ensures as well as
+/// the kernel's hashed per-destination counter (`ip_select_ident`). `bpf_get_prandom_u32` costs
+/// ~30 ns here.
 #[inline(always)]
-pub fn ip_id(verdict: u32) -> u16 {
-    let sent = FLANNEL_STATS
-        .get_ptr(verdict)
-        // SAFETY: a per-CPU slot of this CPU, from a successful lookup.
-        .map_or(0, |counter| unsafe { (*counter).packets });
+pub fn ip_id(segments: u32) -> u16 {
+    let next = match FLANNEL_IPID.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot, from a successful lookup; no other program runs on this CPU
+        // while this one does.
+        Some(next) => unsafe {
+            let id = *next;
+            *next = id.wrapping_add(segments);
+            id
+        },
+        None => 0,
+    };
     // SAFETY: no arguments.
     let cpu = unsafe { bpf_get_smp_processor_id() };
-    (sent as u16).wrapping_add((cpu as u16).wrapping_mul(0x4000 + 0x0101))
+    (next as u16).wrapping_add((cpu as u16).wrapping_mul(0x4000 + 0x0101))
 }
 
 /// The outer TOS of a tunnel device with `tos 0` for an inner TOS: only the ECN field is carried

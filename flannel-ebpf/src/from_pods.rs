@@ -73,6 +73,19 @@ fn inner_packet_len(ctx: &TcContext, ip: *const network_types::ip::Ipv4Hdr, len:
     (l4 - ETH_HLEN) as u32 + l4_len + gso_size
 }
 
+/// How many packets this skb leaves as: its GSO segment count (if the stack left it unset, an upper
+/// bound from the length), else 1.
+#[inline(always)]
+fn segments(ctx: &TcContext) -> u32 {
+    // SAFETY: reading fields of the program's own context.
+    let (gso_size, gso_segs) = unsafe { ((*ctx.skb.skb).gso_size, (*ctx.skb.skb).gso_segs) };
+    match (gso_size, gso_segs) {
+        (0, _) => 1,
+        (size, 0) => ctx.len() / size + 1,
+        (_, segs) => segs,
+    }
+}
+
 /// Sends an IPv4 packet for a pod on another node out of the uplink; passes what is not for
 /// another node. `host`: the node's own packet (or one its stack already forwarded), whose TTL
 /// this hop does not decrement; a pod's packet crosses this node as a router hop and does.
@@ -143,10 +156,10 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
             // dissector (`bpf_get_hash_recalc`) costs ~150 ns here.
             // SAFETY: reading a field of the program's own context.
             let hash = match unsafe { (*ctx.skb.skb).hash } {
-                0 => encap::flow_hash(ctx, ip)?,
+                0 => encap::flow_hash(ctx)?,
                 h => h,
             };
-            let ip_id = encap::ip_id(verdict);
+            let ip_id = encap::ip_id(segments(ctx));
             ctx.adjust_room(overhead as i32, BPF_ADJ_ROOM_MAC, VXLAN_FLAGS)
                 .map_err(|_| reason::DROP_ADJUST_ROOM)?;
             encap::write_vxlan(
@@ -168,7 +181,7 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
                     IPIP_FLAGS,
                     Outer {
                         tot_len: (inner_len + overhead) as u16,
-                        id: encap::ip_id(verdict),
+                        id: encap::ip_id(segments(ctx)),
                         frag_off: [frags[0] & IP_DF[0], 0],
                         ttl,
                         tos: encap::ecn_encap(tos),

@@ -110,17 +110,22 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
         }
         return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
     }
-    // Addressed to this node. Headers we do not parse (IP options, fragments) go to the stack.
+    // Addressed to this node. What the fast path does not parse (outer IP options, fragments)
+    // goes to the stack, which reassembles fragments; the agent's slow-path receiver (a socket on
+    // the tunnel's port or protocol) then delivers our tunnel traffic among it.
     let ours = match cfg.backend as u8 {
         backend::VXLAN | backend::UDP => proto == IPPROTO_UDP,
         backend::IPIP => proto == ipip::PROTO,
         _ => false,
     };
-    if vihl != IPV4_VIHL_NO_OPTIONS || !ours {
+    if !ours {
         return Ok(Wire::Pass(reason::PASS_NOT_OVERLAY));
     }
     if is_fragment(ip) {
         return Ok(Wire::Pass(reason::PASS_FRAGMENT));
+    }
+    if vihl != IPV4_VIHL_NO_OPTIONS {
+        return Ok(Wire::Pass(options_verdict(pkt, cfg, vihl)));
     }
     if cfg.backend as u8 == backend::IPIP {
         // Our IPIP from here on: whatever is wrong is a counted drop.
@@ -166,6 +171,23 @@ fn classify(pkt: &impl Packet, cfg: &NodeConfig) -> Result<Wire, u32> {
     }
     check_inner::<VXLAN_INNER_IP_OFF>(pkt, cfg)?;
     Ok(Wire::Decap(Tunnel::Vxlan))
+}
+
+/// The verdict for a packet to this node, of the tunnel's protocol, whose IPv4 header carries
+/// options: ours (IPIP, or UDP to the tunnel's port) goes to the slow path, anything else (a
+/// masquerade reply, say) on as not ours.
+#[inline(always)]
+fn options_verdict(pkt: &impl Packet, cfg: &NodeConfig, vihl: u8) -> u32 {
+    if cfg.backend as u8 == backend::IPIP {
+        return reason::PASS_IP_OPTIONS;
+    }
+    // The UDP destination port, behind a header of 24 to 60 bytes.
+    let off = ETH_HLEN + usize::from(vihl & 0x0f) * 4 + 2;
+    match ptr_at::<[u8; 2]>(pkt, off) {
+        // SAFETY: bounds checked by `ptr_at`.
+        Ok(port) if u16::from_be_bytes(unsafe { *port }) == cfg.port => reason::PASS_IP_OPTIONS,
+        _ => reason::PASS_NOT_OVERLAY,
+    }
 }
 
 /// Checks the outer IPv4 total length (and UDP length) of our tunnel traffic whose inner IPv4

@@ -47,6 +47,11 @@ pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize
 #[btf_map]
 pub static FLANNEL_STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCpuArray::new();
 
+/// The next outer IPv4 ID of this CPU's encapsulated packets; a GSO packet takes one per segment,
+/// as the kernel's segmentation numbers them.
+#[btf_map]
+pub static FLANNEL_IPID: PerCpuArray<u32, 1> = PerCpuArray::new();
+
 /// This node's configuration, if the agent has enabled the dataplane.
 #[inline(always)]
 pub fn config() -> Option<&'static NodeConfig> {

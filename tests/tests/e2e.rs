@@ -541,3 +541,237 @@ fn a_pod_with_too_large_an_mtu_gets_fragmentation_needed_not_a_black_hole() -> R
     ensure!(stats["pass_too_big"] > 0, "{}", summarize(&stats));
     Ok(())
 }
+
+/// Sends a UDP datagram of `len` bytes (DF clear) from pod `from` to pod `to`, up to three
+/// times; true once `to` has received it whole.
+fn udp_datagram_arrives(from: &Pod, to: &Pod, len: usize) -> Result<bool> {
+    let port = 7_000 + (len % 1_000) as u16;
+    let addr = std::net::SocketAddr::from((to.ip, port));
+    let receiver = flannel_tests::with_netns(&to.netns, move || {
+        let s = std::net::UdpSocket::bind(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })?;
+    let data = flannel_tests::pattern(len, 0x5a);
+    let sent = data.clone();
+    let sender = flannel_tests::with_netns(&from.netns, move || {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        set_pmtudisc_dont(&s)?;
+        Ok(s)
+    })?;
+    let mut buf = vec![0u8; 65_536];
+    for _ in 0..3 {
+        sender.send_to(&sent, addr)?;
+        if let Ok(n) = receiver.recv(&mut buf) {
+            return Ok(buf[..n] == data[..]);
+        }
+    }
+    Ok(false)
+}
+
+/// `IP_MTU_DISCOVER = IP_PMTUDISC_DONT`: the datagram may be fragmented.
+fn set_pmtudisc_dont(s: &std::net::UdpSocket) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
+    // SAFETY: a valid socket and a c_int option of the right size.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MTU_DISCOVER,
+            (&raw const dont).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    ensure!(
+        rc == 0,
+        "IP_MTU_DISCOVER: {}",
+        std::io::Error::last_os_error()
+    );
+    Ok(())
+}
+
+#[test]
+fn fragmented_vxlan_from_a_stock_node_reaches_our_pod() -> Result<()> {
+    let tb = Testbed::start("frag", Options::vxlan(&[Ebpf, Stock], 1))?;
+    let pods = tb.pods();
+    let (ours, stock) = (&pods[0], &pods[1]);
+    // The stock node's path to ours carries less than its flannel.1 sends (1,500-byte outer
+    // packets): the kernel's VXLAN sends them DF-clear, so they arrive as fragments.
+    ip(
+        &tb.nodes[1].netns,
+        &format!(
+            "route replace {}/32 dev eth0 mtu 1400",
+            tb.nodes[0].public_ip
+        ),
+    )?;
+    ensure!(
+        udp_datagram_arrives(stock, ours, 1472)?,
+        "a 1,472-byte datagram from the stock node's pod did not arrive whole"
+    );
+    tcp_echo(stock, ours, 5 * MIB)?;
+    let stats = tb.stats(0)?;
+    ensure!(
+        stats["from_wire/pass_fragment"] > 0 && stats["slow_path/decap_vxlan"] > 0,
+        "fragments reached the slow path and were delivered: {}",
+        summarize(&stats)
+    );
+    tb.no_drops(0)?;
+    ensure!(
+        stats.get("slow_path_refused").copied().unwrap_or(0) == 0,
+        "{}",
+        summarize(&stats)
+    );
+    Ok(())
+}
+
+/// `ping -R` (the record-route option) from `from` to `to`: two answered echoes.
+fn ping_record_route(from: &Pod, to: &Pod) -> Result<()> {
+    let out = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &from.netns,
+            "ping",
+            "-R",
+            "-c",
+            "2",
+            "-i",
+            "0.3",
+            "-W",
+            "2",
+        ])
+        .arg(to.ip.to_string())
+        .output()?;
+    ensure!(
+        out.status.success(),
+        "ping -R {} → {}: {}{}",
+        from.ip,
+        to.ip,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A VXLAN datagram as node `from_node`'s flannel.1 would send it to `to`'s node, around a UDP
+/// datagram from `src` carrying `data` to `to` at `port`, sent from network namespace `netns`
+/// with the outer IPv4 options `options` (a socket's `IP_OPTIONS`).
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one test helper, named arguments at the call"
+)]
+fn send_vxlan_with_outer_options(
+    tb: &Testbed,
+    netns: &str,
+    from_node: usize,
+    src: std::net::Ipv4Addr,
+    to: &Pod,
+    port: u16,
+    data: &[u8],
+    options: &'static [u8],
+) -> Result<()> {
+    use flannel_tests::packet::{eth, ipv4};
+    let mac = |s: &str| -> Result<[u8; 6]> {
+        let v: Vec<u8> = s
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16))
+            .collect::<Result<_, _>>()?;
+        v.try_into().map_err(|_| anyhow::anyhow!("MAC {s}"))
+    };
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&40_000u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(data);
+    let inner = ipv4(src.octets(), to.ip.octets(), 64, 17, &udp);
+    let frame = eth(
+        mac(&tb.nodes[to.node].vtep_mac)?,
+        mac(&tb.nodes[from_node].vtep_mac)?,
+        0x0800,
+        &inner,
+    );
+    let mut payload = vec![0x08, 0, 0, 0, 0, 0, 1, 0];
+    payload.extend_from_slice(&frame);
+    let dst = std::net::SocketAddr::from((tb.nodes[to.node].public_ip, 8472));
+    flannel_tests::with_netns(netns, move || {
+        use std::os::fd::AsRawFd as _;
+        let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        // SAFETY: a valid socket and an option buffer of the given length.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_OPTIONS,
+                options.as_ptr().cast(),
+                options.len() as libc::socklen_t,
+            )
+        };
+        ensure!(rc == 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+        s.send_to(&payload, dst)?;
+        Ok(())
+    })
+}
+
+#[test]
+fn packets_with_ip_options_cross_both_ways() -> Result<()> {
+    let mut tb = Testbed::start("ipopt", Options::vxlan(&[Ebpf, Ebpf, Stock], 1))?;
+    let pods = tb.pods();
+    // Inner options (record route): between our nodes, and with a stock node either way.
+    for (a, b) in [(0, 1), (1, 0), (0, 2), (2, 0)] {
+        ping_record_route(&pods[a], &pods[b])?;
+    }
+    // Outer options: VXLAN from the stock node whose outer header carries options is left to
+    // the stack by from_wire and delivered by the slow path; the same from a host that holds no
+    // lease is refused.
+    let outside = tb.add_outside()?;
+    let to = pods[0].clone();
+    let addr = std::net::SocketAddr::from((to.ip, 7_777));
+    let receiver = flannel_tests::with_netns(&to.netns, move || {
+        let s = std::net::UdpSocket::bind(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        Ok(s)
+    })?;
+    let mut buf = [0u8; 2048];
+    let stock_ns = tb.nodes[2].netns.clone();
+    let mut arrived = |netns: &str, data: &[u8]| -> Result<Option<Vec<u8>>> {
+        for _ in 0..3 {
+            send_vxlan_with_outer_options(
+                &tb,
+                netns,
+                2,
+                pods[2].ip,
+                &to,
+                7_777,
+                data,
+                &[1, 1, 1, 0],
+            )?;
+            if let Ok(n) = receiver.recv(&mut buf) {
+                return Ok(Some(buf[..n].to_vec()));
+            }
+        }
+        Ok(None)
+    };
+    let data = flannel_tests::pattern(300, 7);
+    let got = arrived(&stock_ns, &data)?;
+    ensure!(
+        got.as_deref() == Some(&data[..]),
+        "the datagram did not arrive whole: {got:?}"
+    );
+    let spoofed = arrived(&outside.netns, &flannel_tests::pattern(300, 8))?;
+    ensure!(
+        spoofed.is_none(),
+        "delivered from a host without a lease: {spoofed:?}"
+    );
+    let stats = tb.stats(0)?;
+    ensure!(
+        stats["from_wire/pass_ip_options"] >= 4
+            && stats["slow_path/decap_vxlan"] >= 1
+            && stats["slow_path/slow_path_refused"] >= 3,
+        "{}",
+        summarize(&stats)
+    );
+    tb.no_drops(1)?;
+    Ok(())
+}

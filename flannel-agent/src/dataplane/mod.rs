@@ -3,6 +3,7 @@ pub mod ebpf;
 pub mod masq;
 pub mod netlink;
 pub mod routes;
+pub mod slowpath;
 pub mod wireguard;
 
 use std::{collections::BTreeMap, net::Ipv4Addr};
