@@ -525,6 +525,38 @@ struct Cost {
     p90_ns: f64,
     /// Less the harness's own share of a one-run timing.
     net_ns: f64,
+    /// The mean of the middle 80 % of the calls.
+    trimmed_mean_ns: f64,
+    /// Half the new object's loads ÷ the other half: what where a load lands does to the figure.
+    load_to_load: Option<Ratio>,
+    /// The same case on the baseline object, timed in the same rounds.
+    baseline: Option<BaselineCost>,
+    /// Why the baseline object could not run this case.
+    baseline_error: Option<String>,
+}
+
+/// A case on the baseline object, and the per-round paired ratios new ÷ baseline.
+struct BaselineCost {
+    median_ns: f64,
+    trimmed_mean_ns: f64,
+    ratio: Ratio,
+    /// Of the costs less the harness overhead (the same for both objects).
+    net_ratio: Ratio,
+}
+
+/// Per-round paired ratios: their median, min–max and a 95 % bootstrap interval of the median.
+struct Ratio {
+    median: f64,
+    min: f64,
+    max: f64,
+    ci95: (f64, f64),
+}
+
+impl Ratio {
+    fn json(&self) -> Value {
+        json!({"median": self.median, "min": self.min, "max": self.max,
+               "ci95_low": self.ci95.0, "ci95_high": self.ci95.1})
+    }
 }
 
 /// `BPF_PROG_TEST_RUN` figures: the harness's share of a one-run timing, the pass path over
@@ -537,12 +569,25 @@ struct Costs {
     /// What `kernel.bpf_stats_enabled` adds to each run of a program.
     stats_overhead_ns: f64,
     programs: Vec<Cost>,
+    /// Rounds of calls, each case (and its baseline counterpart) once per round.
+    rounds: usize,
+    /// Loads of each object timed (several with a baseline).
+    loads: usize,
+    /// Why the baseline object did not load, if one was given.
+    baseline_error: Option<String>,
 }
 
 /// Runs flannel-agent's `program_cost` bench target (it embeds the eBPF object, which xtask does
-/// not, so that xtask builds before the bootstrap) and reads its JSON.
-fn program_cost(calls: usize) -> Result<Costs> {
-    let out = std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+/// not, so that xtask builds before the bootstrap) and reads its JSON; with `baseline`, that
+/// object is timed beside the embedded one.
+fn program_cost(calls: usize, baseline: Option<&Path>) -> Result<Costs> {
+    let mut cmd =
+        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    match baseline {
+        Some(object) => cmd.env("FLANNEL_BASELINE_OBJECT", object),
+        None => cmd.env_remove("FLANNEL_BASELINE_OBJECT"),
+    };
+    let out = cmd
         .current_dir(crate::workspace_root())
         .args([
             "bench",
@@ -560,6 +605,14 @@ fn program_cost(calls: usize) -> Result<Costs> {
     anyhow::ensure!(out.status.success(), "program_cost failed: {}", out.status);
     let v: Value = serde_json::from_slice(&out.stdout).context("program_cost output")?;
     let num = |v: &Value, k: &str| v[k].as_f64().ok_or_else(|| anyhow!("program_cost: no {k}"));
+    let ratio = |v: &Value| -> Result<Ratio> {
+        Ok(Ratio {
+            median: num(v, "median")?,
+            min: num(v, "min")?,
+            max: num(v, "max")?,
+            ci95: (num(v, "ci95_low")?, num(v, "ci95_high")?),
+        })
+    };
     let programs = v["programs"]
         .as_array()
         .ok_or_else(|| anyhow!("program_cost printed no programs"))?
@@ -573,6 +626,21 @@ fn program_cost(calls: usize) -> Result<Costs> {
                 median_ns: num(c, "median_ns")?,
                 p90_ns: num(c, "p90_ns")?,
                 net_ns: num(c, "net_ns")?,
+                trimmed_mean_ns: num(c, "trimmed_mean_ns")?,
+                load_to_load: match &c["load_to_load"] {
+                    Value::Null => None,
+                    r => Some(ratio(r)?),
+                },
+                baseline: match &c["baseline"] {
+                    Value::Null => None,
+                    b => Some(BaselineCost {
+                        median_ns: num(b, "median_ns")?,
+                        trimmed_mean_ns: num(b, "trimmed_mean_ns")?,
+                        ratio: ratio(&b["ratio"])?,
+                        net_ratio: ratio(&b["net_ratio"])?,
+                    }),
+                },
+                baseline_error: c["baseline_error"].as_str().map(str::to_string),
             })
         })
         .collect::<Result<_>>()?;
@@ -583,7 +651,180 @@ fn program_cost(calls: usize) -> Result<Costs> {
         pass_repeated_xdp_ns: num(&v, "pass_repeated_xdp_ns")?,
         stats_overhead_ns: num(&v, "bpf_stats_overhead_ns")?,
         programs,
+        rounds: v["rounds"].as_u64().unwrap_or(0) as usize,
+        loads: v["loads"].as_u64().unwrap_or(1) as usize,
+        baseline_error: v["baseline_error"].as_str().map(str::to_string),
     })
+}
+
+/// The issue's bound on the per-packet program cost: new ÷ baseline.
+const COST_TARGET: f64 = 1.05;
+
+/// What the program costs are compared with.
+pub enum CostBaseline {
+    /// `--cost-baseline none`.
+    Skipped,
+    /// The revision's object could not be built.
+    Failed { rev: String, why: String },
+    Built {
+        rev: String,
+        commit: String,
+        object: std::path::PathBuf,
+    },
+}
+
+impl CostBaseline {
+    /// Builds `rev`'s object (`None`: skipped); a failure is kept, to be reported.
+    fn build(rev: Option<&str>) -> Self {
+        let Some(rev) = rev else {
+            return Self::Skipped;
+        };
+        match crate::baseline::object(rev) {
+            Ok((commit, object)) => Self::Built {
+                rev: rev.to_string(),
+                commit,
+                object,
+            },
+            Err(e) => {
+                say(&format!(
+                    "the baseline revision's eBPF object could not be built: {e:#}"
+                ));
+                Self::Failed {
+                    rev: rev.to_string(),
+                    why: format!("{e:#}"),
+                }
+            }
+        }
+    }
+
+    fn object(&self) -> Option<&Path> {
+        match self {
+            Self::Built { object, .. } => Some(object),
+            _ => None,
+        }
+    }
+}
+
+/// The comparison with the baseline when there is none: markdown and JSON saying why.
+fn cost_not_measured(rev: Option<&str>, why: &str) -> (String, Value) {
+    let md = format!(
+        "\nPer-packet program cost against a baseline revision ({}): not measured: {why}. The target (≤ {COST_TARGET:.2} × the baseline's) is not shown as met.\n",
+        rev.unwrap_or("none")
+    );
+    let json = json!({
+        "baseline_revision": rev, "measured": false, "reason": why,
+        "target_max_ratio": COST_TARGET, "met": Value::Null,
+    });
+    (md, json)
+}
+
+/// The per-packet cost of each case against the baseline object's, timed in the same run:
+/// markdown and JSON. Never "met" without a measurement.
+fn cost_comparison(costs: &Costs, baseline: &CostBaseline) -> (String, Value) {
+    let not_measured = cost_not_measured;
+    let (rev, commit) = match baseline {
+        CostBaseline::Skipped => return not_measured(None, "skipped (`--cost-baseline none`)"),
+        CostBaseline::Failed { rev, why } => {
+            return not_measured(
+                Some(rev),
+                &format!("the baseline could not be built: {why}"),
+            );
+        }
+        CostBaseline::Built { rev, commit, .. } => (rev, commit),
+    };
+    if let Some(e) = &costs.baseline_error {
+        return not_measured(
+            Some(rev),
+            &format!("the baseline object did not load and set up: {e}"),
+        );
+    }
+    let short = &commit[..commit.len().min(12)];
+    let mut md = format!(
+        "\nPer-packet program cost against the baseline revision {rev} (commit {short}): both objects timed in this run, because this VM's speed drifts between runs by more than the difference sought; each loaded {loads} times, in a random order (where a load's JIT images and maps land moves a program's cost by several per cent, the same in every run for the same order of loads), every case run on every load of both, in a random order, in each of {rounds} rounds of 50 calls. ns: median (and trimmed mean, of the middle 80 %) of all calls. new ÷ baseline: the median over rounds of the ratio of the two objects' figures in a round (the mean over loads of each load's trimmed mean; the kernel's timings come in steps of about 10 ns here, so a round's median would be one step or the next), the 95 % bootstrap interval of that median (round-to-round noise only), and the min–max over rounds; also less the harness overhead (the same subtracted from both). A/A: the new object against itself the same way, half of its loads ÷ the other half: the placement noise the interval does not show (1.000 if placement did not matter; the comparison averages twice as many loads per side). Target (issue 13): ≤ {COST_TARGET:.2} × the baseline's per-packet cost, judged on the median ratio of the per-packet figures.\n\n| program, packet | new ns | baseline ns | new ÷ baseline (median) | 95 % interval | min–max of rounds | less harness overhead (median, 95 % interval) | A/A: new ÷ new | target | met |\n|---|---|---|---|---|---|---|---|---|---|\n",
+        loads = costs.loads,
+        rounds = costs.rounds
+    );
+    let mut cases = serde_json::Map::new();
+    let (mut measured, mut met, mut missed) = (0, 0, Vec::new());
+    for c in &costs.programs {
+        let Some(b) = &c.baseline else {
+            let why = c
+                .baseline_error
+                .as_deref()
+                .unwrap_or("no baseline figure")
+                .replace('|', "\\|");
+            let _ = writeln!(
+                md,
+                "| {} | {:.0} | — | not measured: {why} | — | — | — | — | ≤ {COST_TARGET:.2} | not measured |",
+                c.name, c.median_ns
+            );
+            cases.insert(
+                c.name.clone(),
+                json!({"new_ns": c.median_ns, "measured": false, "reason": why}),
+            );
+            missed.push(c.name.clone());
+            continue;
+        };
+        let (r, n) = (&b.ratio, &b.net_ratio);
+        let ok = r.median <= COST_TARGET;
+        measured += 1;
+        if ok {
+            met += 1;
+        } else {
+            missed.push(c.name.clone());
+        }
+        let _ = writeln!(
+            md,
+            "| {} | {:.0} ({:.1}) | {:.0} ({:.1}) | {:.3} | {:.3}–{:.3} | {:.2}–{:.2} | {:.3} ({:.3}–{:.3}) | {} | ≤ {COST_TARGET:.2} | {} |",
+            c.name,
+            c.median_ns,
+            c.trimmed_mean_ns,
+            b.median_ns,
+            b.trimmed_mean_ns,
+            r.median,
+            r.ci95.0,
+            r.ci95.1,
+            r.min,
+            r.max,
+            n.median,
+            n.ci95.0,
+            n.ci95.1,
+            c.load_to_load
+                .as_ref()
+                .map_or_else(|| "—".into(), |l| format!("{:.3}", l.median)),
+            if ok { "yes" } else { "no" }
+        );
+        cases.insert(
+            c.name.clone(),
+            json!({
+                "new_ns": c.median_ns, "baseline_ns": b.median_ns,
+                "new_trimmed_mean_ns": c.trimmed_mean_ns,
+                "baseline_trimmed_mean_ns": b.trimmed_mean_ns, "measured": true,
+                "ratio": r.json(), "net_ratio": n.json(), "met": ok,
+                "load_to_load": c.load_to_load.as_ref().map(Ratio::json),
+            }),
+        );
+    }
+    let all = measured == costs.programs.len() && met == measured;
+    let _ = writeln!(
+        md,
+        "\nTarget ≤ {COST_TARGET:.2} × baseline: {}.",
+        if all {
+            format!("met by all {measured} cases")
+        } else {
+            format!(
+                "not met by every case ({met} of {} met; not met or not measured: {})",
+                costs.programs.len(),
+                missed.join(", ")
+            )
+        }
+    );
+    let json = json!({
+        "baseline_revision": rev, "baseline_commit": commit, "measured": true,
+        "rounds": costs.rounds, "loads": costs.loads, "target_max_ratio": COST_TARGET,
+        "met": all, "cases": cases,
+    });
+    (md, json)
 }
 
 fn parse_duration_ms(s: &str) -> Result<f64> {
@@ -633,6 +874,10 @@ pub struct Opts {
     pub only: Vec<String>,
     /// `perf record` every single-stream TCP run.
     pub profile: bool,
+    /// The git revision whose eBPF object the program costs are compared with (`None`: skip).
+    pub cost_baseline: Option<String>,
+    /// Only the program costs and their comparison (`program-cost.md` / `.json`).
+    pub cost_only: bool,
 }
 
 #[expect(clippy::too_many_lines, reason = "one linear report")]
@@ -642,8 +887,24 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     let seconds: u32 = if quick { 1 } else { 3 };
     // First, on a quiet machine: with the clusters up (their agents, wireguard-go) the same
     // timings come out 20-40 % higher and spread wider.
+    let cost_baseline = CostBaseline::build(opts.cost_baseline.as_deref());
     say("measuring per-packet program cost (BPF_PROG_TEST_RUN)");
-    let costs = program_cost(if quick { 2_000 } else { 20_000 })?;
+    let costs = program_cost(if quick { 2_000 } else { 20_000 }, cost_baseline.object())?;
+    let (vs_baseline_md, vs_baseline) = cost_comparison(&costs, &cost_baseline);
+    if opts.cost_only {
+        println!("{vs_baseline_md}");
+        std::fs::create_dir_all(out)?;
+        std::fs::write(out.join("program-cost.md"), &vs_baseline_md)?;
+        std::fs::write(
+            out.join("program-cost.json"),
+            serde_json::to_string_pretty(&vs_baseline)?,
+        )?;
+        say(&format!(
+            "wrote {0}/program-cost.md and {0}/program-cost.json",
+            out.display()
+        ));
+        return Ok(());
+    }
     say(
         "building the clusters: vxlan (XDP decap), vxlan (tc decap) + netlink nodes, vxlan (generic XDP decap), host-gw + netlink nodes, ipip, udp, wireguard, masquerade (eBPF), masquerade (iptables)",
     );
@@ -929,6 +1190,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
             }
         );
     }
+    table.push_str(&vs_baseline_md);
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("results.md"), &table)?;
@@ -941,6 +1203,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         "test_run_net_ns": costs.programs.iter().map(|c| (c.name.clone(), json!(c.net_ns))).collect::<serde_json::Map<_, _>>(),
         "test_run_harness_overhead_ns": {"tc": costs.overhead_ns, "xdp": costs.overhead_xdp_ns},
         "bpf_stats_overhead_ns": costs.stats_overhead_ns,
+        "test_run_vs_baseline": vs_baseline,
         "conditions": {
             "kernel": kernel.trim(),
             "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
@@ -1026,5 +1289,67 @@ mod tests {
         assert!((parse_duration_ms("1.5s").unwrap() - 1500.0).abs() < 1e-9);
         assert!((parse_duration_ms("850µs").unwrap() - 0.85).abs() < 1e-9);
         assert!(parse_duration_ms("abc").is_err());
+    }
+
+    /// The comparison with the baseline says "met" only of what it measured.
+    #[test]
+    fn cost_comparison_never_meets_unmeasured() {
+        let ratio = |median| Ratio {
+            median,
+            min: median,
+            max: median,
+            ci95: (median, median),
+        };
+        let cost = |name: &str, r: Option<f64>| Cost {
+            name: name.into(),
+            median_ns: 100.0,
+            p90_ns: 110.0,
+            net_ns: 50.0,
+            trimmed_mean_ns: 100.0,
+            load_to_load: Some(ratio(1.0)),
+            baseline: r.map(|r| BaselineCost {
+                median_ns: 100.0 / r,
+                trimmed_mean_ns: 100.0 / r,
+                ratio: ratio(r),
+                net_ratio: ratio(r),
+            }),
+            baseline_error: r.is_none().then(|| "verdict 2 instead of 7".into()),
+        };
+        let costs = |programs| Costs {
+            overhead_ns: 50.0,
+            overhead_xdp_ns: 50.0,
+            pass_repeated_ns: 10.0,
+            pass_repeated_xdp_ns: 10.0,
+            stats_overhead_ns: 70.0,
+            programs,
+            rounds: 40,
+            loads: 4,
+            baseline_error: None,
+        };
+        let built = CostBaseline::Built {
+            rev: "e6d225e".into(),
+            commit: "e6d225e38636aaaa".into(),
+            object: "/nonexistent".into(),
+        };
+        let (md, v) = cost_comparison(&costs(vec![cost("a", Some(1.01))]), &built);
+        assert!(md.contains("| yes |") && md.contains("e6d225e"), "{md}");
+        assert_eq!(v["met"], true);
+        let (md, v) = cost_comparison(&costs(vec![cost("a", Some(1.06)), cost("b", None)]), &built);
+        assert!(
+            md.contains("| no |") && md.contains("not measured: verdict"),
+            "{md}"
+        );
+        assert_eq!(v["met"], false);
+        assert_eq!(v["cases"]["b"]["measured"], false);
+        let failed = CostBaseline::Failed {
+            rev: "e6d225e".into(),
+            why: "revision e6d225e is not in this clone's history".into(),
+        };
+        let (md, v) = cost_comparison(&costs(vec![cost("a", Some(1.0))]), &failed);
+        assert!(
+            md.contains("not measured: the baseline could not be built"),
+            "{md}"
+        );
+        assert!(v["met"].is_null() && v["measured"] == false);
     }
 }

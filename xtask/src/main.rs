@@ -1,4 +1,5 @@
 //! `cargo xtask run | test | bench`: each installs what it needs first and says what it does.
+mod baseline;
 mod bench;
 mod bootstrap;
 mod image;
@@ -122,6 +123,14 @@ enum Task {
         /// `target/bench/perf-<path>.data` (read with `perf report -i`).
         #[arg(long)]
         profile: bool,
+        /// The git revision whose eBPF programs the per-packet costs are compared with, both
+        /// timed in this run (its object is built under target/baseline/); `none` skips it.
+        #[arg(long, default_value = "e6d225e")]
+        cost_baseline: String,
+        /// Only the per-packet program costs against the baseline, into
+        /// target/bench/program-cost.md and .json (no clusters).
+        #[arg(long)]
+        cost_only: bool,
     },
 }
 
@@ -221,11 +230,15 @@ fn main() -> Result<()> {
             reps,
             only,
             profile,
+            cost_baseline,
+            cost_only,
         } => bench(&bench::Opts {
             quick,
             reps,
             only,
             profile,
+            cost_baseline: (cost_baseline != "none").then_some(cost_baseline),
+            cost_only,
         }),
     }
 }
@@ -513,7 +526,10 @@ fn bench(opts: &bench::Opts) -> Result<()> {
     if opts.profile {
         bootstrap::ensure_packages(&["linux-perf"])?;
     }
-    let agent = build_agent(true)?;
-    set_agent_env(&agent);
+    // The program costs need no agent binary (their bench target embeds the object).
+    if !opts.cost_only {
+        let agent = build_agent(true)?;
+        set_agent_env(&agent);
+    }
     bench::bench(opts, &workspace_root().join("target/bench"))
 }

@@ -218,7 +218,31 @@ impl EbpfDataplane {
     /// Loads and verifies the programs with private, unpinned maps and attaches nothing: for
     /// `BPF_PROG_TEST_RUN` tests and micro-benchmarks. Pin and link methods must not be used.
     pub fn unpinned() -> Result<Self, Error> {
-        let mut ebpf = Ebpf::load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
+        Self::unpinned_from(OBJECT)
+    }
+
+    /// As [`Self::unpinned`], from another build of the programs (`program_cost` times an
+    /// older revision's object beside [`OBJECT`]). It needs the same program names and the maps
+    /// [`Self::set_config`] and [`Self::sync`] use, with the same layouts; maps it lacks that
+    /// nothing here touches do not matter. `object` need not be aligned.
+    pub fn unpinned_from(object: &[u8]) -> Result<Self, Error> {
+        // The ELF parser reads headers in place and wants them 8-byte aligned.
+        let aligned: Vec<u64>;
+        let object = if object.as_ptr().align_offset(8) == 0 {
+            object
+        } else {
+            let mut words = vec![0u64; object.len().div_ceil(8)];
+            for (word, chunk) in words.iter_mut().zip(object.chunks(8)) {
+                let mut bytes = [0u8; 8];
+                bytes[..chunk.len()].copy_from_slice(chunk);
+                *word = u64::from_ne_bytes(bytes);
+            }
+            aligned = words;
+            // SAFETY: `aligned` holds at least `object.len()` initialised bytes and outlives
+            // this borrow; u8 has no alignment or validity requirements.
+            unsafe { std::slice::from_raw_parts(aligned.as_ptr().cast::<u8>(), object.len()) }
+        };
+        let mut ebpf = Ebpf::load(object).map_err(|e| Error::Load(Box::new(e)))?;
         load_programs(&mut ebpf)?;
         Ok(Self {
             ebpf,
