@@ -422,7 +422,7 @@ impl EbpfNode {
         if matches!(
             cfg.backend as u8,
             backend::VXLAN | backend::UDP | backend::IPIP
-        ) && let Err(e) = slowpath::spawn(args.pin_dir.clone(), cfg.backend as u8, cfg.port)
+        ) && let Err(e) = slowpath::spawn(&args.pin_dir, cfg.backend as u8, cfg.port)
         {
             warn!(
                 "{e}: fragmented tunnel traffic and tunnel traffic with IP options will not be delivered"

@@ -17,7 +17,7 @@
 use std::{
     net::{Ipv4Addr, SocketAddrV4, UdpSocket},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuValues};
@@ -106,7 +106,7 @@ pub fn decide(node: &impl Node, datagram: &Datagram<'_>) -> Decision {
 }
 
 /// The inner IPv4 packet of a VXLAN payload for this node: the I flag, this node's VNI and VTEP
-/// MAC, an IPv4 EtherType.
+/// MAC, an IPv4 `EtherType`.
 fn vxlan_inner<'a>(cfg: &NodeConfig, payload: &'a [u8]) -> Option<&'a [u8]> {
     let hdr = payload.get(..VXLAN_HLEN + ETH_HLEN)?;
     let vni = u32::from_be_bytes([0, hdr[4], hdr[5], hdr[6]]);
@@ -308,12 +308,12 @@ impl Listener {
 /// Starts the slow-path receiver for `backend_kind` (vxlan, udp: on `port`; ipip) next to the
 /// dataplane pinned under `pin_root`. Errors come back before anything runs; the thread then
 /// lives as long as the agent.
-pub fn spawn(pin_root: PathBuf, backend_kind: u8, port: u16) -> Result<(), Error> {
+pub fn spawn(pin_root: &Path, backend_kind: u8, port: u16) -> Result<(), Error> {
     let io = |context: &str, source| Error::NetlinkIo {
         context: format!("slow path: {context}"),
         source,
     };
-    let mut pinned = Pinned::open(&pin_root)?;
+    let mut pinned = Pinned::open(pin_root)?;
     let listener = Listener::bind(backend_kind, port).map_err(|e| io("listening", e))?;
     let sender = raw_socket(libc::IPPROTO_RAW).map_err(|e| io("raw socket", e))?;
     std::thread::Builder::new()
