@@ -512,20 +512,7 @@ fn from_pods_drops_with_a_reason() {
 /// Runs `prog` on `input` as a GSO packet of `gso_size` (`__sk_buff.gso_size` through the
 /// test run's context).
 fn run_tc_gso(dp: &mut EbpfDataplane, prog: &str, input: &[u8], gso_size: u32) -> i32 {
-    // `struct __sk_buff` (192 bytes on 6.18): `gso_size` at 176.
-    let mut ctx = [0u8; 192];
-    ctx[176..180].copy_from_slice(&gso_size.to_ne_bytes());
-    let p: &mut SchedClassifier = dp.ebpf_mut().program_mut(prog).unwrap().try_into().unwrap();
-    let mut out = vec![0u8; input.len() + 256];
-    let r = p
-        .test_run(TestRunOptions {
-            data_in: Some(input),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..Default::default()
-        })
-        .unwrap_or_else(|e| panic!("test_run {prog} gso {gso_size}: {e}"));
-    r.return_value.cast_signed()
+    run_tc_segments(dp, prog, input, gso_size, 0).0
 }
 
 #[test]
