@@ -183,19 +183,22 @@ fn take_over(reply: &NatKey, back: &NatEntry, now: u64) -> bool {
     // SAFETY: the pointer came from a successful lookup; the fields are copied at once.
     let (flags, last_seen, addr, port) =
         unsafe { ((*old).flags, (*old).last_seen, (*old).addr, (*old).port) };
-    let idle = now.saturating_sub(last_seen);
     if flags & nat::HOST != 0 {
         return false;
     }
     let original = NatKey::new(addr, reply.src, port, reply.sport, reply.proto, nat::EGRESS);
+    // Idle since the newer of the two directions' last packets (as the agent's collector
+    // measures it): a one-way flow that is still sending refreshes only its original entry.
+    // Without an original entry (a race, or a restart mid-way), TCP counts as closing.
+    // SAFETY: as above.
+    let (out_flags, out_seen) = FLANNEL_NAT
+        .get_ptr(&original)
+        .map_or((nat::CLOSING, 0), |o| unsafe { ((*o).flags, (*o).last_seen) });
+    let idle = now.saturating_sub(last_seen.max(out_seen));
     let over = if reply.proto == IPPROTO_TCP {
         // Both directions' TCP state: a reset either way, or a FIN each way.
-        // SAFETY: as above.
-        let out = FLANNEL_NAT
-            .get_ptr(&original)
-            .map_or(nat::CLOSING, |o| unsafe { (*o).flags });
-        (flags | out) & nat::RESET != 0
-            || (flags & out & nat::CLOSING != 0 && idle >= nat::TIME_WAIT_NS)
+        (flags | out_flags) & nat::RESET != 0
+            || (flags & out_flags & nat::CLOSING != 0 && idle >= nat::TIME_WAIT_NS)
             || (flags & nat::SEEN_REPLY == 0 && idle >= nat::REUSE_IDLE_NS)
     } else {
         idle >= nat::REUSE_IDLE_NS
