@@ -257,3 +257,41 @@ pub fn masq_config(mut cfg: NodeConfig, fully_random: bool) -> NodeConfig {
     cfg.nat_flags = u32::from(fully_random);
     cfg
 }
+
+/// As [`ipv4`], with `options` (a multiple of 4 bytes, at most 40) after the fixed header: the
+/// header length, total length and checksum cover them.
+pub fn ipv4_with_options(
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    proto: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    assert!(
+        options.len().is_multiple_of(4) && options.len() <= 40,
+        "IPv4 options are whole words, at most 40 bytes"
+    );
+    let mut p = ipv4(src, dst, ttl, proto, payload);
+    p.splice(20..20, options.iter().copied());
+    let hlen = 20 + options.len();
+    p[0] = 0x40 | (hlen / 4) as u8;
+    let tot = p.len() as u16;
+    p[2..4].copy_from_slice(&tot.to_be_bytes());
+    p[10..12].copy_from_slice(&[0, 0]);
+    let c = csum(&p[..hlen]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+/// An ICMP error (`kind`, `code`) from `src` to `dst` quoting `quoted` (the start of an IPv4
+/// packet that `dst` sent).
+pub fn icmp_error(src: [u8; 4], dst: [u8; 4], kind: u8, code: u8, quoted: &[u8]) -> Vec<u8> {
+    let rest = if kind == 3 && code == 4 {
+        // Fragmentation needed: the next-hop MTU.
+        [0, 0, 0x05, 0xaa]
+    } else {
+        [0; 4]
+    };
+    ipv4(src, dst, 60, 1, &icmp(kind, code, rest, quoted))
+}

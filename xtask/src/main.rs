@@ -2,6 +2,7 @@
 mod baseline;
 mod bench;
 mod bootstrap;
+mod fuzz;
 mod image;
 
 use std::{
