@@ -107,8 +107,11 @@ impl Plan {
             }
             let ip = lease.public_ip;
             let data = &lease.backend_data;
-            // As flanneld: a peer whose backend data does not decode is skipped, not fatal.
-            let peering = match peer_route(backend, data, direct.is_direct(ip), ip) {
+            // As flanneld: a peer whose backend data does not decode is skipped, not fatal; so
+            // is one whose public IP no node can have.
+            let peering = backends::check_public_ip(ip)
+                .and_then(|()| peer_route(backend, data, direct.is_direct(ip), ip));
+            let peering = match peering {
                 Ok(p) => p,
                 Err(e) => {
                     warn!(subnet = %lease.subnet, public_ip = %ip, "ignoring a lease: {e}");
@@ -354,7 +357,7 @@ impl Active {
     /// every 10 s.
     async fn tick(&mut self, nl: &Netlink, node: &Node<'_>, plan: &Plan, repair: bool) {
         let result = match self {
-            Self::Ebpf(e) => e.tick(nl, node, plan).await,
+            Self::Ebpf(e) => e.tick(nl, node, plan, repair).await,
             Self::Kernel(k) if repair => k.sync(nl, &plan.desired).await.map(|_| ()),
             Self::Wireguard(w) if repair => w.sync(&plan.wg_peers).await.map(|_| ()),
             _ => Ok(()),
@@ -457,7 +460,21 @@ impl EbpfNode {
         Ok(report)
     }
 
-    async fn tick(&mut self, nl: &Netlink, node: &Node<'_>, plan: &Plan) -> Result<(), Error> {
+    async fn tick(
+        &mut self,
+        nl: &Netlink,
+        node: &Node<'_>,
+        plan: &Plan,
+        repair: bool,
+    ) -> Result<(), Error> {
+        if repair {
+            // The maps against the plan in force, as the kernel holds them: whatever drifted (a
+            // failed apply, a hand edit) is put back.
+            let report = self.dp.sync(&plan.desired)?;
+            if !report.is_empty() {
+                warn!(%report, "repaired the maps of remote subnets");
+            }
+        }
         let bridge = &node.args.cni_bridge;
         // The bridge appears with the first pod and may be recreated.
         match nl.link_by_name(bridge).await? {
@@ -593,6 +610,7 @@ async fn start_kube(
     args: &Args,
     netconf: &NetConf,
     public_ip: &mut Ipv4Addr,
+    ext: &ExtIface,
     wg_key: Option<&wireguard::Key>,
     tx: watch::Sender<Vec<Lease>>,
 ) -> Result<(KubeManager, Ipv4Addr), Error> {
@@ -640,11 +658,13 @@ async fn start_kube(
     if let Some(ip) = annotation(&mgr.annotations.node_public_ip) {
         info!(%ip, "public IP from the node-public-ip annotation");
         *public_ip = ip;
+        // Validated before anything is published.
+        check_own_public_ip(&netconf.backend, ip, ext)?;
     }
     let lease_ip = annotation(&mgr.annotations.public_ip_overwrite).unwrap_or(*public_ip);
     let backend = &netconf.backend;
     let existing = kube::node_lease(&node, &mgr.annotations).ok();
-    let backend_data = advertised_data(backend, existing.as_ref(), wg_key);
+    let backend_data = advertised_data(backend, existing.as_ref(), wg_key, random_mac()?);
     let want = kube::Publish {
         backend_type: backend.lease_type().to_string(),
         backend_data,
@@ -659,6 +679,24 @@ async fn start_kube(
     Ok((mgr, lease_ip))
 }
 
+/// Checks this node's public IP before it is published: an address a node can have and, for
+/// host-gw (as flanneld: peers route to the public IP), the uplink's own.
+fn check_own_public_ip(
+    backend: &Backend,
+    public_ip: Ipv4Addr,
+    ext: &ExtIface,
+) -> Result<(), Error> {
+    backends::check_public_ip(public_ip)
+        .map_err(|e| Error::Unsupported(format!("this node: {e}")))?;
+    if *backend == Backend::HostGw && public_ip != ext.addr {
+        return Err(Error::Unsupported(format!(
+            "host-gw: the public IP {public_ip} is not the address of {} ({}); host-gw needs them equal",
+            ext.link.name, ext.addr
+        )));
+    }
+    Ok(())
+}
+
 /// Acquires this node's subnet in etcd (waiting, with back-off, while etcd is unreachable) and
 /// follows every lease into `tx`.
 async fn start_etcd(
@@ -667,12 +705,13 @@ async fn start_etcd(
     netconf: &NetConf,
     public_ip: Ipv4Addr,
     wg_key: Option<&wireguard::Key>,
+    fresh_mac: Mac,
     tx: watch::Sender<Vec<Lease>>,
 ) {
     let backend = &netconf.backend;
-    let data = |existing: Option<&Lease>| advertised_data(backend, existing, wg_key);
+    let data = |existing: Option<&Lease>| advertised_data(backend, existing, wg_key, fresh_mac);
     // After a lapse, flanneld tries the subnet it had (from subnet.env) first.
-    let previous = std::fs::read_to_string(&args.subnet_file)
+    let previous = crate::file::read_to_string(&args.subnet_file)
         .ok()
         .and_then(|t| {
             t.lines()
@@ -705,13 +744,14 @@ fn advertised_data(
     backend: &Backend,
     existing: Option<&Lease>,
     wg_key: Option<&wireguard::Key>,
+    fresh_mac: Mac,
 ) -> serde_json::Value {
     match backend {
         Backend::Vxlan(vx) => {
             let mac = existing
                 .filter(|l| l.backend_type == "vxlan")
                 .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
-                .map_or_else(random_mac, |d| d.vtep_mac);
+                .map_or(fresh_mac, |d| d.vtep_mac);
             serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
         }
         Backend::Wireguard(wg) => wireguard::advertised(
@@ -722,13 +762,14 @@ fn advertised_data(
     }
 }
 
-/// A random locally administered unicast MAC (a new VTEP).
-fn random_mac() -> Mac {
+/// A random locally administered unicast MAC (a new VTEP), from the OS's random source: a failed
+/// read is an error, never a MAC every node would share.
+fn random_mac() -> Result<Mac, Error> {
     let mut mac = [0u8; 6];
-    let _ = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut mac));
+    getrandom::fill(&mut mac)
+        .map_err(|e| Error::Unsupported(format!("reading the OS's random source: {e}")))?;
     mac[0] = (mac[0] & 0xfe) | 0x02;
-    Mac(mac)
+    Ok(Mac(mac))
 }
 
 /// Removes everything the agent created (`--cleanup`).
@@ -879,9 +920,13 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     };
     let wg_key = wg_private.as_ref().map(wireguard::Key::public);
 
+    // The subnet file must be writable before anything is programmed.
+    SubnetEnv::prepare(&args.subnet_file)?;
+
     let nl = Netlink::connect()?;
     let ext = iface::select(&nl, &args.iface, &args.iface_regex).await?;
     let mut public_ip = args.public_ip.unwrap_or(ext.addr);
+    check_own_public_ip(&netconf.backend, public_ip, &ext)?;
     // The lease source: the current lease set on a watch channel.
     let (tx, mut leases_rx) = watch::channel(Vec::new());
     let (source, lease_ip, kube) = match subnet_mgr {
@@ -895,24 +940,26 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         }
         SubnetMgr::Kube => {
             let (mgr, lease_ip) =
-                start_kube(args, &netconf, &mut public_ip, wg_key.as_ref(), tx).await?;
+                start_kube(args, &netconf, &mut public_ip, &ext, wg_key.as_ref(), tx).await?;
             let source = PathBuf::from(format!("node {}", mgr.node));
             (source, lease_ip, Some(mgr))
         }
         SubnetMgr::Etcd => {
             let client = etcd.expect("an etcd client for the etcd subnet manager");
-            start_etcd(args, client, &netconf, public_ip, wg_key.as_ref(), tx).await;
+            start_etcd(
+                args,
+                client,
+                &netconf,
+                public_ip,
+                wg_key.as_ref(),
+                random_mac()?,
+                tx,
+            )
+            .await;
             let source = PathBuf::from(format!("etcd:{}/subnets", args.etcd_prefix));
             (source, public_ip, None)
         }
     };
-    if netconf.backend == Backend::HostGw && public_ip != ext.addr {
-        // As flanneld: host-gw peers route to the public IP, which must be the interface's.
-        return Err(Error::Unsupported(format!(
-            "host-gw: the public IP {public_ip} is not the address of {} ({}); host-gw needs them equal",
-            ext.link.name, ext.addr
-        )));
-    }
     // A static file must hold this node's lease now; a control plane gets it once our own
     // write comes back through the watch.
     let leases = if subnet_mgr == SubnetMgr::Static {
@@ -934,6 +981,11 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         &source,
     )?;
     plan.report_unreachable(None);
+    if args.dataplane != DataplaneKind::Netlink && !matches!(netconf.backend, Backend::Wireguard(_))
+    {
+        // Before anything is programmed.
+        ebpf::check_capacity(&plan.desired).map_err(|e| Error::config(&source, "leases", e))?;
+    }
     let pod_mtu = backends::mtu(&netconf.backend, ext.link.mtu);
     let masq = args.ip_masq.then(|| Masquerade {
         addr: ext.addr,
@@ -1092,7 +1144,10 @@ pub async fn run(args: &Args) -> Result<(), Error> {
                         metrics::METRICS.reconcile_errors.inc();
                         // Transient (e.g. netlink): keep the plan we had, retry on the next change
                         // or repair pass.
-                        warn!("applying the leases: {e}; will retry");
+                        warn!(
+                            "applying the leases of {}: {e}; will retry",
+                            source.display()
+                        );
                         continue;
                     }
                 };

@@ -82,7 +82,7 @@ pub struct Args {
 
     /// Ports (and ICMP echo identifiers) the eBPF masquerade allocates, `MIN-MAX`. The agent
     /// adds them to `net.ipv4.ip_local_reserved_ports` so the node's own connections never take
-    /// them; the default lies below Kubernetes' NodePorts (30000–32767) and Linux's default
+    /// them; the default lies below Kubernetes' `NodePorts` (`30000–32767`) and Linux's default
     /// `ip_local_port_range` (32768–60999).
     #[arg(
         long = "ip-masq-port-range",

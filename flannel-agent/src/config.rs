@@ -108,7 +108,7 @@ pub const KNOWN_BACKENDS: [&str; 6] = ["vxlan", "host-gw", "udp", "ipip", "wireg
 
 /// Reads and validates `net-conf.json`.
 pub fn load(path: &Path) -> Result<NetConf, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    let text = crate::file::read_to_string(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;

@@ -29,6 +29,10 @@ pub enum Error {
     SubnetFile { path: PathBuf, source: io::Error },
     #[error("bpffs {}: {message}", path.display())]
     Bpffs { path: PathBuf, message: String },
+    /// `--pin-dir` cannot hold our pins (not a directory, not on bpffs): a misconfiguration,
+    /// never a reason to fall back to another dataplane.
+    #[error("--pin-dir {}: {message}", path.display())]
+    PinDir { path: PathBuf, message: String },
     #[error("loading the eBPF object: {0}")]
     Load(#[source] Box<aya::EbpfError>),
     #[error("program {program}: {context}: {source}")]

@@ -27,6 +27,9 @@ pub struct Link {
     pub mtu: u32,
     pub mac: [u8; 6],
     pub up: bool,
+    /// The bridge (or bond) this interface is a port of: a pod's veth behind `cni0`, say.
+    pub controller: Option<u32>,
+    pub loopback: bool,
 }
 
 /// The chosen uplink and its IPv4 address.
@@ -119,10 +122,13 @@ impl Netlink {
                     mtu: 0,
                     mac: [0; 6],
                     up: m.header.flags.contains(LinkFlags::Up),
+                    controller: None,
+                    loopback: m.header.flags.contains(LinkFlags::Loopback),
                 };
                 for attr in m.attributes {
                     match attr {
                         LinkAttribute::IfName(name) => link.name = name,
+                        LinkAttribute::Controller(c) => link.controller = Some(c),
                         LinkAttribute::Mtu(mtu) => link.mtu = mtu,
                         LinkAttribute::Address(a) if a.len() == 6 => link.mac.copy_from_slice(&a),
                         _ => {}
@@ -166,9 +172,11 @@ impl Netlink {
         Ok(out)
     }
 
-    /// Every IPv4 route of every table.
+    /// Every IPv4 route of the main table (a dump returns every table's: policy-routing tables,
+    /// `local`, VRFs must not decide which peers are direct or which routes are ours).
     async fn routes(&self) -> Result<Vec<rtnetlink::packet_route::route::RouteMessage>, Error> {
-        self.handle
+        let all: Vec<rtnetlink::packet_route::route::RouteMessage> = self
+            .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
             .execute()
@@ -177,7 +185,11 @@ impl Netlink {
             .map_err(|source| Error::Netlink {
                 context: "listing routes".into(),
                 source,
-            })
+            })?;
+        Ok(all
+            .into_iter()
+            .filter(|m| route_table_id(m) == RT_TABLE_MAIN)
+            .collect())
     }
 
     /// The output interface of the IPv4 default route, if there is one.
@@ -193,6 +205,21 @@ impl Netlink {
                 })
             }))
     }
+}
+
+/// The kernel's main routing table.
+pub const RT_TABLE_MAIN: u32 = 254;
+
+/// The table a route belongs to (the attribute holds ids above 255, the header the rest).
+#[must_use]
+pub fn route_table_id(m: &rtnetlink::packet_route::route::RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
 }
 
 /// The main routing table, for flannel's "directly reachable" test (pkg/ip `DirectRouting`: the
@@ -344,8 +371,8 @@ impl Netlink {
 }
 
 /// Chooses the uplink as flanneld does: the first `--iface` (a name or an address) that exists;
-/// else the first interface whose address or whole name matches an `--iface-regex`; else the
-/// interface of the default route. Regexes are anchored: `eth1` never matches `veth1a2b`.
+/// else the first interface whose address or name matches an `--iface-regex` (see
+/// [`choose_by_regex`]); else the interface of the default route.
 pub async fn select(
     nl: &Netlink,
     ifaces: &[String],
@@ -373,7 +400,9 @@ pub async fn select(
                 Err(_) => links.iter().find(|l| &l.name == spec),
             };
             if let Some(link) = found {
-                return with_addr(link);
+                let ext = with_addr(link)?;
+                tracing::info!(interface = %ext.link.name, address = %ext.addr, "uplink: --iface {spec}");
+                return Ok(ext);
             }
         }
         return Err(Error::Interface(format!(
@@ -388,27 +417,9 @@ pub async fn select(
     }
 
     if !regexes.is_empty() {
-        for re in regexes {
-            let anchored = Regex::new(&format!("^(?:{re})$"))
-                .map_err(|e| Error::Interface(format!("--iface-regex {re:?}: {e}")))?;
-            if let Some((index, _)) = addrs
-                .iter()
-                .find(|(_, a)| anchored.is_match(&a.to_string()))
-                && let Some(link) = links.iter().find(|l| l.index == *index)
-            {
-                return with_addr(link);
-            }
-            if let Some(link) = links
-                .iter()
-                .find(|l| anchored.is_match(&l.name) && first_addr(l.index).is_some())
-            {
-                return with_addr(link);
-            }
-        }
-        return Err(Error::Interface(format!(
-            "no interface name or IPv4 address matches --iface-regex {}",
-            regexes.join(", ")
-        )));
+        let (ext, why) = choose_by_regex(&links, &addrs, regexes)?;
+        tracing::info!(interface = %ext.link.name, address = %ext.addr, "uplink: {why}");
+        return Ok(ext);
     }
 
     let oif = nl.default_route_oif().await?.ok_or_else(|| {
@@ -418,5 +429,136 @@ pub async fn select(
         .iter()
         .find(|l| l.index == oif)
         .ok_or_else(|| Error::Interface(format!("default route via unknown ifindex {oif}")))?;
-    with_addr(link)
+    let ext = with_addr(link)?;
+    tracing::info!(interface = %ext.link.name, address = %ext.addr, "uplink: the interface of the default route");
+    Ok(ext)
+}
+
+/// Why an interface cannot be an uplink, if it cannot.
+fn not_an_uplink(link: &Link, has_ipv4: bool) -> Option<&'static str> {
+    if link.loopback {
+        Some("loopback")
+    } else if link.controller.is_some() {
+        Some("a bridge or bond port (a pod's veth behind cni0, say)")
+    } else if !has_ipv4 {
+        Some("no IPv4 address")
+    } else {
+        None
+    }
+}
+
+/// `--iface-regex` as flanneld applies it (Go's `MatchString`: a match anywhere in the text):
+/// for each regex in turn, the first interface with an IPv4 address it matches, else the first
+/// interface whose name it matches. Beyond flanneld, interfaces that cannot be an uplink
+/// (loopback, bridge ports such as pods' veths, no IPv4 address) are never chosen: `eth` picks
+/// `eth0`, not `veth3a9c…`. Returns the interface and why it was chosen.
+pub fn choose_by_regex(
+    links: &[Link],
+    addrs: &[(u32, Ipv4Addr)],
+    regexes: &[String],
+) -> Result<(ExtIface, String), Error> {
+    let first_addr = |index: u32| addrs.iter().find(|(i, _)| *i == index).map(|(_, a)| *a);
+    let mut skipped = Vec::new();
+    for re in regexes {
+        let regex =
+            Regex::new(re).map_err(|e| Error::Interface(format!("--iface-regex {re:?}: {e}")))?;
+        let mut usable = |link: &Link| match not_an_uplink(link, first_addr(link.index).is_some()) {
+            None => true,
+            Some(why) => {
+                skipped.push(format!("{} ({why})", link.name));
+                false
+            }
+        };
+        for (index, addr) in addrs {
+            if regex.is_match(&addr.to_string())
+                && let Some(link) = links.iter().find(|l| l.index == *index)
+                && usable(link)
+            {
+                let ext = ExtIface {
+                    link: link.clone(),
+                    addr: *addr,
+                };
+                return Ok((
+                    ext,
+                    format!("its address {addr} matches --iface-regex {re}"),
+                ));
+            }
+        }
+        for link in links {
+            if regex.is_match(&link.name) && usable(link) {
+                let addr = first_addr(link.index).expect("usable links have an address");
+                let ext = ExtIface {
+                    link: link.clone(),
+                    addr,
+                };
+                return Ok((ext, format!("its name matches --iface-regex {re}")));
+            }
+        }
+    }
+    skipped.dedup();
+    let skipped = if skipped.is_empty() {
+        String::new()
+    } else {
+        format!(" (matched but cannot be an uplink: {})", skipped.join(", "))
+    };
+    Err(Error::Interface(format!(
+        "no interface name or IPv4 address matches --iface-regex {}{skipped}",
+        regexes.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link(index: u32, name: &str, controller: Option<u32>) -> Link {
+        Link {
+            name: name.into(),
+            index,
+            mtu: 1500,
+            mac: [2, 0, 0, 0, 0, index as u8],
+            up: true,
+            controller,
+            loopback: name == "lo",
+        }
+    }
+
+    fn choose(regex: &str) -> Result<(String, Ipv4Addr), String> {
+        // A veth behind cni0 listed before the uplink, a bridge with an address, loopback.
+        let links = [
+            link(1, "lo", None),
+            link(2, "veth3a9c", Some(4)),
+            link(3, "eth0", None),
+            link(4, "cni0", None),
+            link(5, "eth1", None),
+        ];
+        let addrs = [
+            (1, Ipv4Addr::LOCALHOST),
+            (3, Ipv4Addr::new(10, 0, 0, 5)),
+            (4, Ipv4Addr::new(10, 244, 1, 1)),
+        ];
+        choose_by_regex(&links, &addrs, &[regex.to_string()])
+            .map(|(e, _)| (e.link.name, e.addr))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn iface_regex_matches_anywhere_as_flanneld_and_skips_what_cannot_be_an_uplink() {
+        let eth0 = Ok(("eth0".to_string(), Ipv4Addr::new(10, 0, 0, 5)));
+        // Go's MatchString: "eth" matches anywhere; the veth (a cni0 port) is skipped.
+        assert_eq!(choose("eth"), eth0);
+        assert_eq!(choose("eth[0-9]+"), eth0);
+        // Addresses first, unanchored.
+        assert_eq!(choose(r"10\.0\."), eth0);
+        assert_eq!(
+            choose(r"10\.244\."),
+            Ok(("cni0".to_string(), Ipv4Addr::new(10, 244, 1, 1)))
+        );
+        // eth1 has no IPv4 address, lo is loopback: neither is chosen.
+        let e = choose("eth1").unwrap_err();
+        assert!(e.contains("eth1 (no IPv4 address)"), "{e}");
+        let e = choose("^lo$").unwrap_err();
+        assert!(e.contains("lo (loopback)"), "{e}");
+        assert!(choose("(").is_err());
+    }
 }

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod dataplane;
 pub mod error;
+pub mod file;
 pub mod health;
 pub mod iface;
 pub mod json;

@@ -33,20 +33,7 @@ impl SubnetEnv {
 
     /// Writes the file atomically, creating its directory if needed.
     pub fn write(&self, path: &Path) -> Result<(), Error> {
-        let err = |source| Error::SubnetFile {
-            path: path.to_path_buf(),
-            source,
-        };
-        let dir = path
-            .parent()
-            .filter(|d| !d.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        std::fs::create_dir_all(dir).map_err(err)?;
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(".{name}.{}", std::process::id()));
+        let tmp = temporary(path)?;
         let result = (|| {
             let mut f = std::fs::File::create(&tmp)?;
             f.write_all(self.render().as_bytes())?;
@@ -56,8 +43,44 @@ impl SubnetEnv {
         if result.is_err() {
             let _ = std::fs::remove_file(&tmp);
         }
-        result.map_err(err)
+        result.map_err(|source| subnet_file_err(path, source))
     }
+
+    /// Checks, before anything is programmed, that [`Self::write`] will be able to write `path`:
+    /// its directory exists or can be made, a file can be created in it, and `path` is not a
+    /// directory. Nothing is left behind.
+    pub fn prepare(path: &Path) -> Result<(), Error> {
+        if path.is_dir() {
+            return Err(subnet_file_err(
+                path,
+                std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+            ));
+        }
+        let tmp = temporary(path)?;
+        std::fs::File::create(&tmp).map_err(|source| subnet_file_err(path, source))?;
+        std::fs::remove_file(&tmp).map_err(|source| subnet_file_err(path, source))
+    }
+}
+
+fn subnet_file_err(path: &Path, source: std::io::Error) -> Error {
+    Error::SubnetFile {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Creates `path`'s directory if needed; returns the temporary file name the write goes through.
+fn temporary(path: &Path) -> Result<std::path::PathBuf, Error> {
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|source| subnet_file_err(path, source))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(dir.join(format!(".{name}.{}", std::process::id())))
 }
 
 #[cfg(test)]
@@ -101,5 +124,26 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names.len(), 1, "no temporary file left: {names:?}");
+    }
+
+    #[test]
+    fn prepare_finds_an_unwritable_path_and_leaves_nothing() {
+        let dir = std::env::temp_dir().join(format!("flannel-subnet-prep-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A path component that is a file.
+        let file = dir.join("run");
+        std::fs::write(&file, "").unwrap();
+        assert!(SubnetEnv::prepare(&file.join("subnet.env")).is_err());
+        // The path is a directory.
+        assert!(SubnetEnv::prepare(&dir).is_err());
+        // A good path: its directory is made, and nothing is left in it.
+        let good = dir.join("flannel").join("subnet.env");
+        SubnetEnv::prepare(&good).unwrap();
+        assert_eq!(
+            std::fs::read_dir(good.parent().unwrap()).unwrap().count(),
+            0
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

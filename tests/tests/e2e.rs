@@ -262,84 +262,237 @@ fn lease_file_changes_update_only_the_maps() -> Result<()> {
         tb.log(0).matches("attached at tc").count() == attached,
         "programs were re-attached"
     );
+
+    // The maps are reconciled against what the kernel holds: an entry removed behind the
+    // agent's back comes back at the next repair pass (every 10 s), the plan unchanged.
+    let nodes = tb.nodes[0].pins().join("FLANNEL_NODES");
+    let key: Vec<String> = tb.nodes[2]
+        .public_ip
+        .octets()
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    let mut delete = vec!["map", "delete", "pinned"];
+    let nodes_path = nodes.to_string_lossy();
+    delete.push(&nodes_path);
+    delete.push("key");
+    delete.extend(key.iter().map(String::as_str));
+    run("bpftool", &delete)?;
+    ensure!(tb.pinned_entries(0, "FLANNEL_NODES")?.len() == 1);
+    wait_for(
+        "the repair pass to restore node 3",
+        Duration::from_secs(25),
+        || {
+            tb.pinned_entries(0, "FLANNEL_NODES")
+                .is_ok_and(|e| e.len() == 2)
+        },
+    )?;
+    tcp_echo(&p1, &p3, 256 * KIB)?;
+
+    // A FIFO swapped in for the lease file must not block the agent: a good file written after
+    // it is still applied.
+    let leases = tb.leases_path();
+    std::fs::remove_file(&leases)?;
+    nix::unistd::mkfifo(&leases, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    std::thread::sleep(Duration::from_secs(3));
+    std::fs::remove_file(&leases)?;
+    tb.write_leases(&[1, 2])?;
+    wait_for(
+        "node 1 to drop node 3 after the FIFO",
+        Duration::from_secs(10),
+        || {
+            tb.pinned_entries(0, "FLANNEL_ROUTES")
+                .is_ok_and(|e| e.len() == 1)
+        },
+    )?;
+    tcp_echo(&p1, &p2, 256 * KIB)?;
     Ok(())
 }
 
+/// What a bad-input case puts at a file's path.
+#[derive(Clone, Copy)]
+enum Input<'a> {
+    Text(&'a str),
+    /// A FIFO without a writer: opening it for reading blocks unless done non-blocking.
+    Fifo,
+}
+
+fn put(path: &std::path::Path, input: Input<'_>) -> Result<()> {
+    // Never write through a FIFO a previous case left (it would block).
+    let _ = std::fs::remove_file(path);
+    match input {
+        Input::Text(t) => std::fs::write(path, t)?,
+        Input::Fifo => {
+            nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+        }
+    }
+    Ok(())
+}
+
+/// A lease file of `n` valid /26 leases of 10.0.0.0/8 (this node's, 198.18.0.11, first).
+fn many_leases(n: u32) -> String {
+    let leases: Vec<_> = (0..n)
+        .map(|i| {
+            let subnet = std::net::Ipv4Addr::from(0x0a00_0000 + (i << 6));
+            let ip = if i == 0 {
+                std::net::Ipv4Addr::new(198, 18, 0, 11)
+            } else {
+                std::net::Ipv4Addr::from(0x6500_0000 + i)
+            };
+            serde_json::json!({
+                "Subnet": format!("{subnet}/26"), "PublicIP": ip.to_string(), "BackendType": "vxlan",
+                "BackendData": {"VNI": 1, "VtepMAC": format!("0e:fe:00:{:02x}:{:02x}:{:02x}", i >> 16, (i >> 8) & 0xff, i & 0xff)},
+            })
+        })
+        .collect();
+    serde_json::json!({ "leases": leases }).to_string()
+}
+
 #[test]
+#[expect(
+    clippy::too_many_lines,
+    reason = "a table of bad inputs, each checked the same way"
+)]
 fn bad_input_is_one_clear_line_and_programs_nothing() -> Result<()> {
+    use Input::{Fifo, Text};
     let mut tb = Testbed::start("bad", Options::vxlan(&[Stock], 0))?;
     tb.agent_bin = agent_bin()?;
     let dir = tb.dir.clone();
-    let pin = dir.join("never").to_string_lossy().into_owned();
     let pin_bpffs = format!("/sys/fs/bpf/{}-bad", tb.prefix);
     let good_conf = r#"{"Network":"10.244.0.0/16","Backend":{"Type":"vxlan"}}"#;
     let good_leases = r#"{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"198.18.0.11","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:01"}}]}"#;
-    let cases: [(&str, &str, &[&str], &str); 7] = [
+    let multicast_mac = good_leases.replace("0e:fe:00:00:00:01", "01:00:5e:00:00:01");
+    let wide_conf = r#"{"Network":"10.0.0.0/8","SubnetLen":26,"Backend":{"Type":"vxlan"}}"#;
+    let too_many = many_leases(17_000);
+    // A path component that is a regular file: the subnet file cannot be written.
+    let not_a_dir = dir.join("not-a-dir");
+    std::fs::write(&not_a_dir, "")?;
+    let bad_subnet_file = not_a_dir.join("subnet.env").to_string_lossy().into_owned();
+    let pin_file = not_a_dir.to_string_lossy().into_owned();
+    let cases: Vec<(Input, Input, Vec<&str>, &str)> = vec![
         (
-            "{nope",
-            good_leases,
-            &["--iface", "eth0"],
+            Text("{nope"),
+            Text(good_leases),
+            vec!["--iface", "eth0"],
             "net-conf.json: invalid JSON",
         ),
         (
-            r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#,
-            good_leases,
-            &["--iface", "eth0"],
+            Text(r#"{"Network":"10.244.0.0/16","Backend":{"Type":"geneve"}}"#),
+            Text(good_leases),
+            vec!["--iface", "eth0"],
             "Backend.Type: unknown backend type \"geneve\"",
         ),
         (
-            good_conf,
-            good_leases,
-            &["--iface", "eth9"],
+            Text(good_conf),
+            Text(good_leases),
+            vec!["--iface", "eth9"],
             "no interface matches --iface eth9",
         ),
-        // Regexes match whole names: "eth" is not "eth0".
         (
-            good_conf,
-            good_leases,
-            &["--iface-regex", "eth"],
-            "no interface name or IPv4 address matches --iface-regex eth",
+            Text(good_conf),
+            Text(good_leases),
+            vec!["--iface-regex", "wlan"],
+            "no interface name or IPv4 address matches --iface-regex wlan",
         ),
         (
-            good_conf,
-            r#"{"leases":[{"Subnet":"10.99.1.0/24","PublicIP":"198.18.0.11"}]}"#,
-            &["--iface", "eth0"],
+            Text(good_conf),
+            Text(r#"{"leases":[{"Subnet":"10.99.1.0/24","PublicIP":"198.18.0.11"}]}"#),
+            vec!["--iface", "eth0"],
             "leases[0].Subnet: 10.99.1.0/24 is outside the Network",
         ),
         (
-            good_conf,
-            r#"{"leases":[{"Subnet":"10.244.2.0/24","PublicIP":"198.18.0.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:02"}}]}"#,
-            &["--iface", "eth0"],
+            Text(good_conf),
+            Text(
+                r#"{"leases":[{"Subnet":"10.244.2.0/24","PublicIP":"198.18.0.12","BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"0e:fe:00:00:00:02"}}]}"#,
+            ),
+            vec!["--iface", "eth0"],
             "no lease has PublicIP 198.18.0.11",
         ),
         (
-            good_conf,
-            "{\"leases\": 3",
-            &["--iface", "eth0"],
+            Text(good_conf),
+            Text("{\"leases\": 3"),
+            vec!["--iface", "eth0"],
             "leases.json: invalid JSON",
+        ),
+        // Hostile files: refused at once, never blocking the agent in open().
+        (
+            Fifo,
+            Text(good_leases),
+            vec!["--iface", "eth0"],
+            "net-conf.json: not a regular file (a FIFO)",
+        ),
+        (
+            Text(good_conf),
+            Fifo,
+            vec!["--iface", "eth0"],
+            "leases.json: not a regular file (a FIFO)",
+        ),
+        // Addresses no node can have.
+        (
+            Text(good_conf),
+            Text(&multicast_mac),
+            vec!["--iface", "eth0"],
+            "01:00:5e:00:00:01 is a multicast MAC",
+        ),
+        (
+            Text(good_conf),
+            Text(good_leases),
+            vec!["--iface", "eth0", "--public-ip", "0.0.0.0"],
+            "PublicIP 0.0.0.0 is unspecified",
+        ),
+        // More leases than the maps hold: refused before anything is applied.
+        (
+            Text(wide_conf),
+            Text(&too_many),
+            vec!["--iface", "eth0"],
+            "more than the eBPF maps hold (16384 subnets, 16384 nodes)",
+        ),
+        // Found before anything is programmed: the subnet file cannot be written...
+        (
+            Text(good_conf),
+            Text(good_leases),
+            vec!["--iface", "eth0", "--subnet-file", &bad_subnet_file],
+            "writing the subnet file",
+        ),
+        // ... a --pin-dir that is a file is an error, not a fall-back to netlink.
+        (
+            Text(good_conf),
+            Text(good_leases),
+            vec!["--iface", "eth0", "--pin-dir", &pin_file],
+            "is not a directory",
         ),
     ];
     for (conf, leases, extra, want) in cases {
-        std::fs::write(dir.join("net-conf.json"), conf)?;
-        std::fs::write(dir.join("leases.json"), leases)?;
+        put(&dir.join("net-conf.json"), conf)?;
+        put(&dir.join("leases.json"), leases)?;
         let subnet_file = dir.join("subnet.env");
         let mut args = vec![
             "--net-config-path",
             dir.join("net-conf.json").to_str().unwrap_or_default(),
             "--leases",
             dir.join("leases.json").to_str().unwrap_or_default(),
-            "--subnet-file",
-            subnet_file.to_str().unwrap_or_default(),
         ]
         .into_iter()
         .map(String::from)
         .collect::<Vec<_>>();
-        args.extend(["--pin-dir".to_string(), pin_bpffs.clone()]);
+        // A case may name its own subnet file or pin directory.
+        for (flag, default) in [
+            ("--subnet-file", subnet_file.to_string_lossy().into_owned()),
+            ("--pin-dir", pin_bpffs.clone()),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag.to_string(), default]);
+            }
+        }
         args.extend(extra.iter().map(ToString::to_string));
         let refs: Vec<&str> = args.iter().map(String::as_str).collect();
         let (ok, _, err) = tb.agent_once(0, &refs)?;
         ensure!(!ok, "{want}: the agent should have failed");
-        let lines: Vec<_> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+        // One error line; informational log lines (the uplink chosen) may precede it.
+        let lines: Vec<_> = err
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.contains(" INFO "))
+            .collect();
         ensure!(
             lines.len() == 1,
             "{want}: expected one line on stderr, got:\n{err}"
@@ -353,8 +506,8 @@ fn bad_input_is_one_clear_line_and_programs_nothing() -> Result<()> {
             "{want}: pins were created"
         );
         ensure!(!subnet_file.exists(), "{want}: subnet.env was written");
+        ensure!(not_a_dir.is_file(), "{want}: {pin_file} was changed");
     }
-    let _ = pin;
     Ok(())
 }
 

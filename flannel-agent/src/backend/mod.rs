@@ -29,6 +29,25 @@ pub fn placeholder_mac(public_ip: Ipv4Addr) -> Mac {
     Mac([0x0e, 0xfe, a, b, c, d])
 }
 
+/// Checks that `ip` can be a node's public IP, the address its peers send tunnel traffic to or
+/// route through: not unspecified, broadcast, loopback, multicast or link-local.
+pub fn check_public_ip(ip: Ipv4Addr) -> Result<(), String> {
+    let what = if ip.is_unspecified() {
+        "unspecified"
+    } else if ip.is_broadcast() {
+        "the broadcast address"
+    } else if ip.is_loopback() {
+        "a loopback address"
+    } else if ip.is_multicast() {
+        "a multicast address"
+    } else if ip.is_link_local() {
+        "a link-local address"
+    } else {
+        return Ok(());
+    };
+    Err(format!("PublicIP {ip} is {what}, not a node's address"))
+}
+
 /// A MAC address as flannel prints it in leases (`aa:bb:cc:dd:ee:ff`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Mac(pub [u8; 6]);
@@ -41,6 +60,20 @@ impl std::fmt::Display for Mac {
             "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
             m[0], m[1], m[2], m[3], m[4], m[5]
         )
+    }
+}
+
+impl Mac {
+    /// Checks that the MAC can be a VTEP's: a unicast address (bit 0 of the first octet clear),
+    /// not all zero.
+    pub fn check_unicast(self) -> Result<Self, String> {
+        if self.0 == [0; 6] {
+            Err(format!("{self} is all zero, not a VTEP's MAC"))
+        } else if self.0[0] & 1 != 0 {
+            Err(format!("{self} is a multicast MAC, not a VTEP's"))
+        } else {
+            Ok(self)
+        }
     }
 }
 
@@ -63,5 +96,47 @@ impl std::str::FromStr for Mac {
             return Err(format!("{s:?} is not a MAC address"));
         }
         Ok(Self(mac))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn public_ips_that_cannot_be_a_node_are_refused() {
+        for bad in [
+            "0.0.0.0",
+            "255.255.255.255",
+            "127.0.0.1",
+            "224.0.0.1",
+            "169.254.1.1",
+        ] {
+            assert!(check_public_ip(bad.parse().unwrap()).is_err(), "{bad}");
+        }
+        for good in ["198.18.0.11", "10.0.0.1", "192.168.1.255"] {
+            assert!(check_public_ip(good.parse().unwrap()).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn multicast_and_zero_macs_are_refused() {
+        for bad in [
+            "00:00:00:00:00:00",
+            "01:00:5e:00:00:01",
+            "ff:ff:ff:ff:ff:ff",
+            "33:33:00:00:00:01",
+        ] {
+            assert!(
+                bad.parse::<Mac>().unwrap().check_unicast().is_err(),
+                "{bad}"
+            );
+        }
+        for good in ["02:00:00:00:00:01", "c6:d2:00:11:22:ff"] {
+            assert!(
+                good.parse::<Mac>().unwrap().check_unicast().is_ok(),
+                "{good}"
+            );
+        }
     }
 }

@@ -22,6 +22,7 @@ pub fn lease_data(data: &Value) -> Result<LeaseData, String> {
         .and_then(Value::as_str)
         .ok_or("BackendData.VtepMAC: missing")?
         .parse::<Mac>()
+        .and_then(Mac::check_unicast)
         .map_err(|e| format!("BackendData.VtepMAC: {e}"))?;
     Ok(LeaseData { vni, vtep_mac: mac })
 }

@@ -65,9 +65,9 @@ impl Key {
     }
 
     /// A new private key from the kernel's random source, clamped as Curve25519 requires.
-    pub fn generate() -> Result<Self, std::io::Error> {
+    pub fn generate() -> Result<Self, getrandom::Error> {
         let mut key = [0u8; 32];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut key)?;
+        getrandom::fill(&mut key)?;
         key[0] &= 0xf8;
         key[31] = (key[31] & 0x7f) | 0x40;
         Ok(Self(key))
@@ -88,7 +88,7 @@ pub fn load_or_generate(path: &Path) -> Result<(Key, bool), Error> {
         context: format!("key file {}", path.display()),
         message,
     };
-    match std::fs::read_to_string(path) {
+    match crate::file::read_to_string(path) {
         Ok(text) => Key::from_base64(&text).map(|k| (k, false)).map_err(|e| {
             err(format!(
                 "{e} (remove it to generate a new key; peers must then learn the new public key)"

@@ -196,7 +196,7 @@ impl EbpfDataplane {
         ensure_bpffs(root)?;
         let pins = PinDir::new(root);
         check_other_layouts(&pins)?;
-        fs::create_dir_all(&pins.dir).map_err(|e| Error::Bpffs {
+        fs::create_dir_all(&pins.dir).map_err(|e| Error::PinDir {
             path: pins.dir.clone(),
             message: e.to_string(),
         })?;
@@ -353,6 +353,9 @@ impl EbpfDataplane {
     /// into the LPM trie and, where the configuration in the map indexes them, into
     /// `FLANNEL_SUBNETS` (so sync again after a configuration that changes the index).
     pub fn sync(&mut self, desired: &Desired) -> Result<SyncReport, Error> {
+        // A set that does not fit is refused whole: a partly written set would leave maps that
+        // disagree with each other (nodes accepted as tunnel sources without their routes).
+        check_capacity(desired).map_err(Error::Unsupported)?;
         let mut report = SyncReport::default();
         // The Network and index geometry (set_config comes first).
         let cfg = self.config()?;
@@ -601,6 +604,17 @@ impl EbpfDataplane {
 
 /// Inserts or updates every entry of `want` that differs in `map`; returns the keys the map
 /// holds beyond `want`, for the caller to remove when that is safe.
+/// Checks that `desired` fits the maps (their sizes are fixed by the pinned layout).
+pub fn check_capacity(desired: &Desired) -> Result<(), String> {
+    let (nodes, routes) = (desired.nodes.len(), desired.routes.len());
+    if nodes > MAX_NODES as usize || routes > MAX_ROUTES as usize {
+        return Err(format!(
+            "{routes} remote subnets of {nodes} nodes: more than the eBPF maps hold ({MAX_ROUTES} subnets, {MAX_NODES} nodes); nothing of this lease set was applied"
+        ));
+    }
+    Ok(())
+}
+
 fn upsert<V: aya::Pod + PartialEq>(
     map: &mut HashMap<&mut MapData, [u8; 4], V>,
     want: &BTreeMap<[u8; 4], V>,
@@ -822,10 +836,18 @@ fn ensure_bpffs(root: &Path) -> Result<(), Error> {
         nix::sys::statfs::statfs(p)
             .is_ok_and(|s| s.filesystem_type() == nix::sys::statfs::BPF_FS_MAGIC)
     };
+    // A misconfigured --pin-dir is an error to report, not a reason to fall back to netlink
+    // (which is for kernels that cannot load eBPF).
     let existing = root
         .ancestors()
-        .find(|p| p.exists())
+        .find(|p| p.symlink_metadata().is_ok())
         .unwrap_or(Path::new("/"));
+    if !existing.is_dir() {
+        return Err(Error::PinDir {
+            path: existing.into(),
+            message: "exists and is not a directory".into(),
+        });
+    }
     if bpffs(existing) {
         return Ok(());
     }
@@ -845,7 +867,7 @@ fn ensure_bpffs(root: &Path) -> Result<(), Error> {
         })?;
         return Ok(());
     }
-    Err(Error::Bpffs {
+    Err(Error::PinDir {
         path: root.into(),
         message: "not on a bpf filesystem: pins must live on bpffs (e.g. under /sys/fs/bpf)".into(),
     })

@@ -20,12 +20,17 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourState},
-        route::{RouteAddress, RouteAttribute, RouteMessage, RouteMetric, RouteProtocol},
+        route::{
+            RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteMetric, RouteProtocol,
+        },
     },
 };
 
 use super::SyncReport;
-use crate::{Error, iface::Netlink};
+use crate::{
+    Error,
+    iface::{Netlink, RT_TABLE_MAIN, route_table_id},
+};
 
 /// `proto 102` in `ip route`: flannel-ebpf's routes.
 pub const PROTO: RouteProtocol = RouteProtocol::Other(102);
@@ -45,10 +50,8 @@ fn nl_err(context: String) -> impl FnOnce(rtnetlink::Error) -> Error {
     move |source| Error::Netlink { context, source }
 }
 
-/// Our routes in the main table: destination → (gateway, output interface).
-async fn current_routes(
-    nl: &Netlink,
-) -> Result<BTreeMap<Ipv4Net, (Option<Ipv4Addr>, u32, RouteMessage)>, Error> {
+/// Our routes in the main table: destination → (what the route is, its message).
+async fn current_routes(nl: &Netlink) -> Result<BTreeMap<Ipv4Net, (Route, RouteMessage)>, Error> {
     let msgs: Vec<RouteMessage> = nl
         .handle()
         .route()
@@ -58,22 +61,33 @@ async fn current_routes(
         .await
         .map_err(nl_err("listing routes".into()))?;
     let mut out = BTreeMap::new();
-    for m in msgs.into_iter().filter(|m| m.header.protocol == PROTO) {
+    let ours = |m: &RouteMessage| m.header.protocol == PROTO && route_table_id(m) == RT_TABLE_MAIN;
+    for m in msgs.into_iter().filter(ours) {
         let mut dst = None;
-        let mut gw = None;
-        let mut oif = 0;
+        let mut route = Route {
+            gateway: Ipv4Addr::UNSPECIFIED,
+            oif: 0,
+            onlink: m.header.flags.contains(RouteFlags::Onlink),
+            mtu: None,
+        };
         for a in &m.attributes {
             match a {
                 RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
-                RouteAttribute::Oif(i) => oif = *i,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => route.gateway = *g,
+                RouteAttribute::Oif(i) => route.oif = *i,
+                RouteAttribute::Metrics(metrics) => {
+                    route.mtu = metrics.iter().find_map(|x| match x {
+                        RouteMetric::Mtu(mtu) => Some(*mtu),
+                        _ => None,
+                    });
+                }
                 _ => {}
             }
         }
         if let Some(net) =
             dst.and_then(|d| Ipv4Net::new(d, m.header.destination_prefix_length).ok())
         {
-            out.insert(net, (gw, oif, m));
+            out.insert(net, (route, m));
         }
     }
     Ok(out)
@@ -99,7 +113,8 @@ pub async fn sync(nl: &Netlink, desired: &BTreeMap<Ipv4Net, Route>) -> Result<Sy
     let routes = current_routes(nl).await?;
     for (net, want) in desired {
         match routes.get(net) {
-            Some((Some(gw), oif, _)) if *gw == want.gateway && *oif == want.oif => continue,
+            // Gateway, device, onlink and MTU: a changed pod MTU is applied too.
+            Some((cur, _)) if cur == want => continue,
             Some(_) => report.updated += 1,
             None => report.added += 1,
         }
@@ -128,7 +143,7 @@ pub async fn sync(nl: &Netlink, desired: &BTreeMap<Ipv4Net, Route>) -> Result<Sy
                 want.gateway, want.oif
             )))?;
     }
-    for (net, (_, _, msg)) in routes {
+    for (net, (_, msg)) in routes {
         if !desired.contains_key(&net) {
             delete_route(nl, net, msg).await?;
             report.removed += 1;
@@ -261,11 +276,11 @@ async fn delete_neighbour(
 pub async fn remove_all(nl: &Netlink) -> Result<usize, Error> {
     let routes = current_routes(nl).await?;
     let count = routes.len();
-    for (net, (gw, oif, msg)) in routes {
+    for (net, (route, msg)) in routes {
         delete_route(nl, net, msg).await?;
-        if let Some(gw) = gw {
+        if !route.gateway.is_unspecified() {
             // Best effort: the neighbour may already be gone with its device.
-            let _ = remove_neighbour(nl, oif, gw).await;
+            let _ = remove_neighbour(nl, route.oif, route.gateway).await;
         }
     }
     Ok(count)

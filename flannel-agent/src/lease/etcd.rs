@@ -91,7 +91,7 @@ impl EtcdClient {
     pub fn new(opts: &EtcdOptions) -> Result<Self, Error> {
         let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         let read = |p: &Path| {
-            std::fs::read(p).map_err(|source| Error::Read {
+            crate::file::read(p).map_err(|source| Error::Read {
                 path: p.into(),
                 source,
             })
@@ -476,11 +476,16 @@ impl EtcdManager {
         let watcher = self.client.clone();
         let prefix = self.prefix.clone();
         let own = (self.key.clone(), self.value.clone());
-        tokio::spawn(async move {
+        let watching = tokio::spawn(async move {
             let mut backoff = Duration::from_secs(1);
             loop {
                 match list_and_watch(&watcher, &prefix, &own, &tx).await {
-                    Ok(()) => backoff = Duration::from_secs(1),
+                    Ok(WatchEnd::Resync) => backoff = Duration::from_secs(1),
+                    Ok(WatchEnd::Lost) => {
+                        // Dropping `tx` ends the agent's loop with an error (see below).
+                        lost(&own.0);
+                        return;
+                    }
                     Err(e) => {
                         crate::metrics::source_error("etcd");
                         warn!(
@@ -518,7 +523,11 @@ impl EtcdManager {
                         renewed = Instant::now();
                         info!(key = %self.key, "renewed this node's subnet lease for 24 h");
                     }
-                    Ok(false) => lost(&self.key),
+                    Ok(false) => {
+                        lost(&self.key);
+                        watching.abort();
+                        return;
+                    }
                     Err(e) => {
                         crate::metrics::source_error("etcd");
                         warn!("renewing {}: {e}; retrying in 10 s", self.key);
@@ -530,23 +539,14 @@ impl EtcdManager {
     }
 }
 
-/// This node's lease is gone or belongs to another node now: as flanneld ("Lease has been
-/// revoked. Shutting down daemon."), exit; the pinned dataplane keeps forwarding and the restarted
-/// agent acquires a lease again.
-fn lost(key: &str) -> ! {
-    tracing::error!(%key, "this node's subnet lease was taken over by another node; exiting so that a restart acquires a new one (the pinned dataplane keeps forwarding)");
-    std::process::exit(1);
-}
-
 /// A random index below `n` (from the kernel's random source), or `None` if `n` is 0.
 fn random_index(n: usize) -> Option<usize> {
     if n == 0 {
         return None;
     }
-    let mut b = [0u8; 8];
-    let _ = std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b));
-    Some((u64::from_ne_bytes(b) % n as u64) as usize)
+    // A failed read only makes the pick less random (the lowest free subnet).
+    let r = getrandom::u64().unwrap_or(0);
+    Some((r % n as u64) as usize)
 }
 
 fn send(tx: &watch::Sender<Vec<Lease>>, leases: &BTreeMap<Ipv4Net, Lease>) {
@@ -576,13 +576,29 @@ fn apply(leases: &mut BTreeMap<Ipv4Net, Lease>, prefix: &str, key: &str, value: 
     }
 }
 
+/// Why a watch ended without an error.
+enum WatchEnd {
+    /// Compacted, canceled or closed: list again.
+    Resync,
+    /// This node's lease was deleted and another node holds its subnet now.
+    Lost,
+}
+
+/// This node's lease is gone or belongs to another node now. As flanneld ("Lease has been
+/// revoked. Shutting down daemon."), the agent stops: the lease watch ends, which ends its loop
+/// with an error (no `process::exit` from a background task); the pinned dataplane keeps
+/// forwarding and the restarted agent acquires a lease again.
+fn lost(key: &str) {
+    tracing::error!(%key, "this node's subnet lease was taken over by another node; stopping so that a restart acquires a new one (the pinned dataplane keeps forwarding)");
+}
+
 /// Reads every lease, then follows changes from that revision until the watch is compacted.
 async fn list_and_watch(
     client: &EtcdClient,
     prefix: &str,
     own: &(String, String),
     tx: &watch::Sender<Vec<Lease>>,
-) -> Result<(), Error> {
+) -> Result<WatchEnd, Error> {
     let subnets = format!("{prefix}/subnets/");
     let (kvs, revision) = client.list(&subnets).await?;
     let mut leases = BTreeMap::new();
@@ -637,7 +653,7 @@ async fn list_and_watch(
                             || number(&result["compact_revision"]) > 0
                         {
                             info!("etcd watch compacted or canceled; reading the leases again");
-                            return Ok(());
+                            return Ok(WatchEnd::Resync);
                         }
                         if let Some(e) = msg.get("error") {
                             return Err(etcd_err("etcd watch", e));
@@ -652,7 +668,7 @@ async fn list_and_watch(
                                 let lease = client.grant(LEASE_TTL).await?;
                                 if !client.put(&own.0, &own.1, &lease, true).await? {
                                     client.revoke(&lease).await;
-                                    lost(&own.0);
+                                    return Ok(WatchEnd::Lost);
                                 }
                                 continue;
                             }
@@ -671,7 +687,7 @@ async fn list_and_watch(
             }
         }
     }
-    Ok(())
+    Ok(WatchEnd::Resync)
 }
 
 #[cfg(test)]

@@ -125,14 +125,14 @@ impl KubeClient {
                 }
             };
             let sa = PathBuf::from(SERVICE_ACCOUNT);
-            if let Ok(ca) = std::fs::read(sa.join("ca.crt")) {
+            if let Ok(ca) = crate::file::read(&sa.join("ca.crt")) {
                 builder = builder.add_root_certificate(
                     reqwest::Certificate::from_pem(&ca)
                         .map_err(|e| api_err("service account ca.crt", e))?,
                 );
             }
             let token_file = sa.join("token");
-            let token = std::fs::read_to_string(&token_file)
+            let token = crate::file::read_to_string(&token_file)
                 .ok()
                 .map(|t| t.trim().to_string());
             (base, token.map(|t| (t, Some(token_file))))
@@ -158,7 +158,7 @@ impl KubeClient {
         let fresh = self
             .token_file
             .as_ref()
-            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|f| crate::file::read_to_string(f).ok())
             .map(|t| t.trim().to_string());
         match fresh.as_ref().or(self.token.as_ref()) {
             Some(t) => req.bearer_auth(t),
@@ -221,7 +221,7 @@ fn read_kubeconfig(
     ),
     Error,
 > {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    let text = crate::file::read_to_string(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
@@ -266,7 +266,7 @@ fn read_kubeconfig(
         text_of(v, file_key)
             .map(|f| {
                 let f = dir.join(f);
-                std::fs::read(&f).map_err(|source| Error::Read { path: f, source })
+                crate::file::read(&f).map_err(|source| Error::Read { path: f, source })
             })
             .transpose()
     };

@@ -53,7 +53,7 @@ fn fingerprint(path: &Path) -> Option<(std::time::SystemTime, u64, u64)> {
 
 /// Reads and validates the lease file against the network configuration.
 pub fn read(path: &Path, netconf: &NetConf) -> Result<Vec<Lease>, Error> {
-    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+    let text = crate::file::read_to_string(path).map_err(|source| Error::Read {
         path: path.into(),
         source,
     })?;
@@ -73,6 +73,7 @@ pub fn parse(path: &Path, text: &str, netconf: &NetConf) -> Result<Vec<Lease>, E
         .ok_or_else(|| Error::config(path, "leases", "expected {\"leases\": [ … ]}"))?;
     let mut leases = Vec::with_capacity(list.len());
     let mut by_ip = HashMap::new();
+    let mut by_subnet = HashMap::new();
     for (i, item) in list.iter().enumerate() {
         let at = |name: &str| format!("leases[{i}].{name}");
         let obj = item
@@ -119,10 +120,10 @@ pub fn parse(path: &Path, text: &str, netconf: &NetConf) -> Result<Vec<Lease>, E
                 .to_string(),
         };
         let backend_data = field(obj, "BackendData").cloned().unwrap_or(Value::Null);
-        if let Some(other) = leases
-            .iter()
-            .find(|l: &&Lease| l.subnet.contains(&subnet) || subnet.contains(&l.subnet))
-        {
+        // Every subnet is a /SubnetLen (checked above): two overlap only if they are equal, so
+        // one hash lookup each keeps 70,000 leases linear.
+        if let Some(&j) = by_subnet.get(&subnet) {
+            let other: &Lease = &leases[j];
             return Err(Error::config(
                 path,
                 at("Subnet"),
@@ -132,6 +133,7 @@ pub fn parse(path: &Path, text: &str, netconf: &NetConf) -> Result<Vec<Lease>, E
                 ),
             ));
         }
+        by_subnet.insert(subnet, i);
         if let Some(j) = by_ip.insert(public_ip, i) {
             return Err(Error::config(
                 path,
