@@ -5,6 +5,7 @@
 //! (choosing the uplink), `dataplane` (programming the kernel), and `agent` (the control loop).
 pub mod agent;
 pub mod backend;
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod dataplane;
@@ -15,6 +16,7 @@ pub mod iface;
 pub mod json;
 pub mod lease;
 pub mod metrics;
+pub mod plan;
 pub mod subnet_env;
 pub mod trafficmngr;
 

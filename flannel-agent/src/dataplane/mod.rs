@@ -1,5 +1,9 @@
-//! Programming the kernel: the eBPF dataplane (and, later, the netlink fallback).
+//! Programming the kernel (flannel's backends' `RegisterNetwork` and their `Run` loops): one
+//! [`Dataplane`] trait, implemented by the eBPF dataplane ([`ebpf_node`]), flanneld's kernel
+//! objects ([`netlink`]) and the WireGuard device ([`wireguard`]). The agent starts one with
+//! [`start`] and then only hands it plans.
 pub mod ebpf;
+pub mod ebpf_node;
 pub mod masq;
 pub mod netlink;
 pub mod routes;
@@ -9,7 +13,18 @@ pub mod wireguard;
 use std::{collections::BTreeMap, net::Ipv4Addr};
 
 use flannel_ebpf_common::{RemoteNode, RemoteSubnet};
+use futures::future::LocalBoxFuture;
 use ipnet::Ipv4Net;
+use tracing::warn;
+
+use crate::{
+    Error,
+    backend::wireguard::Key,
+    cli::{Args, DataplaneKind},
+    config::{Backend, NetConf},
+    iface::{ExtIface, Netlink},
+    plan::Plan,
+};
 
 /// What the dataplane should hold for the remote nodes: the same for every lease source.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -43,4 +58,112 @@ impl std::fmt::Display for SyncReport {
             self.added, self.updated, self.removed
         )
     }
+}
+
+/// Everything about this node that is fixed for the agent's lifetime.
+pub struct Node<'a> {
+    pub args: &'a Args,
+    pub netconf: NetConf,
+    pub ext: ExtIface,
+    pub public_ip: Ipv4Addr,
+    pub pod_mtu: u32,
+    /// The eBPF masquerade's settings (`--ip-masq`); used where the eBPF dataplane runs.
+    pub masq: Option<masq::Masquerade>,
+}
+
+/// A dataplane: brings the kernel to a plan, and keeps it there.
+pub trait Dataplane {
+    /// Its name in logs and metrics (`ebpf`, `netlink`, `wireguard`).
+    fn name(&self) -> &'static str;
+
+    /// True if this dataplane masquerades itself (so the kernel's rules must not).
+    fn masquerades(&self) -> bool {
+        false
+    }
+
+    /// Brings the dataplane to `plan` (only the difference is applied).
+    fn apply<'a>(
+        &'a mut self,
+        nl: &'a Netlink,
+        node: &'a Node<'a>,
+        plan: &'a Plan,
+    ) -> LocalBoxFuture<'a, Result<SyncReport, Error>>;
+
+    /// Once a second and on neighbour changes, with `repair` every 10 s: follows what changes
+    /// without a new plan (the bridge, local pods) and repairs kernel state that drifted.
+    fn tick<'a>(
+        &'a mut self,
+        nl: &'a Netlink,
+        node: &'a Node<'a>,
+        plan: &'a Plan,
+        repair: bool,
+    ) -> LocalBoxFuture<'a, Result<(), Error>>;
+}
+
+/// Starts the dataplane `--dataplane` asks for, falling back from eBPF to netlink where eBPF
+/// cannot be loaded and the backend has a kernel dataplane. `wg_private`: this node's WireGuard
+/// private key (wireguard backend).
+pub async fn start(
+    nl: &Netlink,
+    node: &Node<'_>,
+    plan: &Plan,
+    wg_private: Option<&Key>,
+) -> Result<Box<dyn Dataplane>, Error> {
+    let backend = &node.netconf.backend;
+    if let Backend::Wireguard(wg) = backend {
+        let key = wg_private.expect("the key is loaded for the wireguard backend");
+        let dev = wireguard::WireguardDevice::ensure(
+            nl,
+            wg,
+            key,
+            plan.own.subnet,
+            node.netconf.network,
+            node.pod_mtu,
+        )
+        .await?;
+        return Ok(Box::new(dev));
+    }
+    let kernel_ok = matches!(backend, Backend::Vxlan(_) | Backend::HostGw);
+    match node.args.dataplane {
+        DataplaneKind::Netlink if kernel_ok => start_kernel(nl, node, plan).await,
+        DataplaneKind::Netlink => Err(Error::Unsupported(format!(
+            "backend {}: no netlink dataplane (flannel's uses a kernel tunnel module or a userspace proxy); use --dataplane=ebpf",
+            backend.name()
+        ))),
+        DataplaneKind::Ebpf => Ok(Box::new(ebpf_node::EbpfNode::start(nl, node, plan).await?)),
+        DataplaneKind::Auto => match ebpf_node::EbpfNode::start(nl, node, plan).await {
+            Ok(e) => Ok(Box::new(e)),
+            Err(e) if kernel_ok && e.is_ebpf_unavailable() => {
+                warn!(
+                    "eBPF cannot be used here ({e}); falling back to the kernel dataplane flanneld uses"
+                );
+                start_kernel(nl, node, plan).await
+            }
+            Err(e) => Err(e),
+        },
+    }
+}
+
+async fn start_kernel(
+    nl: &Netlink,
+    node: &Node<'_>,
+    plan: &Plan,
+) -> Result<Box<dyn Dataplane>, Error> {
+    let dp = match &node.netconf.backend {
+        Backend::Vxlan(vx) => {
+            netlink::KernelDataplane::vxlan(
+                nl,
+                vx,
+                &node.ext,
+                node.public_ip,
+                node.netconf.network,
+                plan.own.subnet,
+                plan.vtep_mac,
+                node.pod_mtu,
+            )
+            .await?
+        }
+        _ => netlink::KernelDataplane::host_gw(&node.ext, node.netconf.network, plan.own.subnet),
+    };
+    Ok(Box::new(dp))
 }

@@ -534,6 +534,36 @@ async fn configure_link(
         .map_err(nl_err(format!("routing {network} onto {DEVICE}")))
 }
 
+impl super::Dataplane for WireguardDevice {
+    fn name(&self) -> &'static str {
+        "wireguard"
+    }
+
+    fn apply<'a>(
+        &'a mut self,
+        _nl: &'a Netlink,
+        _node: &'a super::Node<'a>,
+        plan: &'a crate::plan::Plan,
+    ) -> futures::future::LocalBoxFuture<'a, Result<SyncReport, Error>> {
+        Box::pin(self.sync(&plan.wg_peers))
+    }
+
+    fn tick<'a>(
+        &'a mut self,
+        _nl: &'a Netlink,
+        _node: &'a super::Node<'a>,
+        plan: &'a crate::plan::Plan,
+        repair: bool,
+    ) -> futures::future::LocalBoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if repair {
+                self.sync(&plan.wg_peers).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

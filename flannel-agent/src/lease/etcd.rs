@@ -23,8 +23,108 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::Lease;
-use crate::{Error, config::NetConf, json::field};
+use futures::future::LocalBoxFuture;
+
+use super::{Join, Joined, Lease, LeaseSource, own_lease_seen};
+use crate::{
+    Error,
+    backoff::{Backoff, retry},
+    cli::Args,
+    config::NetConf,
+    json::field,
+};
+
+/// Leases in etcd under flannel's prefix, the network configuration at `<prefix>/config`
+/// (flanneld's default subnet manager).
+pub struct EtcdSource {
+    client: EtcdClient,
+    prefix: String,
+    /// Where the previous subnet is read from (flanneld tries it first after a lapse).
+    subnet_file: PathBuf,
+    renew_margin: Duration,
+}
+
+impl EtcdSource {
+    pub fn new(args: &Args) -> Result<Self, Error> {
+        let client = EtcdClient::new(&EtcdOptions {
+            endpoints: args.etcd_endpoints.clone(),
+            cafile: args.etcd_cafile.clone(),
+            certfile: args.etcd_certfile.clone(),
+            keyfile: args.etcd_keyfile.clone(),
+            username: args.etcd_username.clone(),
+            password: args.etcd_password.clone(),
+        })?;
+        Ok(Self {
+            client,
+            prefix: args.etcd_prefix.clone(),
+            subnet_file: args.subnet_file.clone(),
+            renew_margin: Duration::from_secs(args.subnet_lease_renew_margin * 60),
+        })
+    }
+}
+
+impl LeaseSource for EtcdSource {
+    fn name(&self) -> PathBuf {
+        PathBuf::from(format!("etcd:{}/subnets", self.prefix))
+    }
+
+    fn config_name(&self) -> String {
+        format!("etcd:{}/config", self.prefix)
+    }
+
+    fn network_config(&self) -> LocalBoxFuture<'_, Result<NetConf, Error>> {
+        Box::pin(async move {
+            let what = format!(
+                "{}/config in etcd at {}",
+                self.prefix,
+                self.client.endpoints()
+            );
+            Ok(retry(&what, || EtcdManager::config(&self.client, &self.prefix)).await)
+        })
+    }
+
+    /// Acquires this node's subnet (waiting, with back-off, while etcd is unreachable), keeps it
+    /// renewed and follows every lease.
+    fn join<'a>(&'a mut self, join: Join<'a>) -> LocalBoxFuture<'a, Result<Joined, Error>> {
+        Box::pin(async move {
+            // After a lapse, flanneld tries the subnet it had (from subnet.env) first.
+            let previous = crate::file::read_to_string(&self.subnet_file)
+                .ok()
+                .and_then(|t| {
+                    t.lines()
+                        .find_map(|l| l.strip_prefix("FLANNEL_SUBNET="))
+                        .and_then(|s| s.parse::<Ipv4Net>().ok())
+                        .map(|n| n.trunc())
+                });
+            let what = format!(
+                "etcd at {} (this node's subnet lease)",
+                self.client.endpoints()
+            );
+            let (mgr, own) = retry(&what, || {
+                EtcdManager::acquire(
+                    self.client.clone(),
+                    &self.prefix,
+                    join.netconf,
+                    join.public_ip,
+                    join.netconf.backend.lease_type(),
+                    join.backend_data,
+                    previous,
+                    self.renew_margin,
+                )
+            })
+            .await;
+            info!(subnet = %own.subnet, key = %mgr.key, "this node's lease in etcd");
+            let (tx, mut leases) = watch::channel(Vec::new());
+            mgr.run(tx);
+            own_lease_seen(&mut leases, join.public_ip).await?;
+            Ok(Joined {
+                public_ip: join.public_ip,
+                lease_ip: join.public_ip,
+                leases,
+            })
+        })
+    }
+}
 
 /// flannel's default etcd prefix.
 pub const DEFAULT_PREFIX: &str = "/coreos.com/network";
@@ -477,10 +577,10 @@ impl EtcdManager {
         let prefix = self.prefix.clone();
         let own = (self.key.clone(), self.value.clone());
         let watching = tokio::spawn(async move {
-            let mut backoff = Duration::from_secs(1);
+            let mut backoff = Backoff::default();
             loop {
                 match list_and_watch(&watcher, &prefix, &own, &tx).await {
-                    Ok(WatchEnd::Resync) => backoff = Duration::from_secs(1),
+                    Ok(WatchEnd::Resync) => backoff.reset(),
                     Ok(WatchEnd::Lost) => {
                         // Dropping `tx` ends the agent's loop with an error (see below).
                         lost(&own.0);
@@ -488,12 +588,12 @@ impl EtcdManager {
                     }
                     Err(e) => {
                         crate::metrics::source_error("etcd");
+                        let delay = backoff.next_delay();
                         warn!(
-                            "watching {prefix}/subnets at {}: {e}; retrying in {backoff:?} (the dataplane keeps its state)",
+                            "watching {prefix}/subnets at {}: {e}; retrying in {delay:?} (the dataplane keeps its state)",
                             watcher.endpoints()
                         );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        tokio::time::sleep(delay).await;
                     }
                 }
                 if tx.is_closed() {

@@ -23,8 +23,132 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::Lease;
-use crate::Error;
+use futures::future::LocalBoxFuture;
+
+use super::{Join, Joined, Lease, LeaseSource, own_lease_seen};
+use crate::{
+    Error,
+    backoff::{Backoff, retry},
+    cli::Args,
+    config::NetConf,
+};
+
+/// Leases from the nodes of a Kubernetes cluster (`--kube-subnet-mgr`); the network configuration
+/// from net-conf.json (kube-flannel-cfg's `net-conf.json`, mounted).
+pub struct KubeSource {
+    mgr: KubeManager,
+    net_config: PathBuf,
+}
+
+impl KubeSource {
+    pub fn new(args: &Args) -> Result<Self, Error> {
+        let node = args.node_name.clone().ok_or_else(|| {
+            Error::Unsupported("--kube-subnet-mgr needs --node-name (or NODE_NAME)".into())
+        })?;
+        let client = KubeClient::new(
+            args.kube_api_url.as_deref(),
+            args.kubeconfig_file.as_deref(),
+        )?;
+        Ok(Self {
+            mgr: KubeManager {
+                client,
+                node,
+                annotations: Annotations::new(&args.kube_annotation_prefix)?,
+            },
+            net_config: args.net_config_path.clone(),
+        })
+    }
+}
+
+impl LeaseSource for KubeSource {
+    fn name(&self) -> PathBuf {
+        PathBuf::from(format!("node {}", self.mgr.node))
+    }
+
+    fn config_name(&self) -> String {
+        self.net_config.display().to_string()
+    }
+
+    fn network_config(&self) -> LocalBoxFuture<'_, Result<NetConf, Error>> {
+        Box::pin(std::future::ready(crate::config::load(&self.net_config)))
+    }
+
+    /// This node's subnet from its podCIDR, its lease published in its annotations, all nodes
+    /// watched. Waits (with back-off, saying so) while the API is unreachable or the node has no
+    /// podCIDR yet.
+    fn join<'a>(&'a mut self, join: Join<'a>) -> LocalBoxFuture<'a, Result<Joined, Error>> {
+        Box::pin(async move {
+            let mgr = &self.mgr;
+            let what = format!(
+                "the Kubernetes API at {} (node {})",
+                mgr.client.server(),
+                mgr.node
+            );
+            let node = retry(&what, || async {
+                let node = mgr.client.get_node(&mgr.node).await?;
+                if pod_cidr(&node).is_none() {
+                    return Err(Error::Api {
+                        context: format!("node {}", mgr.node),
+                        message: "no podCIDR assigned yet".into(),
+                    });
+                }
+                Ok(node)
+            })
+            .await;
+            let subnet = pod_cidr(&node).expect("checked above");
+            if !join.netconf.network.contains(&subnet) {
+                return Err(Error::Unsupported(format!(
+                    "node {}: podCIDR {subnet} is outside the Network {}",
+                    mgr.node, join.netconf.network
+                )));
+            }
+            let annotation = |key: &str| {
+                node["metadata"]["annotations"][key]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .and_then(|s| s.parse::<Ipv4Addr>().ok())
+            };
+            let mut public_ip = join.public_ip;
+            if let Some(ip) = annotation(&mgr.annotations.node_public_ip) {
+                info!(%ip, "public IP from the node-public-ip annotation");
+                // Validated before anything is published.
+                (join.check_public_ip)(ip)?;
+                public_ip = ip;
+            }
+            let lease_ip = annotation(&mgr.annotations.public_ip_overwrite).unwrap_or(public_ip);
+            let existing = node_lease(&node, &mgr.annotations).ok();
+            let want = Publish {
+                backend_type: join.netconf.backend.lease_type().to_string(),
+                backend_data: (join.backend_data)(existing.as_ref()),
+                public_ip,
+            };
+            retry(&what, || async {
+                let node = mgr.client.get_node(&mgr.node).await?;
+                mgr.publish(&node, &want).await
+            })
+            .await;
+            let (tx, mut leases) = watch::channel(Vec::new());
+            mgr.watch(tx);
+            own_lease_seen(&mut leases, lease_ip).await?;
+            Ok(Joined {
+                public_ip,
+                lease_ip,
+                leases,
+            })
+        })
+    }
+
+    fn complete(&self) {
+        let mgr = self.mgr.clone();
+        tokio::spawn(async move {
+            retry("the Kubernetes API (node condition)", || {
+                mgr.set_network_available()
+            })
+            .await;
+            info!(node = %mgr.node, "node condition NetworkUnavailable=False (FlannelIsUp)");
+        });
+    }
+}
 
 /// flannel's default annotation prefix.
 pub const DEFAULT_PREFIX: &str = "flannel.alpha.coreos.com";
@@ -409,6 +533,7 @@ fn now_rfc3339() -> String {
 }
 
 /// The subnet manager of one node.
+#[derive(Clone)]
 pub struct KubeManager {
     pub client: KubeClient,
     pub node: String,
@@ -448,18 +573,18 @@ impl KubeManager {
         tokio::spawn(async move {
             let mut nodes: BTreeMap<String, Lease> = BTreeMap::new();
             let mut skipped: BTreeMap<String, String> = BTreeMap::new();
-            let mut backoff = Duration::from_secs(1);
+            let mut backoff = Backoff::default();
             loop {
                 match list_and_watch(&client, &ann, &mut nodes, &mut skipped, &tx).await {
-                    Ok(()) => backoff = Duration::from_secs(1),
+                    Ok(()) => backoff.reset(),
                     Err(e) => {
                         crate::metrics::source_error("kube");
+                        let delay = backoff.next_delay();
                         warn!(
-                            "watching nodes at {}: {e}; retrying in {backoff:?} (the dataplane keeps its state)",
+                            "watching nodes at {}: {e}; retrying in {delay:?} (the dataplane keeps its state)",
                             client.server()
                         );
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                        tokio::time::sleep(delay).await;
                     }
                 }
                 if tx.is_closed() {
@@ -616,28 +741,6 @@ async fn watch_once(
         }
     }
     Err(api_err("watching nodes", "no event or bookmark for 330 s"))
-}
-
-/// Retries `f` with exponential back-off (1 s doubling to 30 s), saying what it waits for.
-pub async fn retry<T, F, Fut>(what: &str, mut f: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Result<T, Error>>,
-{
-    let mut backoff = Duration::from_secs(1);
-    loop {
-        match f().await {
-            Ok(v) => return v,
-            Err(e) => {
-                crate::metrics::source_error("startup");
-                warn!(
-                    "waiting for {what}: {e}; retrying in {backoff:?} (pinned dataplane state keeps forwarding)"
-                );
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
 }
 
 #[cfg(test)]

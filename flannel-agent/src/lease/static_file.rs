@@ -1,22 +1,69 @@
 //! The static subnet manager: leases listed in a file, in flannel's lease format:
 //! `{"leases":[{"Subnet":"10.244.1.0/24","PublicIP":"198.18.0.11","BackendType":"vxlan",
 //! "BackendData":{"VNI":1,"VtepMAC":"aa:bb:cc:dd:ee:01"}}]}`.
-use std::{collections::HashMap, path::Path};
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+};
 
 use ipnet::Ipv4Net;
 use serde_json::Value;
 
-use super::Lease;
-use crate::{Error, config::NetConf, json::field};
+use futures::future::LocalBoxFuture;
+
+use super::{Join, Joined, Lease, LeaseSource};
+use crate::{Error, cli::Args, config::NetConf, json::field};
+
+/// Leases from a file (`--subnet-mgr static --leases FILE`); the network configuration from
+/// net-conf.json.
+pub struct StaticSource {
+    leases: PathBuf,
+    net_config: PathBuf,
+}
+
+impl StaticSource {
+    pub fn new(args: &Args) -> Result<Self, Error> {
+        let leases = args
+            .leases
+            .clone()
+            .ok_or_else(|| Error::Unsupported("--subnet-mgr static needs --leases FILE".into()))?;
+        Ok(Self {
+            leases,
+            net_config: args.net_config_path.clone(),
+        })
+    }
+}
+
+impl LeaseSource for StaticSource {
+    fn name(&self) -> PathBuf {
+        self.leases.clone()
+    }
+
+    fn config_name(&self) -> String {
+        self.net_config.display().to_string()
+    }
+
+    fn network_config(&self) -> LocalBoxFuture<'_, Result<NetConf, Error>> {
+        Box::pin(std::future::ready(crate::config::load(&self.net_config)))
+    }
+
+    fn join<'a>(&'a mut self, join: Join<'a>) -> LocalBoxFuture<'a, Result<Joined, Error>> {
+        Box::pin(async move {
+            let (tx, leases) = tokio::sync::watch::channel(read(&self.leases, join.netconf)?);
+            follow(self.leases.clone(), join.netconf.clone(), tx);
+            Ok(Joined {
+                public_ip: join.public_ip,
+                lease_ip: join.public_ip,
+                leases,
+            })
+        })
+    }
+}
 
 /// Follows the lease file (polled once a second by modification time, size and inode): sends the
 /// validated lease set whenever the file changes; a broken file is reported and the last good
 /// set kept.
-pub fn follow(
-    path: std::path::PathBuf,
-    netconf: NetConf,
-    tx: tokio::sync::watch::Sender<Vec<Lease>>,
-) {
+pub fn follow(path: PathBuf, netconf: NetConf, tx: tokio::sync::watch::Sender<Vec<Lease>>) {
     tokio::spawn(async move {
         let mut seen = fingerprint(&path);
         let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
