@@ -31,15 +31,116 @@ pub mod map_name {
     pub const CONFIG_SELECT: &str = "FLANNEL_CFGSEL";
     /// The next outer IPv4 ID, per CPU.
     pub const IP_ID: &str = "FLANNEL_IPID";
-    pub const ALL: [&str; 9] = [
+}
+
+/// The shape of one pinned map. Declared once, in [`layout`]: the programs' map definitions are
+/// checked against it when the eBPF crate compiles, and the agent checks pins against it before
+/// reusing them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapLayout {
+    pub name: &'static str,
+    /// The kernel's `BPF_MAP_TYPE_*` number ([`map_kind`]).
+    pub kind: u32,
+    pub key_size: u32,
+    pub value_size: u32,
+    /// Entries; the masquerade table's is the default, the agent sizes it at load time.
+    pub max_entries: u32,
+}
+
+/// The kernel's map type numbers (`enum bpf_map_type`) of the maps we use.
+pub mod map_kind {
+    pub const HASH: u32 = 1;
+    pub const ARRAY: u32 = 2;
+    pub const PERCPU_ARRAY: u32 = 6;
+    pub const LPM_TRIE: u32 = 11;
+}
+
+/// Every pinned map's layout. A change here (or in a type it names) needs a new
+/// [`LAYOUT_VERSION`].
+pub mod layout {
+    use super::{
+        CONFIG_SLOTS, Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
+        MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, RouteKey, STATS_SLOTS,
+        SUBNET_SLOTS, map_kind, map_name,
+    };
+
+    const fn size<T>() -> u32 {
+        size_of::<T>() as u32
+    }
+
+    pub const CONFIG: MapLayout = MapLayout {
+        name: map_name::CONFIG,
+        kind: map_kind::ARRAY,
+        key_size: 4,
+        value_size: size::<NodeConfig>(),
+        max_entries: CONFIG_SLOTS,
+    };
+    pub const CONFIG_SELECT: MapLayout = MapLayout {
+        name: map_name::CONFIG_SELECT,
+        kind: map_kind::ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    pub const ROUTES: MapLayout = MapLayout {
+        name: map_name::ROUTES,
+        kind: map_kind::LPM_TRIE,
+        key_size: size::<RouteKey>(),
+        value_size: size::<RemoteSubnet>(),
+        max_entries: MAX_ROUTES,
+    };
+    pub const SUBNETS: MapLayout = MapLayout {
+        name: map_name::SUBNETS,
+        kind: map_kind::ARRAY,
+        key_size: 4,
+        value_size: size::<RemoteSubnet>(),
+        max_entries: SUBNET_SLOTS,
+    };
+    pub const NODES: MapLayout = MapLayout {
+        name: map_name::NODES,
+        kind: map_kind::HASH,
+        key_size: 4,
+        value_size: size::<RemoteNode>(),
+        max_entries: MAX_NODES,
+    };
+    pub const ENDPOINTS: MapLayout = MapLayout {
+        name: map_name::ENDPOINTS,
+        kind: map_kind::HASH,
+        key_size: 4,
+        value_size: size::<Endpoint>(),
+        max_entries: MAX_ENDPOINTS,
+    };
+    pub const NAT: MapLayout = MapLayout {
+        name: map_name::NAT,
+        kind: map_kind::HASH,
+        key_size: size::<NatKey>(),
+        value_size: size::<NatEntry>(),
+        max_entries: DEFAULT_NAT_ENTRIES,
+    };
+    pub const STATS: MapLayout = MapLayout {
+        name: map_name::STATS,
+        kind: map_kind::PERCPU_ARRAY,
+        key_size: 4,
+        value_size: size::<Counter>(),
+        max_entries: STATS_SLOTS,
+    };
+    pub const IP_ID: MapLayout = MapLayout {
+        name: map_name::IP_ID,
+        kind: map_kind::PERCPU_ARRAY,
+        key_size: 4,
+        value_size: 4,
+        max_entries: 1,
+    };
+    /// Every pinned map.
+    pub const ALL: [MapLayout; 9] = [
         CONFIG,
-        ROUTES,
-        NODES,
-        STATS,
-        ENDPOINTS,
-        SUBNETS,
-        NAT,
         CONFIG_SELECT,
+        ROUTES,
+        SUBNETS,
+        NODES,
+        ENDPOINTS,
+        NAT,
+        STATS,
         IP_ID,
     ];
 }

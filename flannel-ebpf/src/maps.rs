@@ -4,53 +4,87 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    CONFIG_SLOTS, Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
-    NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend,
+    Counter, Endpoint, MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, RouteKey,
+    backend, layout,
 };
+
+/// The entries of a map defined with key `K` and value `V`, from its declared layout; the build
+/// fails if the definition's key or value size is not the layout's (the agent checks pins against
+/// the same layout).
+const fn declared<K, V>(layout: MapLayout) -> usize {
+    assert!(
+        size_of::<K>() as u32 == layout.key_size,
+        "key size differs from the layout"
+    );
+    assert!(
+        size_of::<V>() as u32 == layout.value_size,
+        "value size differs from the layout"
+    );
+    layout.max_entries as usize
+}
 
 /// This node's configuration, double-buffered: the agent fills the slot not in force, then
 /// points `FLANNEL_CFGSEL` at it (a 4-byte store), so a program never sees a torn update.
 #[btf_map]
-pub static FLANNEL_CONFIG: Array<NodeConfig, { CONFIG_SLOTS as usize }> = Array::new();
+pub static FLANNEL_CONFIG: Array<NodeConfig, { declared::<u32, NodeConfig>(layout::CONFIG) }> =
+    Array::new();
 
 /// The `FLANNEL_CONFIG` slot in force (0 or 1).
 #[btf_map]
-pub static FLANNEL_CFGSEL: Array<u32, 1> = Array::new();
+pub static FLANNEL_CFGSEL: Array<u32, { declared::<u32, u32>(layout::CONFIG_SELECT) }> =
+    Array::new();
 
 /// Remote pod subnet → remote node, longest-prefix match on the inner destination.
 #[btf_map]
-pub static FLANNEL_ROUTES: LpmTrie<[u8; 4], RemoteSubnet, { MAX_ROUTES as usize }> = LpmTrie::new();
+pub static FLANNEL_ROUTES: LpmTrie<
+    [u8; 4],
+    RemoteSubnet,
+    { declared::<RouteKey, RemoteSubnet>(layout::ROUTES) },
+> = LpmTrie::new();
 
 /// Remote subnets indexed by their number in the Network: the same routes as `FLANNEL_ROUTES` for
 /// subnets of this node's prefix length, found with an array lookup the verifier inlines instead
 /// of a trie walk.
 #[btf_map]
-pub static FLANNEL_SUBNETS: Array<RemoteSubnet, { SUBNET_SLOTS as usize }> = Array::new();
+pub static FLANNEL_SUBNETS: Array<
+    RemoteSubnet,
+    { declared::<u32, RemoteSubnet>(layout::SUBNETS) },
+> = Array::new();
 
 /// Remote node public IP → node: encapsulated traffic is accepted only from these.
 #[btf_map]
-pub static FLANNEL_NODES: HashMap<[u8; 4], RemoteNode, { MAX_NODES as usize }> = HashMap::new();
+pub static FLANNEL_NODES: HashMap<
+    [u8; 4],
+    RemoteNode,
+    { declared::<[u8; 4], RemoteNode>(layout::NODES) },
+> = HashMap::new();
 
 /// Local pod IPv4 → its veth and MAC, for delivery that bypasses the bridge.
 #[btf_map]
-pub static FLANNEL_ENDPTS: HashMap<[u8; 4], Endpoint, { MAX_ENDPOINTS as usize }> = HashMap::new();
+pub static FLANNEL_ENDPTS: HashMap<
+    [u8; 4],
+    Endpoint,
+    { declared::<[u8; 4], Endpoint>(layout::ENDPOINTS) },
+> = HashMap::new();
 
 /// Masqueraded flows, two entries each (original and reply direction). A plain hash, not an LRU:
 /// when it is full a new flow fails (counted) instead of evicting an established one. The agent
 /// sizes it (`--ip-masq-table-size`) and collects expired entries.
 #[btf_map]
-pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { DEFAULT_NAT_ENTRIES as usize }> =
+pub static FLANNEL_NAT: HashMap<NatKey, NatEntry, { declared::<NatKey, NatEntry>(layout::NAT) }> =
     HashMap::new();
 
 /// Per-CPU packet and byte counters, indexed by program and verdict or drop reason
 /// (`stats_slot`).
 #[btf_map]
-pub static FLANNEL_STATS: PerCpuArray<Counter, { STATS_SLOTS as usize }> = PerCpuArray::new();
+pub static FLANNEL_STATS: PerCpuArray<Counter, { declared::<u32, Counter>(layout::STATS) }> =
+    PerCpuArray::new();
 
 /// The next outer IPv4 ID of this CPU's encapsulated packets; a GSO packet takes one per segment,
 /// as the kernel's segmentation numbers them.
 #[btf_map]
-pub static FLANNEL_IPID: PerCpuArray<u32, 1> = PerCpuArray::new();
+pub static FLANNEL_IPID: PerCpuArray<u32, { declared::<u32, u32>(layout::IP_ID) }> =
+    PerCpuArray::new();
 
 /// This node's configuration, if the agent has enabled the dataplane.
 #[inline(always)]

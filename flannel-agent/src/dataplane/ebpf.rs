@@ -10,7 +10,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, Map, MapData, PerCpuArray, lpm_trie::Key},
     programs::{
         LinkOrder, SchedClassifier, TcAttachType, Xdp, XdpMode,
         links::{FdLink, PinnedLink},
@@ -19,9 +19,9 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    CONFIG_SLOTS, Counter, Endpoint, LAYOUT_VERSION, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
-    NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, STATS_SLOTS, SUBNET_SLOTS, backend,
-    map_name, nat, prog_name, reason, stats_slot,
+    Counter, Endpoint, LAYOUT_VERSION, MAX_NODES, MAX_ROUTES, MapLayout, NatEntry, NatKey,
+    NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, layout, map_name, nat, prog_name,
+    reason, stats_slot,
 };
 use ipnet::Ipv4Net;
 use tracing::{info, warn};
@@ -91,61 +91,15 @@ impl PinDir {
     }
 }
 
-/// Expected shape of each pinned map: (name, type, key size, value size, max entries), with a
-/// masquerade table of `nat_entries`.
-fn expected_maps(nat_entries: u32) -> [(&'static str, MapType, u32, u32, u32); 8] {
-    [
-        (
-            map_name::SUBNETS,
-            MapType::Array,
-            4,
-            size_of::<RemoteSubnet>() as u32,
-            SUBNET_SLOTS,
-        ),
-        (
-            map_name::NAT,
-            MapType::Hash,
-            size_of::<NatKey>() as u32,
-            size_of::<NatEntry>() as u32,
-            nat_entries,
-        ),
-        (
-            map_name::CONFIG,
-            MapType::Array,
-            4,
-            size_of::<NodeConfig>() as u32,
-            CONFIG_SLOTS,
-        ),
-        (map_name::CONFIG_SELECT, MapType::Array, 4, 4, 1),
-        (
-            map_name::ROUTES,
-            MapType::LpmTrie,
-            8,
-            size_of::<RemoteSubnet>() as u32,
-            MAX_ROUTES,
-        ),
-        (
-            map_name::NODES,
-            MapType::Hash,
-            4,
-            size_of::<RemoteNode>() as u32,
-            MAX_NODES,
-        ),
-        (
-            map_name::STATS,
-            MapType::PerCpuArray,
-            4,
-            size_of::<Counter>() as u32,
-            STATS_SLOTS,
-        ),
-        (
-            map_name::ENDPOINTS,
-            MapType::Hash,
-            4,
-            size_of::<Endpoint>() as u32,
-            MAX_ENDPOINTS,
-        ),
-    ]
+/// Every pinned map's layout as this agent's programs declare it, with a masquerade table of
+/// `nat_entries` (the one size the agent sets at load time).
+fn expected_maps(nat_entries: u32) -> impl Iterator<Item = MapLayout> {
+    layout::ALL.into_iter().map(move |mut m| {
+        if m.name == layout::NAT.name {
+            m.max_entries = nat_entries;
+        }
+        m
+    })
 }
 
 pub struct EbpfDataplane {
@@ -202,8 +156,8 @@ impl EbpfDataplane {
         })?;
         check_pinned_maps(&pins, nat_entries)?;
         let mut loader = EbpfLoader::new();
-        for name in map_name::ALL {
-            loader.map_pin_path(name, pins.map(name));
+        for map in layout::ALL {
+            loader.map_pin_path(map.name, pins.map(map.name));
         }
         loader.map_max_entries(map_name::NAT, nat_entries);
         let mut ebpf = loader.load(OBJECT).map_err(|e| Error::Load(Box::new(e)))?;
@@ -897,8 +851,8 @@ fn check_other_layouts(pins: &PinDir) -> Result<(), Error> {
 
 /// Refuses to reuse a pinned map whose shape differs from what the programs expect.
 fn check_pinned_maps(pins: &PinDir, nat_entries: u32) -> Result<(), Error> {
-    for (name, kind, key, value, max) in expected_maps(nat_entries) {
-        let path = pins.map(name);
+    for want in expected_maps(nat_entries) {
+        let path = pins.map(want.name);
         if !path.exists() {
             continue;
         }
@@ -908,21 +862,26 @@ fn check_pinned_maps(pins: &PinDir, nat_entries: u32) -> Result<(), Error> {
                 path: path.clone(),
                 message: format!("cannot open: {e}"),
             })?;
-        let got = (
-            info.map_type().ok(),
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-        );
-        if got != (Some(kind), key, value, max) {
+        let got = MapLayout {
+            name: want.name,
+            kind: info.map_type().map_or(u32::MAX, |t| t as u32),
+            key_size: info.key_size(),
+            value_size: info.value_size(),
+            max_entries: info.max_entries(),
+        };
+        if got != want {
             return Err(Error::Pin {
                 path,
                 message: format!(
-                    "incompatible map (type {:?}, key {} B, value {} B, {} entries; expected {kind:?}, {key} B, {value} B, {max}): run `flannel-agent --cleanup --pin-dir {}`",
-                    got.0,
-                    got.1,
-                    got.2,
-                    got.3,
+                    "incompatible map (type {}, key {} B, value {} B, {} entries; expected type {}, {} B, {} B, {}): run `flannel-agent --cleanup --pin-dir {}`",
+                    got.kind,
+                    got.key_size,
+                    got.value_size,
+                    got.max_entries,
+                    want.kind,
+                    want.key_size,
+                    want.value_size,
+                    want.max_entries,
                     pins.root.display()
                 ),
             });
