@@ -181,6 +181,10 @@ impl Case {
     }
 }
 
+#[expect(
+    clippy::too_many_lines,
+    reason = "one measurement sequence: arguments, loads, interleaved rounds, report"
+)]
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| -> Result<Option<usize>> {
@@ -260,6 +264,10 @@ fn main() -> Result<()> {
     let rounds = calls.div_ceil(PER_ROUND);
     let mut order: Vec<(bool, usize)> = (0..loads).flat_map(|j| [(false, j), (true, j)]).collect();
     for _ in 0..rounds {
+        #[expect(
+            clippy::needless_range_loop,
+            reason = "`i` indexes the cases of every load, not only `baseline_errors`"
+        )]
         for i in 0..n_cases {
             rng.shuffle(&mut order);
             for &(on_baseline, j) in &order {
@@ -378,9 +386,12 @@ impl Load {
     }
 }
 
+/// The baseline object's bytes and its loads so far, or why it could not be loaded and set up.
+type Baseline = Result<(Vec<u8>, Vec<Load>), String>;
+
 /// Adds a load of the baseline object (the object's bytes and the loads so far), or turns
 /// `baseline` into why it could not be loaded and set up.
-fn load_baseline(baseline: &mut Option<Result<(Vec<u8>, Vec<Load>), String>>) {
+fn load_baseline(baseline: &mut Option<Baseline>) {
     if let Some(Ok((object, loads))) = baseline {
         match Load::new(object) {
             Ok(load) => loads.push(load),

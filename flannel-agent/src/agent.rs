@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use crate::{
     Error,
-    backend::{self as backends, Mac, vxlan, wireguard},
+    backend::{self as backends, Mac, wireguard},
     cli::{Args, DataplaneKind},
     config::{self, Backend},
     dataplane::{
@@ -47,30 +47,6 @@ fn check_own_public_ip(
         )));
     }
     Ok(())
-}
-
-/// The `BackendData` this node publishes: vxlan's VNI and VTEP MAC (the one `existing` already
-/// advertises survives restarts; else a new one), wireguard's public key and port, else null.
-fn advertised_data(
-    backend: &Backend,
-    existing: Option<&Lease>,
-    wg_key: Option<&wireguard::Key>,
-    fresh_mac: Mac,
-) -> serde_json::Value {
-    match backend {
-        Backend::Vxlan(vx) => {
-            let mac = existing
-                .filter(|l| l.backend_type == "vxlan")
-                .and_then(|l| vxlan::lease_data(&l.backend_data).ok())
-                .map_or(fresh_mac, |d| d.vtep_mac);
-            serde_json::json!({"VNI": vx.vni, "VtepMAC": mac.to_string()})
-        }
-        Backend::Wireguard(wg) => wireguard::advertised(
-            wg_key.expect("the key is loaded for the wireguard backend"),
-            wg.listen_port,
-        ),
-        _ => serde_json::Value::Null,
-    }
 }
 
 /// A random locally administered unicast MAC (a new VTEP), from the OS's random source: a failed
@@ -207,7 +183,9 @@ pub async fn run(args: &Args) -> Result<(), Error> {
     check_public_ip(public_ip)?;
     let fresh_mac = random_mac()?;
     let backend_data = |existing: Option<&Lease>| {
-        advertised_data(&netconf.backend, existing, wg_key.as_ref(), fresh_mac)
+        netconf
+            .backend
+            .advertised(existing, wg_key.as_ref(), fresh_mac)
     };
     let joined = source
         .join(Join {
@@ -236,7 +214,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         ebpf::check_capacity(&plan.desired)
             .map_err(|e| Error::config(&source_name, "leases", e))?;
     }
-    let pod_mtu = backends::mtu(&netconf.backend, ext.link.mtu);
+    let pod_mtu = netconf.backend.mtu(ext.link.mtu);
     let masq = args.ip_masq.then(|| Masquerade {
         addr: ext.addr,
         ports: args.ip_masq_port_range,

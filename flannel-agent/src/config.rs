@@ -2,9 +2,16 @@
 use std::{net::Ipv4Addr, path::Path};
 
 use ipnet::Ipv4Net;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
-use crate::{Error, json::field};
+pub use crate::backend::{
+    Backend, KNOWN_BACKENDS, ipip::IpipConfig, udp::UdpConfig, vxlan::VxlanConfig,
+    wireguard::WireguardConfig,
+};
+use crate::{
+    Error,
+    json::{addr_field, bool_field, field, str_field, u64_field},
+};
 
 /// A parsed and validated network configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,90 +28,6 @@ pub struct NetConf {
     /// chains (where the kernel's rules are used).
     pub enable_nftables: bool,
 }
-
-/// The `Backend` section.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Backend {
-    Vxlan(VxlanConfig),
-    HostGw,
-    Ipip(IpipConfig),
-    Udp(UdpConfig),
-    Wireguard(WireguardConfig),
-    /// A backend type flannel knows that this version does not implement (`alloc`).
-    Other(String),
-}
-
-impl Backend {
-    /// The backend's name in net-conf.json.
-    #[must_use]
-    pub fn name(&self) -> &str {
-        match self {
-            Self::Vxlan(_) => "vxlan",
-            Self::HostGw => "host-gw",
-            Self::Ipip(_) => "ipip",
-            Self::Udp(_) => "udp",
-            Self::Wireguard(_) => "wireguard",
-            Self::Other(kind) => kind,
-        }
-    }
-
-    /// The `BackendType` of this backend's leases (flannel's udp backend leaves it empty).
-    #[must_use]
-    pub fn lease_type(&self) -> &str {
-        match self {
-            Self::Udp(_) => "",
-            other => other.name(),
-        }
-    }
-}
-
-/// `Backend` options of the ipip backend (pkg/backend/ipip/ipip.go).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IpipConfig {
-    pub direct_routing: bool,
-}
-
-/// `Backend` options of the udp backend (pkg/backend/udp/udp.go).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UdpConfig {
-    /// UDP port, source and destination (default 8285).
-    pub port: u16,
-}
-
-/// `Backend` options of the wireguard backend (pkg/backend/wireguard/wireguard.go).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WireguardConfig {
-    /// `ListenPort` (default 51820).
-    pub listen_port: u16,
-    /// `PSK`: a pre-shared key (base64), if any.
-    pub psk: Option<String>,
-    /// `PersistentKeepaliveInterval` in seconds (0: off).
-    pub persistent_keepalive: u16,
-    /// `MTU` before the overhead (0: the uplink's); the device gets it minus 80.
-    pub mtu: u32,
-    /// `Mode`: `separate` (default), `auto` or `ipv4` (IPv6 networks are not supported).
-    pub mode: String,
-}
-
-/// `Backend` options of the vxlan backend (pkg/backend/vxlan/vxlan.go).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VxlanConfig {
-    pub vni: u32,
-    /// UDP port; flannel's 0 means the kernel default, 8472.
-    pub port: u16,
-    /// Device MTU override; 0 means uplink MTU minus the overhead.
-    pub mtu: u32,
-    pub gbp: bool,
-    pub direct_routing: bool,
-}
-
-/// flannel's udp backend port.
-pub const UDP_DEFAULT_PORT: u16 = 8285;
-/// flannel's wireguard `ListenPort` default.
-pub const WIREGUARD_DEFAULT_PORT: u16 = 51_820;
-
-/// Backend types flannel accepts.
-pub const KNOWN_BACKENDS: [&str; 6] = ["vxlan", "host-gw", "udp", "ipip", "wireguard", "alloc"];
 
 /// Reads and validates `net-conf.json`.
 pub fn load(path: &Path) -> Result<NetConf, Error> {
@@ -190,7 +113,7 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
             ));
         }
     }
-    let backend = parse_backend(path, field(obj, "Backend"))?;
+    let backend = Backend::parse(path, field(obj, "Backend"))?;
     let enable_nftables = bool_field(path, obj, "EnableNFTables")?.unwrap_or(false);
     Ok(NetConf {
         network,
@@ -200,182 +123,6 @@ pub fn parse(path: &Path, text: &str) -> Result<NetConf, Error> {
         backend,
         enable_nftables,
     })
-}
-
-fn parse_backend(path: &Path, backend: Option<&Value>) -> Result<Backend, Error> {
-    // As flannel's parseBackendType: no Backend at all means udp (the docs say vxlan; the code wins).
-    let Some(backend) = backend else {
-        return Ok(Backend::Udp(UdpConfig {
-            port: UDP_DEFAULT_PORT,
-        }));
-    };
-    let obj = backend
-        .as_object()
-        .ok_or_else(|| Error::config(path, "Backend", "expected a JSON object"))?;
-    let kind = str_field(path, obj, "Type")?
-        .unwrap_or_default()
-        .to_string();
-    let port = |default: u16| -> Result<u16, Error> {
-        let port = u64_field(path, obj, "Port")?.unwrap_or(0);
-        match u16::try_from(port) {
-            Ok(0) => Ok(default),
-            Ok(port) => Ok(port),
-            Err(_) => Err(Error::config(
-                path,
-                "Backend.Port",
-                format!("{port} is not a UDP port"),
-            )),
-        }
-    };
-    let mtu = || -> Result<u32, Error> {
-        let mtu = u64_field(path, obj, "MTU")?.unwrap_or(0);
-        u32::try_from(mtu)
-            .ok()
-            .filter(|m| *m == 0 || (68..=65_535).contains(m))
-            .ok_or_else(|| Error::config(path, "Backend.MTU", format!("{mtu} is not an MTU")))
-    };
-    let direct_routing = bool_field(path, obj, "DirectRouting")?.unwrap_or(false);
-    match kind.as_str() {
-        "vxlan" => {
-            let vni = u64_field(path, obj, "VNI")?.unwrap_or(1);
-            let vni = u32::try_from(vni)
-                .ok()
-                .filter(|v| *v < 1 << 24)
-                .ok_or_else(|| {
-                    Error::config(
-                        path,
-                        "Backend.VNI",
-                        format!("{vni} does not fit in 24 bits"),
-                    )
-                })?;
-            Ok(Backend::Vxlan(VxlanConfig {
-                vni,
-                port: port(flannel_ebpf_common::vxlan::DEFAULT_PORT)?,
-                mtu: mtu()?,
-                gbp: bool_field(path, obj, "GBP")?.unwrap_or(false),
-                direct_routing,
-            }))
-        }
-        "host-gw" => Ok(Backend::HostGw),
-        "ipip" => Ok(Backend::Ipip(IpipConfig { direct_routing })),
-        "udp" => Ok(Backend::Udp(UdpConfig {
-            port: port(UDP_DEFAULT_PORT)?,
-        })),
-        "wireguard" => parse_wireguard(path, obj, mtu()?),
-        "" => Err(Error::config(
-            path,
-            "Backend.Type",
-            "missing (e.g. \"vxlan\")",
-        )),
-        other if KNOWN_BACKENDS.contains(&other) => Ok(Backend::Other(other.into())),
-        other => Err(Error::config(
-            path,
-            "Backend.Type",
-            format!(
-                "unknown backend type {other:?} (flannel knows {})",
-                KNOWN_BACKENDS.join(", ")
-            ),
-        )),
-    }
-}
-
-/// The wireguard backend's options.
-fn parse_wireguard(path: &Path, obj: &Map<String, Value>, mtu: u32) -> Result<Backend, Error> {
-    let listen_port = u64_field(path, obj, "ListenPort")?.unwrap_or(0);
-    let listen_port = match u16::try_from(listen_port) {
-        Ok(0) => WIREGUARD_DEFAULT_PORT,
-        Ok(p) => p,
-        Err(_) => {
-            return Err(Error::config(
-                path,
-                "Backend.ListenPort",
-                format!("{listen_port} is not a UDP port"),
-            ));
-        }
-    };
-    let psk = str_field(path, obj, "PSK")?
-        .filter(|s| !s.is_empty())
-        .map(|s| {
-            crate::backend::wireguard::Key::from_base64(s)
-                .map(|_| s.to_string())
-                .map_err(|e| Error::config(path, "Backend.PSK", e))
-        })
-        .transpose()?;
-    let keepalive = u64_field(path, obj, "PersistentKeepaliveInterval")?.unwrap_or(0);
-    let persistent_keepalive = u16::try_from(keepalive).map_err(|_| {
-        Error::config(
-            path,
-            "Backend.PersistentKeepaliveInterval",
-            format!("{keepalive} s is out of range (at most 65535)"),
-        )
-    })?;
-    let mode = str_field(path, obj, "Mode")?
-        .filter(|s| !s.is_empty())
-        .unwrap_or("separate")
-        .to_string();
-    match mode.as_str() {
-        "separate" | "auto" | "ipv4" => {}
-        "ipv6" => {
-            return Err(Error::Unsupported(format!(
-                "{}: Backend.Mode \"ipv6\": IPv6 pod networks are not supported by flannel-ebpf",
-                path.display()
-            )));
-        }
-        other => {
-            return Err(Error::config(
-                path,
-                "Backend.Mode",
-                format!("unknown mode {other:?} (separate, auto, ipv4 or ipv6)"),
-            ));
-        }
-    }
-    Ok(Backend::Wireguard(WireguardConfig {
-        listen_port,
-        psk,
-        persistent_keepalive,
-        mtu,
-        mode,
-    }))
-}
-
-fn str_field<'a>(
-    path: &Path,
-    obj: &'a Map<String, Value>,
-    key: &str,
-) -> Result<Option<&'a str>, Error> {
-    field(obj, key)
-        .map(|v| {
-            v.as_str()
-                .ok_or_else(|| Error::config(path, key, "expected a string"))
-        })
-        .transpose()
-}
-
-fn u64_field(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<Option<u64>, Error> {
-    field(obj, key)
-        .map(|v| {
-            v.as_u64()
-                .ok_or_else(|| Error::config(path, key, "expected a non-negative integer"))
-        })
-        .transpose()
-}
-
-fn bool_field(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, Error> {
-    field(obj, key)
-        .map(|v| {
-            v.as_bool()
-                .ok_or_else(|| Error::config(path, key, "expected true or false"))
-        })
-        .transpose()
-}
-
-fn addr_field(path: &Path, obj: &Map<String, Value>, key: &str) -> Result<Option<Ipv4Addr>, Error> {
-    str_field(path, obj, key)?
-        .map(|s| {
-            s.parse()
-                .map_err(|_| Error::config(path, key, format!("{s:?} is not an IPv4 address")))
-        })
-        .transpose()
 }
 
 #[cfg(test)]

@@ -1,19 +1,15 @@
 //! The plan: from a lease set, this node's lease and what the dataplane should hold for every
 //! peer (flannel's backends decide how a peer is reached: a tunnel route of the backend's kind, a
 //! direct route, a WireGuard peer, or not at all).
-use std::{
-    collections::BTreeMap,
-    net::{Ipv4Addr, SocketAddrV4},
-    path::Path,
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
-use flannel_ebpf_common::{RemoteNode, RemoteSubnet, backend};
+use flannel_ebpf_common::{RemoteNode, RemoteSubnet};
 use ipnet::Ipv4Net;
 use tracing::{error, warn};
 
 use crate::{
     Error,
-    backend::{self as backends, Mac, vxlan, wireguard},
+    backend::{self as backends, Mac, Peering, wireguard},
     config::Backend,
     dataplane::{Desired, wireguard::Peer},
     iface::RouteTable,
@@ -68,7 +64,7 @@ impl Plan {
                 ),
             ));
         }
-        let vtep_mac = own_mac(backend, own, wg_key, source)?;
+        let vtep_mac = backend.own_mac(own, wg_key, source)?;
         let mut plan = Self {
             own: own.clone(),
             vtep_mac,
@@ -86,7 +82,7 @@ impl Plan {
             // As flanneld: a peer whose backend data does not decode is skipped, not fatal; so
             // is one whose public IP no node can have.
             let peering = backends::check_public_ip(ip)
-                .and_then(|()| peer_route(backend, data, direct.is_direct(ip), ip));
+                .and_then(|()| backend.peer(data, direct.is_direct(ip), ip));
             let peering = match peering {
                 Ok(p) => p,
                 Err(e) => {
@@ -140,96 +136,6 @@ impl Plan {
             );
         }
     }
-}
-
-/// This node's MAC as its own lease says (vxlan's VtepMAC; a placeholder for the other backends),
-/// after checking the lease advertises what this node is.
-fn own_mac(
-    backend: &Backend,
-    own: &Lease,
-    wg_key: Option<&wireguard::Key>,
-    source: &Path,
-) -> Result<Mac, Error> {
-    let public_ip = own.public_ip;
-    let lease_err = |m: String| Error::config(source, format!("lease of {public_ip}"), m);
-    Ok(match backend {
-        Backend::Vxlan(vx) => {
-            let own_data = vxlan::lease_data(&own.backend_data).map_err(lease_err)?;
-            if own_data.vni != vx.vni {
-                warn!(
-                    lease_vni = own_data.vni,
-                    vni = vx.vni,
-                    "this node's lease advertises another VNI than net-conf.json"
-                );
-            }
-            own_data.vtep_mac
-        }
-        Backend::Wireguard(wg) => {
-            let own_data = wireguard::lease_data(&own.backend_data).map_err(lease_err)?;
-            if let Some(key) = wg_key
-                && (own_data.public_key != *key || own_data.port != wg.listen_port)
-            {
-                return Err(Error::config(
-                    source,
-                    format!("lease of {public_ip}: BackendData"),
-                    format!(
-                        "does not match this node: it must be {}",
-                        wireguard::advertised(key, wg.listen_port)
-                    ),
-                ));
-            }
-            backends::placeholder_mac(public_ip)
-        }
-        _ => backends::placeholder_mac(public_ip),
-    })
-}
-
-/// How this node reaches one peer.
-enum Peering {
-    /// A map route of this backend kind, with the MAC standing for the peer.
-    Route(u8, Mac),
-    /// A host-gw peer off this node's segment.
-    Unreachable,
-    Wireguard(Peer),
-    None,
-}
-
-/// Decides how to reach a peer with lease data `data`, on this node's segment if `direct`.
-fn peer_route(
-    backend: &Backend,
-    data: &serde_json::Value,
-    direct: bool,
-    ip: Ipv4Addr,
-) -> Result<Peering, String> {
-    Ok(match backend {
-        Backend::Vxlan(vx) => {
-            let mac = vxlan::lease_data(data)?.vtep_mac;
-            if vx.direct_routing && direct {
-                Peering::Route(backend::HOST_GW, mac)
-            } else {
-                Peering::Route(backend::VXLAN, mac)
-            }
-        }
-        Backend::HostGw if !direct => Peering::Unreachable,
-        Backend::HostGw => Peering::Route(backend::HOST_GW, backends::placeholder_mac(ip)),
-        Backend::Ipip(cfg) => {
-            let kind = if cfg.direct_routing && direct {
-                backend::HOST_GW
-            } else {
-                backend::IPIP
-            };
-            Peering::Route(kind, backends::placeholder_mac(ip))
-        }
-        Backend::Udp(_) => Peering::Route(backend::UDP, backends::placeholder_mac(ip)),
-        Backend::Wireguard(_) => {
-            let data = wireguard::lease_data(data)?;
-            Peering::Wireguard(Peer {
-                public_key: data.public_key,
-                endpoint: SocketAddrV4::new(ip, data.port),
-            })
-        }
-        Backend::Other(_) => Peering::None,
-    })
 }
 
 /// The first address of a subnet: the `cni0` gateway.

@@ -1,8 +1,49 @@
 //! The vxlan backend's lease data (`{"VNI":1,"VtepMAC":"…"}`) and MTU.
-use serde_json::Value;
+use std::path::Path;
+
+use serde_json::{Map, Value};
 
 use super::Mac;
-use crate::{config::VxlanConfig, json::field};
+use crate::{
+    Error,
+    json::{bool_field, field, u64_field},
+};
+
+/// `Backend` options of the vxlan backend (pkg/backend/vxlan/vxlan.go).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanConfig {
+    pub vni: u32,
+    /// UDP port; flannel's 0 means the kernel default, 8472.
+    pub port: u16,
+    /// Device MTU override; 0 means uplink MTU minus the overhead.
+    pub mtu: u32,
+    pub gbp: bool,
+    pub direct_routing: bool,
+}
+
+impl VxlanConfig {
+    /// The vxlan options of a `Backend` object (flannel's defaults: VNI 1, port 8472).
+    pub fn parse(path: &Path, obj: &Map<String, Value>) -> Result<Self, Error> {
+        let vni = u64_field(path, obj, "VNI")?.unwrap_or(1);
+        let vni = u32::try_from(vni)
+            .ok()
+            .filter(|v| *v < 1 << 24)
+            .ok_or_else(|| {
+                Error::config(
+                    path,
+                    "Backend.VNI",
+                    format!("{vni} does not fit in 24 bits"),
+                )
+            })?;
+        Ok(Self {
+            vni,
+            port: super::port_field(path, obj, flannel_ebpf_common::vxlan::DEFAULT_PORT)?,
+            mtu: super::mtu_field(path, obj)?,
+            gbp: bool_field(path, obj, "GBP")?.unwrap_or(false),
+            direct_routing: bool_field(path, obj, "DirectRouting")?.unwrap_or(false),
+        })
+    }
+}
 
 /// What a vxlan lease's `BackendData` carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -4,82 +4,100 @@
 //! base64 as `wg genkey` prints it, created with mode 0400 when missing and reused otherwise; a
 //! key file that exists but does not parse is an error, never silently replaced (peers know the
 //! old public key). The lease advertises `{"PublicKey":"<base64>","Port":<ListenPort>}`.
-use std::{fmt::Write as _, io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
+use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _, path::Path};
 
-use base64::{Engine as _, engine::general_purpose::STANDARD};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
-use crate::{Error, config::WireguardConfig, json::field};
+use crate::{
+    Error,
+    json::{field, str_field, u64_field},
+};
+
+/// flannel's `ListenPort` default.
+pub const DEFAULT_PORT: u16 = 51_820;
+
+/// `Backend` options of the wireguard backend (pkg/backend/wireguard/wireguard.go).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WireguardConfig {
+    /// `ListenPort` (default 51820).
+    pub listen_port: u16,
+    /// `PSK`: a pre-shared key (base64), if any.
+    pub psk: Option<String>,
+    /// `PersistentKeepaliveInterval` in seconds (0: off).
+    pub persistent_keepalive: u16,
+    /// `MTU` before the overhead (0: the uplink's); the device gets it minus 80.
+    pub mtu: u32,
+    /// `Mode`: `separate` (default), `auto` or `ipv4` (IPv6 networks are not supported).
+    pub mode: String,
+}
+
+impl WireguardConfig {
+    /// The wireguard options of a `Backend` object.
+    pub fn parse(path: &Path, obj: &Map<String, Value>) -> Result<Self, Error> {
+        let mtu = super::mtu_field(path, obj)?;
+        let listen_port = u64_field(path, obj, "ListenPort")?.unwrap_or(0);
+        let listen_port = match u16::try_from(listen_port) {
+            Ok(0) => DEFAULT_PORT,
+            Ok(p) => p,
+            Err(_) => {
+                return Err(Error::config(
+                    path,
+                    "Backend.ListenPort",
+                    format!("{listen_port} is not a UDP port"),
+                ));
+            }
+        };
+        let psk = str_field(path, obj, "PSK")?
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                Key::from_base64(s)
+                    .map(|_| s.to_string())
+                    .map_err(|e| Error::config(path, "Backend.PSK", e))
+            })
+            .transpose()?;
+        let keepalive = u64_field(path, obj, "PersistentKeepaliveInterval")?.unwrap_or(0);
+        let persistent_keepalive = u16::try_from(keepalive).map_err(|_| {
+            Error::config(
+                path,
+                "Backend.PersistentKeepaliveInterval",
+                format!("{keepalive} s is out of range (at most 65535)"),
+            )
+        })?;
+        let mode = str_field(path, obj, "Mode")?
+            .filter(|s| !s.is_empty())
+            .unwrap_or("separate")
+            .to_string();
+        match mode.as_str() {
+            "separate" | "auto" | "ipv4" => {}
+            "ipv6" => {
+                return Err(Error::Unsupported(format!(
+                    "{}: Backend.Mode \"ipv6\": IPv6 pod networks are not supported by flannel-ebpf",
+                    path.display()
+                )));
+            }
+            other => {
+                return Err(Error::config(
+                    path,
+                    "Backend.Mode",
+                    format!("unknown mode {other:?} (separate, auto, ipv4 or ipv6)"),
+                ));
+            }
+        }
+        Ok(Self {
+            listen_port,
+            psk,
+            persistent_keepalive,
+            mtu,
+            mode,
+        })
+    }
+}
 
 /// What flannel subtracts from the MTU for WireGuard (IPv6 outer header, UDP, WireGuard header
 /// and authentication tag).
 pub const OVERHEAD: u32 = 80;
 
-/// A Curve25519 key (private, public or pre-shared), 32 bytes.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub struct Key(pub [u8; 32]);
-
-impl std::fmt::Debug for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the whole key: private keys must not end up in logs.
-        write!(f, "Key({}…)", &self.to_base64()[..8])
-    }
-}
-
-impl Key {
-    /// Parses the base64 form (`wg genkey`, leases, `PSK`).
-    pub fn from_base64(s: &str) -> Result<Self, String> {
-        let bytes = STANDARD
-            .decode(s.trim())
-            .map_err(|e| format!("not a base64 key: {e}"))?;
-        let key: [u8; 32] = bytes
-            .try_into()
-            .map_err(|b: Vec<u8>| format!("a key is 32 bytes, not {}", b.len()))?;
-        Ok(Self(key))
-    }
-
-    #[must_use]
-    pub fn to_base64(&self) -> String {
-        STANDARD.encode(self.0)
-    }
-
-    /// The hex form of WireGuard's configuration protocol.
-    #[must_use]
-    pub fn to_hex(&self) -> String {
-        self.0.iter().fold(String::with_capacity(64), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
-    }
-
-    pub fn from_hex(s: &str) -> Result<Self, String> {
-        if s.len() != 64 {
-            return Err(format!("a hex key has 64 digits, not {}", s.len()));
-        }
-        let mut key = [0u8; 32];
-        for (i, byte) in key.iter_mut().enumerate() {
-            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16)
-                .map_err(|_| format!("{s:?} is not hex"))?;
-        }
-        Ok(Self(key))
-    }
-
-    /// A new private key from the kernel's random source, clamped as Curve25519 requires.
-    pub fn generate() -> Result<Self, getrandom::Error> {
-        let mut key = [0u8; 32];
-        getrandom::fill(&mut key)?;
-        key[0] &= 0xf8;
-        key[31] = (key[31] & 0x7f) | 0x40;
-        Ok(Self(key))
-    }
-
-    /// The public key of this private key.
-    #[must_use]
-    pub fn public(&self) -> Self {
-        let secret = x25519_dalek::StaticSecret::from(self.0);
-        Self(x25519_dalek::PublicKey::from(&secret).to_bytes())
-    }
-}
+pub use super::key::Key;
 
 /// Loads the private key from `path`, or generates one and writes it there (mode 0400, its
 /// directory created) as flanneld does. Returns the key and whether it was generated.

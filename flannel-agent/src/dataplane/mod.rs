@@ -123,7 +123,7 @@ pub async fn start(
         .await?;
         return Ok(Box::new(dev));
     }
-    let kernel_ok = matches!(backend, Backend::Vxlan(_) | Backend::HostGw);
+    let kernel_ok = backend.has_kernel_dataplane();
     match node.args.dataplane {
         DataplaneKind::Netlink if kernel_ok => start_kernel(nl, node, plan).await,
         DataplaneKind::Netlink => Err(Error::Unsupported(format!(
