@@ -144,7 +144,7 @@ pub async fn run(args: &Args) -> Result<(), Error> {
         health::serve(SocketAddr::new(args.healthz_ip, args.healthz_port)).await?;
     }
     // Validate every input before touching the kernel: bad input leaves nothing half-programmed.
-    let mut source = lease::open(args)?;
+    let mut source = lease::open(args).await?;
     let netconf = source.network_config().await?;
     let config_name = source.config_name();
     match &netconf.backend {

@@ -114,7 +114,8 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
         "the API outage to be counted",
         Duration::from_secs(20),
         || scrape(&tb, 0).is_ok_and(|m| m.get(startup_errors).is_some_and(|v| *v >= 1.0)),
-    )?;
+    )
+    .with_context(|| tb.log(0))?;
     tb.kube.as_ref().context("kube")?.set_down(false);
     wait_for("/readyz to turn 200", Duration::from_secs(40), || {
         get(&tb, 0, "/readyz").is_ok_and(|(s, _)| s == 200)

@@ -14,11 +14,18 @@ use std::{
     collections::BTreeMap,
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    time::{Duration, SystemTime},
+    time::Duration,
 };
 
 use futures::StreamExt as _;
 use ipnet::Ipv4Net;
+use k8s_openapi::{api::core::v1::Node, apimachinery::pkg::apis::meta::v1::Time};
+use kube::{
+    Api, Client, Config,
+    api::{Patch, PatchParams},
+    config::{KubeConfigOptions, Kubeconfig},
+    runtime::{WatchStreamExt as _, watcher},
+};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -26,12 +33,7 @@ use tracing::{info, warn};
 use futures::future::LocalBoxFuture;
 
 use super::{Join, Joined, Lease, LeaseSource, own_lease_seen};
-use crate::{
-    Error,
-    backoff::{Backoff, retry},
-    cli::Args,
-    config::NetConf,
-};
+use crate::{Error, backoff::retry, cli::Args, config::NetConf};
 
 /// Leases from the nodes of a Kubernetes cluster (`--kube-subnet-mgr`); the network configuration
 /// from net-conf.json (kube-flannel-cfg's `net-conf.json`, mounted).
@@ -41,14 +43,15 @@ pub struct KubeSource {
 }
 
 impl KubeSource {
-    pub fn new(args: &Args) -> Result<Self, Error> {
+    pub async fn new(args: &Args) -> Result<Self, Error> {
         let node = args.node_name.clone().ok_or_else(|| {
             Error::Unsupported("--kube-subnet-mgr needs --node-name (or NODE_NAME)".into())
         })?;
         let client = KubeClient::new(
             args.kube_api_url.as_deref(),
             args.kubeconfig_file.as_deref(),
-        )?;
+        )
+        .await?;
         Ok(Self {
             mgr: KubeManager {
                 client,
@@ -198,226 +201,101 @@ fn api_err(context: impl Into<String>, message: impl std::fmt::Display) -> Error
     }
 }
 
-/// An API server connection: in-cluster (service account) or from a kubeconfig.
+/// An API server connection (kube-rs): in-cluster (service account), or from a kubeconfig with
+/// everything kube-rs supports (exec and auth-provider credential plugins, client certificates,
+/// `tls-server-name`, `KUBECONFIG` lists merged).
 #[derive(Clone)]
 pub struct KubeClient {
-    base: String,
-    token: Option<String>,
-    /// The service account's token file, re-read on each request (kubelet rotates it).
-    token_file: Option<PathBuf>,
-    http: reqwest::Client,
+    nodes: Api<Node>,
+    server: String,
 }
 
-/// The service account a pod of a DaemonSet has.
-const SERVICE_ACCOUNT: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+/// The User-Agent of our requests.
+const USER_AGENT: &str = concat!("flannel-agent/", env!("CARGO_PKG_VERSION"));
 
 impl KubeClient {
-    /// `--kube-api-url` and `--kubeconfig-file` as flanneld takes them; with neither, the
-    /// in-cluster configuration.
-    pub fn new(api_url: Option<&str>, kubeconfig: Option<&Path>) -> Result<Self, Error> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
-        let (base, token) = if let Some(path) = kubeconfig {
-            let (server, token, ca, identity, insecure) = read_kubeconfig(path)?;
-            if let Some(ca) = ca {
-                builder = builder.add_root_certificate(
-                    reqwest::Certificate::from_pem(&ca)
-                        .map_err(|e| api_err(path.display().to_string(), e))?,
-                );
-            }
-            if let Some(id) = identity {
-                builder = builder.identity(
-                    reqwest::Identity::from_pem(&id)
-                        .map_err(|e| api_err(path.display().to_string(), e))?,
-                );
-            }
-            builder = builder.danger_accept_invalid_certs(insecure);
-            (
-                api_url.map_or(server, str::to_string),
-                token.map(|t| (t, None)),
-            )
+    /// `--kube-api-url` and `--kubeconfig-file` as flanneld takes them: the kubeconfig file (its
+    /// server replaced by the URL, if given); else the URL with the service account's
+    /// credentials if there are any; else kube-rs's inference (`KUBECONFIG`, merged, or
+    /// `~/.kube/config`, else in-cluster).
+    pub async fn new(api_url: Option<&str>, kubeconfig: Option<&Path>) -> Result<Self, Error> {
+        let mut config = if let Some(path) = kubeconfig {
+            // Bounded and non-blocking first (a FIFO or device is refused), then kube-rs's reader,
+            // which resolves the file's relative paths.
+            crate::file::read(path).map_err(|source| Error::Read {
+                path: path.into(),
+                source,
+            })?;
+            let kc =
+                Kubeconfig::read_from(path).map_err(|e| api_err(path.display().to_string(), e))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| api_err(path.display().to_string(), e))?
+        } else if let Some(url) = api_url {
+            let uri = parse_url(url)?;
+            Config::incluster().unwrap_or_else(|_| Config::new(uri))
         } else {
-            let host = std::env::var("KUBERNETES_SERVICE_HOST").ok();
-            let port = std::env::var("KUBERNETES_SERVICE_PORT").unwrap_or_else(|_| "443".into());
-            let base = match (api_url, host) {
-                (Some(url), _) => url.to_string(),
-                (None, Some(host)) if host.contains(':') => format!("https://[{host}]:{port}"),
-                (None, Some(host)) => format!("https://{host}:{port}"),
-                (None, None) => {
-                    return Err(Error::Unsupported(
-                        "--kube-subnet-mgr: not in a cluster (no KUBERNETES_SERVICE_HOST); give --kubeconfig-file or --kube-api-url".into(),
-                    ));
-                }
-            };
-            let sa = PathBuf::from(SERVICE_ACCOUNT);
-            if let Ok(ca) = crate::file::read(&sa.join("ca.crt")) {
-                builder = builder.add_root_certificate(
-                    reqwest::Certificate::from_pem(&ca)
-                        .map_err(|e| api_err("service account ca.crt", e))?,
-                );
-            }
-            let token_file = sa.join("token");
-            let token = crate::file::read_to_string(&token_file)
-                .ok()
-                .map(|t| t.trim().to_string());
-            (base, token.map(|t| (t, Some(token_file))))
+            Config::infer().await.map_err(|e| {
+                Error::Unsupported(format!(
+                    "--kube-subnet-mgr: no Kubernetes API configuration ({e}); give --kubeconfig-file or --kube-api-url"
+                ))
+            })?
         };
-        let http = builder.build().map_err(|e| api_err("HTTP client", e))?;
-        let (token, token_file) = token.map_or((None, None), |(t, f)| (Some(t), f));
+        if let Some(url) = api_url {
+            config.cluster_url = parse_url(url)?;
+        }
+        config.connect_timeout = Some(Duration::from_secs(5));
+        config.read_timeout = Some(Duration::from_secs(15));
+        config.reset_reader_on_write = true;
+        // Our own back-off retries (and says what it waits for); kube-rs's would hide an outage.
+        config.default_retry = false;
+        config.headers.push((
+            http::header::USER_AGENT,
+            http::HeaderValue::from_static(USER_AGENT),
+        ));
+        let server = config
+            .cluster_url
+            .to_string()
+            .trim_end_matches('/')
+            .to_string();
+        let client = Client::try_from(config).map_err(|e| api_err(&server, e))?;
         Ok(Self {
-            base: base.trim_end_matches('/').to_string(),
-            token,
-            token_file,
-            http,
+            nodes: Api::all(client),
+            server,
         })
     }
 
     /// Where the API is, for log lines.
     #[must_use]
     pub fn server(&self) -> &str {
-        &self.base
-    }
-
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.base));
-        let fresh = self
-            .token_file
-            .as_ref()
-            .and_then(|f| crate::file::read_to_string(f).ok())
-            .map(|t| t.trim().to_string());
-        match fresh.as_ref().or(self.token.as_ref()) {
-            Some(t) => req.bearer_auth(t),
-            None => req,
-        }
-    }
-
-    async fn json(&self, req: reqwest::RequestBuilder, what: &str) -> Result<Value, Error> {
-        let resp = req
-            .timeout(Duration::from_secs(15))
-            .send()
-            .await
-            .map_err(|e| api_err(what, e))?;
-        let status = resp.status();
-        let body: Value = resp.json().await.map_err(|e| api_err(what, e))?;
-        if !status.is_success() {
-            return Err(api_err(
-                what,
-                format!("{status}: {}", body["message"].as_str().unwrap_or_default()),
-            ));
-        }
-        Ok(body)
+        &self.server
     }
 
     pub async fn get_node(&self, name: &str) -> Result<Value, Error> {
-        self.json(
-            self.request(reqwest::Method::GET, &format!("/api/v1/nodes/{name}")),
-            &format!("getting node {name}"),
-        )
-        .await
+        let node = self
+            .nodes
+            .get(name)
+            .await
+            .map_err(|e| api_err(format!("getting node {name}"), e))?;
+        serde_json::to_value(node).map_err(|e| api_err(format!("getting node {name}"), e))
     }
 
     /// A strategic-merge patch of the node's status subresource (how flanneld writes both its
     /// annotations and its condition).
     pub async fn patch_node_status(&self, name: &str, patch: &Value) -> Result<Value, Error> {
-        self.json(
-            self.request(
-                reqwest::Method::PATCH,
-                &format!("/api/v1/nodes/{name}/status"),
-            )
-            .header("Content-Type", "application/strategic-merge-patch+json")
-            .body(patch.to_string()),
-            &format!("patching node {name}"),
-        )
-        .await
+        let what = || format!("patching node {name}");
+        let node = self
+            .nodes
+            .patch_status(name, &PatchParams::default(), &Patch::Strategic(patch))
+            .await
+            .map_err(|e| api_err(what(), e))?;
+        serde_json::to_value(node).map_err(|e| api_err(what(), e))
     }
 }
 
-/// (server, token, CA PEM, client identity PEM, insecure) of the current context of a kubeconfig.
-#[expect(clippy::type_complexity, reason = "a private tuple read once")]
-fn read_kubeconfig(
-    path: &Path,
-) -> Result<
-    (
-        String,
-        Option<String>,
-        Option<Vec<u8>>,
-        Option<Vec<u8>>,
-        bool,
-    ),
-    Error,
-> {
-    let text = crate::file::read_to_string(path).map_err(|source| Error::Read {
-        path: path.into(),
-        source,
-    })?;
-    let cfg: serde_yaml::Value = serde_yaml::from_str(&text)
-        .map_err(|e| Error::config(path, "(kubeconfig)", e.to_string()))?;
-    let named = |list: &str, name: Option<&str>, item: &str| -> Option<serde_yaml::Value> {
-        let seq = cfg.get(list)?.as_sequence()?;
-        let entry = match name {
-            Some(n) => seq
-                .iter()
-                .find(|e| e.get("name").and_then(|v| v.as_str()) == Some(n))?,
-            None => seq.first()?,
-        };
-        entry.get(item).cloned()
-    };
-    let current = cfg.get("current-context").and_then(|v| v.as_str());
-    let context = named("contexts", current, "context");
-    let cluster_name = context
-        .as_ref()
-        .and_then(|c| c.get("cluster")?.as_str().map(str::to_string));
-    let user_name = context
-        .as_ref()
-        .and_then(|c| c.get("user")?.as_str().map(str::to_string));
-    let cluster = named("clusters", cluster_name.as_deref(), "cluster")
-        .ok_or_else(|| Error::config(path, "clusters", "no cluster for the current context"))?;
-    let user = named("users", user_name.as_deref(), "user");
-    let text_of = |v: Option<&serde_yaml::Value>, key: &str| {
-        v.and_then(|v| v.get(key)?.as_str().map(str::to_string))
-    };
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let pem = |v: Option<&serde_yaml::Value>,
-               data_key: &str,
-               file_key: &str|
-     -> Result<Option<Vec<u8>>, Error> {
-        if let Some(b64) = text_of(v, data_key) {
-            use base64::Engine as _;
-            return base64::engine::general_purpose::STANDARD
-                .decode(b64.trim())
-                .map(Some)
-                .map_err(|e| Error::config(path, data_key, e.to_string()));
-        }
-        text_of(v, file_key)
-            .map(|f| {
-                let f = dir.join(f);
-                crate::file::read(&f).map_err(|source| Error::Read { path: f, source })
-            })
-            .transpose()
-    };
-    let server = text_of(Some(&cluster), "server")
-        .ok_or_else(|| Error::config(path, "clusters[].cluster.server", "missing"))?;
-    let ca = pem(
-        Some(&cluster),
-        "certificate-authority-data",
-        "certificate-authority",
-    )?;
-    let insecure = cluster
-        .get("insecure-skip-tls-verify")
-        .and_then(serde_yaml::Value::as_bool)
-        .unwrap_or(false);
-    let cert = pem(
-        user.as_ref(),
-        "client-certificate-data",
-        "client-certificate",
-    )?;
-    let key = pem(user.as_ref(), "client-key-data", "client-key")?;
-    let identity = cert.zip(key).map(|(mut c, k)| {
-        c.push(b'\n');
-        c.extend_from_slice(&k);
-        c
-    });
-    let token = text_of(user.as_ref(), "token");
-    Ok((server, token, ca, identity, insecure))
+fn parse_url(url: &str) -> Result<http::Uri, Error> {
+    url.parse()
+        .map_err(|e| Error::Unsupported(format!("--kube-api-url {url:?}: {e}")))
 }
 
 /// A node as a lease, or why it is not one.
@@ -508,30 +386,6 @@ pub fn annotation_patch(node: &Value, ann: &Annotations, want: &Publish) -> Opti
     Some(json!({"metadata": {"annotations": map}}))
 }
 
-/// Now as Kubernetes writes times (RFC 3339, UTC, seconds).
-fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days.cast_signed() + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
 /// The subnet manager of one node.
 #[derive(Clone)]
 pub struct KubeManager {
@@ -552,7 +406,8 @@ impl KubeManager {
 
     /// Sets `NetworkUnavailable=False` (reason `FlannelIsUp`), as flanneld once it is up.
     pub async fn set_network_available(&self) -> Result<(), Error> {
-        let now = now_rfc3339();
+        // RFC 3339, as the API serializes its `Time`.
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
         let patch = json!({"status": {"conditions": [{
             "type": "NetworkUnavailable",
             "status": "False",
@@ -565,76 +420,57 @@ impl KubeManager {
         Ok(())
     }
 
-    /// Lists and watches all nodes in the background, sending the lease set after the first
-    /// list and after every change. Never sends an empty set because of an error.
+    /// Lists and watches all nodes in the background (kube-rs's watcher: pages, bookmarks, a
+    /// fresh list after 410 Gone, back-off), sending the lease set after each complete list and
+    /// after every change. Never sends an empty set because of an error.
     pub fn watch(&self, tx: watch::Sender<Vec<Lease>>) {
         let client = self.client.clone();
         let ann = self.annotations.clone();
         tokio::spawn(async move {
             let mut nodes: BTreeMap<String, Lease> = BTreeMap::new();
             let mut skipped: BTreeMap<String, String> = BTreeMap::new();
-            let mut backoff = Backoff::default();
-            loop {
-                match list_and_watch(&client, &ann, &mut nodes, &mut skipped, &tx).await {
-                    Ok(()) => backoff.reset(),
-                    Err(e) => {
-                        crate::metrics::source_error("kube");
-                        let delay = backoff.next_delay();
-                        warn!(
-                            "watching nodes at {}: {e}; retrying in {delay:?} (the dataplane keeps its state)",
-                            client.server()
-                        );
-                        tokio::time::sleep(delay).await;
-                    }
-                }
+            // Nodes of a list in progress: they replace `nodes` once the list is complete.
+            let mut listing: Option<BTreeMap<String, Lease>> = None;
+            let stream =
+                watcher(client.nodes.clone(), watcher::Config::default()).default_backoff();
+            let mut stream = std::pin::pin!(stream);
+            while let Some(event) = stream.next().await {
                 if tx.is_closed() {
                     return;
                 }
+                let event = match event {
+                    Ok(e) => e,
+                    Err(e) => {
+                        crate::metrics::source_error("kube");
+                        warn!(
+                            "watching nodes at {}: {e}; retrying with back-off (the dataplane keeps its state)",
+                            client.server()
+                        );
+                        continue;
+                    }
+                };
+                let value = |node: &Node| serde_json::to_value(node).unwrap_or(Value::Null);
+                match event {
+                    watcher::Event::Init => listing = Some(BTreeMap::new()),
+                    watcher::Event::InitApply(node) => {
+                        let target = listing.get_or_insert_with(BTreeMap::new);
+                        apply(target, &mut skipped, &ann, "ADDED", &value(&node));
+                    }
+                    watcher::Event::InitDone => {
+                        nodes = listing.take().unwrap_or_default();
+                        send(&tx, &nodes);
+                    }
+                    watcher::Event::Apply(node) => {
+                        apply(&mut nodes, &mut skipped, &ann, "MODIFIED", &value(&node));
+                        send(&tx, &nodes);
+                    }
+                    watcher::Event::Delete(node) => {
+                        apply(&mut nodes, &mut skipped, &ann, "DELETED", &value(&node));
+                        send(&tx, &nodes);
+                    }
+                }
             }
         });
-    }
-}
-
-/// Why a watch ended.
-enum WatchEnd {
-    /// The server closed it (timeout): resume from the last version.
-    Closed,
-    /// The version expired (410 Gone): list again.
-    Expired,
-}
-
-/// One list followed by watches until the version expires.
-async fn list_and_watch(
-    client: &KubeClient,
-    ann: &Annotations,
-    nodes: &mut BTreeMap<String, Lease>,
-    skipped: &mut BTreeMap<String, String>,
-    tx: &watch::Sender<Vec<Lease>>,
-) -> Result<(), Error> {
-    let list = client
-        .json(
-            client.request(reqwest::Method::GET, "/api/v1/nodes"),
-            "listing nodes",
-        )
-        .await?;
-    let mut version = list["metadata"]["resourceVersion"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let mut listed = BTreeMap::new();
-    for node in list["items"].as_array().into_iter().flatten() {
-        apply(&mut listed, skipped, ann, "ADDED", node);
-    }
-    *nodes = listed;
-    send(tx, nodes);
-    loop {
-        match watch_once(client, ann, nodes, skipped, tx, &mut version).await? {
-            WatchEnd::Closed => {}
-            WatchEnd::Expired => {
-                info!(%version, "node watch expired (410 Gone); listing again");
-                return Ok(());
-            }
-        }
     }
 }
 
@@ -681,66 +517,6 @@ fn apply(
             skipped.insert(name.to_string(), why);
         }
     }
-}
-
-async fn watch_once(
-    client: &KubeClient,
-    ann: &Annotations,
-    nodes: &mut BTreeMap<String, Lease>,
-    skipped: &mut BTreeMap<String, String>,
-    tx: &watch::Sender<Vec<Lease>>,
-    version: &mut String,
-) -> Result<WatchEnd, Error> {
-    let path = format!(
-        "/api/v1/nodes?watch=true&allowWatchBookmarks=true&timeoutSeconds=300&resourceVersion={version}"
-    );
-    let resp = client
-        .request(reqwest::Method::GET, &path)
-        .send()
-        .await
-        .map_err(|e| api_err("watching nodes", e))?;
-    if resp.status() == reqwest::StatusCode::GONE {
-        return Ok(WatchEnd::Expired);
-    }
-    if !resp.status().is_success() {
-        return Err(api_err("watching nodes", resp.status()));
-    }
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    // A silent server is a dead one: bookmarks and events come well within this.
-    while let Ok(chunk) = tokio::time::timeout(Duration::from_secs(330), stream.next()).await {
-        let Some(chunk) = chunk else {
-            return Ok(WatchEnd::Closed);
-        };
-        buf.extend_from_slice(&chunk.map_err(|e| api_err("watching nodes", e))?);
-        while let Some(end) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=end).collect();
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let event: Value = serde_json::from_slice(&line)
-                .map_err(|e| api_err("watching nodes", format!("bad event: {e}")))?;
-            let kind = event["type"].as_str().unwrap_or_default();
-            let object = &event["object"];
-            if kind == "ERROR" {
-                if object["code"].as_u64() == Some(410) {
-                    return Ok(WatchEnd::Expired);
-                }
-                return Err(api_err(
-                    "watching nodes",
-                    object["message"].as_str().unwrap_or("error event"),
-                ));
-            }
-            if let Some(v) = object["metadata"]["resourceVersion"].as_str() {
-                *version = v.to_string();
-            }
-            if kind != "BOOKMARK" {
-                apply(nodes, skipped, ann, kind, object);
-                send(tx, nodes);
-            }
-        }
-    }
-    Err(api_err("watching nodes", "no event or bookmark for 330 s"))
 }
 
 #[cfg(test)]
@@ -816,16 +592,6 @@ mod tests {
         assert_eq!(
             patch["metadata"]["annotations"]["flannel.alpha.coreos.com/public-ip"],
             "203.0.113.9"
-        );
-    }
-
-    #[test]
-    fn times_are_rfc3339() {
-        let t = now_rfc3339();
-        assert_eq!(t.len(), 20, "{t}");
-        assert!(
-            t.starts_with("20") && t.ends_with('Z') && t.as_bytes()[10] == b'T',
-            "{t}"
         );
     }
 }

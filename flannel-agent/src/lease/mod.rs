@@ -66,7 +66,7 @@ pub trait LeaseSource {
 
 /// The lease source the flags choose (`--kube-subnet-mgr`, `--subnet-mgr`, `--leases`; etcd as
 /// flanneld's default), its settings checked before anything is programmed.
-pub fn open(args: &Args) -> Result<Box<dyn LeaseSource>, Error> {
+pub async fn open(args: &Args) -> Result<Box<dyn LeaseSource>, Error> {
     let mgr = if args.kube_subnet_mgr {
         SubnetMgr::Kube
     } else {
@@ -78,7 +78,7 @@ pub fn open(args: &Args) -> Result<Box<dyn LeaseSource>, Error> {
     };
     Ok(match mgr {
         SubnetMgr::Static => Box::new(static_file::StaticSource::new(args)?),
-        SubnetMgr::Kube => Box::new(kube::KubeSource::new(args)?),
+        SubnetMgr::Kube => Box::new(kube::KubeSource::new(args).await?),
         SubnetMgr::Etcd => Box::new(etcd::EtcdSource::new(args)?),
     })
 }
