@@ -6,12 +6,15 @@
 //! strategic-merge/merge `PATCH` of a node and its status subresource (annotations merged as maps,
 //! `status.conditions` merged by `type`). Every change bumps the resource version.
 //!
-//! It serves HTTP/1.1 inside a network namespace (the testbed's underlay), so agents in node
-//! namespaces reach it over the underlay, as a DaemonSet reaches its API server.
+//! Lists are served in pages (`limit`, `continue`) when a page size is set. Bearer tokens can be
+//! required: a fixed set, and exec-plugin tokens `tok-<unix expiry>` that are refused (401) once
+//! expired. It serves HTTP/1.1, or HTTPS with a certificate from its own CA, inside a network
+//! namespace (the testbed's underlay), so agents in node namespaces reach it over the underlay,
+//! as a DaemonSet reaches its API server.
 use std::{
-    collections::BTreeMap,
-    io::{BufRead as _, BufReader, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    collections::{BTreeMap, BTreeSet},
+    io::{BufRead as _, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -38,7 +41,19 @@ struct State {
     down: bool,
     /// Request lines served, for tests to inspect.
     log: Vec<String>,
+    /// Items per list page, if lists are paged.
+    page_size: Option<usize>,
+    /// If set, the bearer tokens accepted (besides unexpired `tok-<unix expiry>` ones).
+    tokens: Option<BTreeSet<String>>,
+    /// Every bearer token presented.
+    seen_tokens: BTreeSet<String>,
+    /// Requests refused with 401.
+    unauthorized: u64,
 }
+
+/// A connection: plain TCP or TLS over it.
+trait Conn: Read + Write {}
+impl<T: Read + Write> Conn for T {}
 
 type Shared = Arc<(Mutex<State>, Condvar)>;
 
@@ -47,11 +62,45 @@ pub struct FakeKube {
     shared: Shared,
     addr: SocketAddr,
     stop: Arc<AtomicBool>,
+    /// The CA (PEM) that signed the server's certificate, if it serves HTTPS.
+    ca_pem: Option<String>,
 }
 
 impl FakeKube {
-    /// Serves on `addr`, bound inside network namespace `netns`.
+    /// Serves HTTP on `addr`, bound inside network namespace `netns`.
     pub fn start(netns: &str, addr: SocketAddr) -> Result<Self> {
+        Self::serve_on(netns, addr, None)
+    }
+
+    /// Serves HTTPS on `addr` with a certificate for its IP address from a CA of its own
+    /// ([`Self::ca_pem`]).
+    pub fn start_tls(netns: &str, addr: SocketAddr) -> Result<Self> {
+        let ca = test_ca()?;
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress(addr.ip()));
+        let cert = params.signed_by(&key, &ca.issuer)?;
+        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )?;
+        let mut fake = Self::serve_on(netns, addr, Some(Arc::new(tls)))?;
+        fake.ca_pem = Some(ca.pem);
+        Ok(fake)
+    }
+
+    fn serve_on(
+        netns: &str,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Self> {
         let listener = crate::with_netns(netns, move || Ok(TcpListener::bind(addr)?))
             .with_context(|| format!("binding the fake API server to {addr}"))?;
         let shared: Shared = Arc::default();
@@ -65,24 +114,89 @@ impl FakeKube {
                 let Ok(conn) = conn else { continue };
                 let s = s.clone();
                 let st = st.clone();
+                let tls = tls.clone();
                 thread::spawn(move || {
-                    let _ = serve(&s, &st, conn);
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+                    let _ = match tls {
+                        None => serve(&s, &st, conn),
+                        Some(cfg) => rustls::ServerConnection::new(cfg)
+                            .map_err(anyhow::Error::from)
+                            .and_then(|c| serve(&s, &st, rustls::StreamOwned::new(c, conn))),
+                    };
                 });
             }
         });
-        Ok(Self { shared, addr, stop })
+        Ok(Self {
+            shared,
+            addr,
+            stop,
+            ca_pem: None,
+        })
+    }
+
+    /// The PEM of the CA that signed the HTTPS server's certificate.
+    #[must_use]
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca_pem.as_deref()
+    }
+
+    /// Serves lists in pages of at most `n` items (`None`: whole).
+    pub fn set_page_size(&self, n: Option<usize>) {
+        self.shared.0.lock().expect("state lock").page_size = n;
+    }
+
+    /// Requires a bearer token: one of `tokens`, or an unexpired `tok-<unix expiry>` (what the
+    /// tests' exec credential plugin issues); `None` accepts any request.
+    pub fn require_tokens(&self, tokens: Option<&[&str]>) {
+        self.shared.0.lock().expect("state lock").tokens =
+            tokens.map(|t| t.iter().map(ToString::to_string).collect());
+    }
+
+    /// Every bearer token presented so far.
+    #[must_use]
+    pub fn seen_tokens(&self) -> BTreeSet<String> {
+        self.shared
+            .0
+            .lock()
+            .expect("state lock")
+            .seen_tokens
+            .clone()
+    }
+
+    /// Requests refused with 401 so far.
+    #[must_use]
+    pub fn unauthorized(&self) -> u64 {
+        self.shared.0.lock().expect("state lock").unauthorized
     }
 
     #[must_use]
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
-    /// A kubeconfig that points at this server.
+    /// A kubeconfig that points at this server (trusting its CA if it serves HTTPS).
     #[must_use]
     pub fn kubeconfig(&self) -> String {
+        self.kubeconfig_trusting(self.ca_pem())
+    }
+
+    /// A kubeconfig that points at this server and trusts the CA `ca_pem` (if any).
+    #[must_use]
+    pub fn kubeconfig_trusting(&self, ca_pem: Option<&str>) -> String {
+        use base64::Engine as _;
+        let ca = ca_pem.map_or(String::new(), |pem| {
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            )
+        });
         format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: {}\ncontexts:\n- name: test\n  context:\n    cluster: test\n    user: agent\nusers:\n- name: agent\n  user:\n    token: test-token\n",
+            "apiVersion: v1\nkind: Config\ncurrent-context: test\nclusters:\n- name: test\n  cluster:\n    server: {}\n{ca}contexts:\n- name: test\n  context:\n    cluster: test\n    user: agent\nusers:\n- name: agent\n  user:\n    token: test-token\n",
             self.url()
         )
     }
@@ -186,11 +300,13 @@ struct Request {
     path: String,
     query: BTreeMap<String, String>,
     content_type: String,
+    /// The bearer token, if any.
+    token: Option<String>,
     body: Vec<u8>,
 }
 
-fn read_request(conn: &TcpStream) -> Result<Request> {
-    let mut reader = BufReader::new(conn.try_clone()?);
+fn read_request(conn: &mut impl Conn) -> Result<Request> {
+    let mut reader = BufReader::new(conn);
     let mut line = String::new();
     reader.read_line(&mut line)?;
     let mut parts = line.split_whitespace();
@@ -204,6 +320,7 @@ fn read_request(conn: &TcpStream) -> Result<Request> {
         .collect();
     let mut len = 0;
     let mut content_type = String::new();
+    let mut token = None;
     loop {
         let mut h = String::new();
         reader.read_line(&mut h)?;
@@ -215,6 +332,9 @@ fn read_request(conn: &TcpStream) -> Result<Request> {
             match k.trim().to_ascii_lowercase().as_str() {
                 "content-length" => len = v.trim().parse().unwrap_or(0),
                 "content-type" => content_type = v.trim().to_string(),
+                "authorization" => {
+                    token = v.trim().strip_prefix("Bearer ").map(str::to_string);
+                }
                 _ => {}
             }
         }
@@ -227,14 +347,36 @@ fn read_request(conn: &TcpStream) -> Result<Request> {
         path: path.to_string(),
         query,
         content_type,
+        token,
         body,
     })
 }
 
-fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
+/// Whether `token` may use the API under `accepted` (see [`FakeKube::require_tokens`]).
+fn authorized(accepted: Option<&BTreeSet<String>>, token: Option<&str>) -> bool {
+    let Some(accepted) = accepted else {
+        return true;
+    };
+    let Some(token) = token else {
+        return false;
+    };
+    if accepted.contains(token) {
+        return true;
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    token
+        .strip_prefix("tok-")
+        .and_then(|t| t.parse::<u64>().ok())
+        .is_some_and(|expiry| expiry >= now)
+}
+
+fn respond(conn: &mut impl Conn, code: u16, body: &Value) -> Result<()> {
     let text = body.to_string();
     let reason = match code {
         200 => "OK",
+        401 => "Unauthorized",
         404 => "Not Found",
         410 => "Gone",
         415 => "Unsupported Media Type",
@@ -245,6 +387,7 @@ fn respond(conn: &mut TcpStream, code: u16, body: &Value) -> Result<()> {
         "HTTP/1.1 {code} {reason}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     )?;
+    conn.flush()?;
     Ok(())
 }
 
@@ -252,16 +395,23 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": message})
 }
 
-fn serve(shared: &Shared, stop: &AtomicBool, mut conn: TcpStream) -> Result<()> {
-    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let req = read_request(&conn)?;
+fn serve(shared: &Shared, stop: &AtomicBool, mut conn: impl Conn) -> Result<()> {
+    let req = read_request(&mut conn)?;
     let (lock, cv) = &**shared;
     {
         let mut st = lock.lock().expect("state lock");
         st.log.push(format!("{} {}", req.method, req.target));
+        if let Some(t) = &req.token {
+            st.seen_tokens.insert(t.clone());
+        }
         if st.down {
             drop(st);
             return respond(&mut conn, 503, &status(503, "ServiceUnavailable", "down"));
+        }
+        if !authorized(st.tokens.as_ref(), req.token.as_deref()) {
+            st.unauthorized += 1;
+            drop(st);
+            return respond(&mut conn, 401, &status(401, "Unauthorized", "Unauthorized"));
         }
     }
     let segments: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
@@ -276,10 +426,28 @@ fn serve(shared: &Shared, stop: &AtomicBool, mut conn: TcpStream) -> Result<()> 
         }
         ("GET", ["api", "v1", "nodes"]) => {
             let st = lock.lock().expect("state lock");
+            // A page: from the `continue` index, at most min(limit, page size) items.
+            let start: usize = req
+                .query
+                .get("continue")
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            let limit = req.query.get("limit").and_then(|l| l.parse::<usize>().ok());
+            let take = match (limit, st.page_size) {
+                (Some(l), Some(p)) => l.min(p),
+                (Some(n), None) | (None, Some(n)) => n,
+                (None, None) => usize::MAX,
+            }
+            .max(1);
+            let items: Vec<&Value> = st.nodes.values().skip(start).take(take).collect();
+            let mut metadata = json!({"resourceVersion": st.version.to_string()});
+            if start + items.len() < st.nodes.len() {
+                metadata["continue"] = json!((start + items.len()).to_string());
+            }
             let list = json!({
                 "kind": "NodeList", "apiVersion": "v1",
-                "metadata": {"resourceVersion": st.version.to_string()},
-                "items": st.nodes.values().collect::<Vec<_>>(),
+                "metadata": metadata,
+                "items": items,
             });
             drop(st);
             respond(&mut conn, 200, &list)
@@ -350,13 +518,13 @@ fn strategic_merge(target: &mut Value, patch: &Value) {
     }
 }
 
-fn chunk(conn: &mut TcpStream, event: &Value) -> std::io::Result<()> {
+fn chunk(conn: &mut impl Conn, event: &Value) -> std::io::Result<()> {
     let text = format!("{event}\n");
     write!(conn, "{:x}\r\n{text}\r\n", text.len())?;
     conn.flush()
 }
 
-fn watch(shared: &Shared, stop: &AtomicBool, mut conn: TcpStream, req: &Request) -> Result<()> {
+fn watch(shared: &Shared, stop: &AtomicBool, mut conn: impl Conn, req: &Request) -> Result<()> {
     let (lock, cv) = &**shared;
     let mut from: u64 = req
         .query
@@ -419,4 +587,25 @@ fn watch(shared: &Shared, stop: &AtomicBool, mut conn: TcpStream, req: &Request)
     drop(st);
     write!(conn, "0\r\n\r\n")?;
     Ok(())
+}
+
+/// A CA of the tests' own: its PEM, and the issuer that signs server certificates.
+pub struct TestCa {
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A new CA.
+pub fn test_ca() -> Result<TestCa> {
+    let key = rcgen::KeyPair::generate()?;
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "flannel-ebpf test CA");
+    let cert = params.self_signed(&key)?;
+    Ok(TestCa {
+        pem: cert.pem(),
+        issuer: rcgen::Issuer::new(params, key),
+    })
 }

@@ -10,6 +10,7 @@
 //! namespace; deleting the namespaces deletes every link. [`Testbed`] cleans up on drop (also when a
 //! test panics), and [`sweep_stale`] removes what a killed run left behind.
 use std::{
+    collections::BTreeMap,
     fmt::Write as _,
     fs,
     io::{Read as _, Write as _},
@@ -231,6 +232,8 @@ pub struct Options {
     /// Nodes (1-based) on the second underlay segment, one routed hop away from the others.
     pub far_nodes: Vec<usize>,
     pub subnet_mgr: SubnetMgr,
+    /// `SubnetMgr::Kube`: the fake API serves HTTPS with a CA of its own.
+    pub kube_tls: bool,
 }
 
 impl Options {
@@ -255,8 +258,18 @@ impl Options {
             net_conf: backend.net_conf(),
             far_nodes: Vec::new(),
             subnet_mgr: SubnetMgr::Static,
+            kube_tls: false,
         }
     }
+}
+
+/// How an agent finds the Kubernetes API.
+#[derive(Debug, Clone)]
+pub enum KubeAccess {
+    /// `--kubeconfig-file`.
+    Kubeconfig(PathBuf),
+    /// No flag: `KUBECONFIG` set to this list (files joined with `:`), merged by the client.
+    KubeconfigEnv(String),
 }
 
 /// A running cluster of namespaces; everything is removed on drop.
@@ -272,6 +285,8 @@ pub struct Testbed {
     holders: Vec<Child>,
     /// The fake Kubernetes API (`SubnetMgr::Kube`).
     pub kube: Option<kube_api::FakeKube>,
+    /// How node `i`'s agent finds the API, where not the testbed's kubeconfig file.
+    pub kube_access: BTreeMap<usize, KubeAccess>,
     /// The etcd server (`SubnetMgr::Etcd`).
     etcd: Option<Child>,
 }
@@ -383,6 +398,7 @@ impl Testbed {
             namespaces: Vec::new(),
             holders: Vec::new(),
             kube: None,
+            kube_access: BTreeMap::new(),
             etcd: None,
         };
         tb.build()
@@ -430,7 +446,12 @@ impl Testbed {
         }
         if self.options.subnet_mgr == SubnetMgr::Kube {
             ip(&ul, &format!("addr add {CONTROL_PLANE_IP}/24 dev br0"))?;
-            let api = kube_api::FakeKube::start(&ul, SocketAddr::from((CONTROL_PLANE_IP, 6443)))?;
+            let addr = SocketAddr::from((CONTROL_PLANE_IP, 6443));
+            let api = if self.options.kube_tls {
+                kube_api::FakeKube::start_tls(&ul, addr)?
+            } else {
+                kube_api::FakeKube::start(&ul, addr)?
+            };
             fs::write(self.dir.join("kubeconfig"), api.kubeconfig())?;
             self.kube = Some(api);
         }
@@ -997,13 +1018,21 @@ impl Testbed {
                 "--etcd-prefix".into(),
                 ETCD_PREFIX.into(),
             ],
-            SubnetMgr::Kube => vec![
-                "--kube-subnet-mgr".to_string(),
-                "--kubeconfig-file".into(),
-                self.dir.join("kubeconfig").to_string_lossy().into_owned(),
-                "--node-name".into(),
-                format!("n{}", node.index),
-            ],
+            SubnetMgr::Kube => {
+                let mut args = vec!["--kube-subnet-mgr".to_string()];
+                match self.kube_access.get(&i) {
+                    Some(KubeAccess::KubeconfigEnv(_)) => {}
+                    Some(KubeAccess::Kubeconfig(path)) => {
+                        args.extend(["--kubeconfig-file".into(), path.to_string_lossy().into()]);
+                    }
+                    None => args.extend([
+                        "--kubeconfig-file".into(),
+                        self.dir.join("kubeconfig").to_string_lossy().into_owned(),
+                    ]),
+                }
+                args.extend(["--node-name".into(), format!("n{}", node.index)]);
+                args
+            }
         };
         let mut args: Vec<String> = [
             "--iface",
@@ -1100,6 +1129,10 @@ impl Testbed {
         let child = self
             .command_in_node(i, &self.agent_bin.clone())
             .args(self.agent_args(i))
+            .envs(match self.kube_access.get(&i) {
+                Some(KubeAccess::KubeconfigEnv(list)) => vec![("KUBECONFIG", list.clone())],
+                _ => Vec::new(),
+            })
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1152,7 +1185,7 @@ impl Testbed {
     }
 
     /// Node `i`'s subnet file as key/value pairs.
-    pub fn subnet_env(&self, i: usize) -> Result<std::collections::BTreeMap<String, String>> {
+    pub fn subnet_env(&self, i: usize) -> Result<BTreeMap<String, String>> {
         let text = fs::read_to_string(&self.nodes[i].subnet_file)
             .with_context(|| format!("reading {}", self.nodes[i].subnet_file.display()))?;
         Ok(text
@@ -1206,7 +1239,7 @@ impl Testbed {
     }
 
     /// The agent's `--stats` of node `i` as reason → packets.
-    pub fn stats(&self, i: usize) -> Result<std::collections::BTreeMap<String, u64>> {
+    pub fn stats(&self, i: usize) -> Result<BTreeMap<String, u64>> {
         let pin = self.nodes[i].pin_dir.to_string_lossy().into_owned();
         let (ok, out, err) = self.agent_once(i, &["--stats", "--pin-dir", &pin])?;
         ensure!(ok, "--stats failed: {err}");
@@ -1465,7 +1498,7 @@ pub fn ping_mtu(from: &Pod, dst: Ipv4Addr, mtu: u32) -> Result<u8> {
 
 /// A one-line summary of counters, for logs.
 #[must_use]
-pub fn summarize(stats: &std::collections::BTreeMap<String, u64>) -> String {
+pub fn summarize(stats: &BTreeMap<String, u64>) -> String {
     let mut s = String::new();
     for (k, v) in stats.iter().filter(|(_, v)| **v > 0) {
         let _ = write!(s, "{k}={v} ");

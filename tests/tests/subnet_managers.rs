@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use base64::Engine as _;
 use flannel_tests::{
-    ETCD_PREFIX,
+    ETCD_PREFIX, KubeAccess,
     NodeKind::{Ebpf, Stock},
     Options, SubnetMgr, Testbed, can_connect, in_ns, run, tcp_echo, tcp_echo_paced, wait_for,
 };
@@ -218,6 +218,156 @@ fn kube_watch_expiry_and_api_outages_never_flush_the_dataplane() -> Result<()> {
         "{log}"
     );
     tcp_echo(&p1, &p2, MIB)?;
+    Ok(())
+}
+
+/// An exec credential plugin, as EKS's, GKE's and AKS's kubeconfigs use: each run issues a
+/// token `tok-<unix expiry>` valid for `lifetime` seconds (the fake API refuses it after that).
+fn exec_plugin(dir: &std::path::Path, lifetime: u64) -> Result<std::path::PathBuf> {
+    let script = dir.join("credential-plugin");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nexp=$(( $(date +%s) + {lifetime} ))\n\
+             printf '{{\"apiVersion\":\"client.authentication.k8s.io/v1\",\"kind\":\"ExecCredential\",\"status\":{{\"token\":\"tok-%s\",\"expirationTimestamp\":\"%s\"}}}}' \
+             \"$exp\" \"$(date -u -d @$exp +%Y-%m-%dT%H:%M:%SZ)\"\n"
+        ),
+    )?;
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(script)
+}
+
+#[test]
+fn kube_clients_page_lists_refresh_exec_tokens_and_merge_kubeconfigs() -> Result<()> {
+    let mut tb = kube_testbed("kauth", &[Ebpf, Ebpf, Ebpf])?;
+    let api = tb.kube.as_ref().context("fake API")?;
+    let server = api.url();
+    // From now on: a token is required, lists come in pages of one node.
+    api.require_tokens(Some(&["test-token", "merged-token"]));
+    api.set_page_size(Some(1));
+
+    // Node 1: an exec plugin whose tokens expire 12 s after they are issued (kube-rs refreshes a
+    // token that expires within 60 s, so every request runs the plugin again).
+    let plugin = exec_plugin(&tb.dir, 12)?;
+    let exec_kubeconfig = tb.dir.join("kubeconfig-exec");
+    std::fs::write(
+        &exec_kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: u\nusers:\n- name: u\n  user:\n    exec:\n      \
+             apiVersion: client.authentication.k8s.io/v1\n      command: {}\n      interactiveMode: Never\n",
+            plugin.display()
+        ),
+    )?;
+    // Node 2: KUBECONFIG names two files, merged: the cluster and context in one, the user (and
+    // the only token the API accepts for it) in the other.
+    let (a, b) = (tb.dir.join("kubeconfig-a"), tb.dir.join("kubeconfig-b"));
+    std::fs::write(
+        &a,
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters:\n- name: c\n  cluster:\n    server: {server}\n\
+             contexts:\n- name: c\n  context:\n    cluster: c\n    user: merged\n"
+        ),
+    )?;
+    std::fs::write(
+        &b,
+        "apiVersion: v1\nkind: Config\nusers:\n- name: merged\n  user:\n    token: merged-token\n",
+    )?;
+    for (i, access) in [
+        (0, KubeAccess::Kubeconfig(exec_kubeconfig)),
+        (
+            1,
+            KubeAccess::KubeconfigEnv(format!("{}:{}", a.display(), b.display())),
+        ),
+    ] {
+        tb.stop_agent(i, Signal::SIGTERM)?;
+        tb.kube_access.insert(i, access);
+        tb.start_agent(i)?;
+    }
+    let api = tb.kube.as_ref().context("fake API")?;
+    // The lists were paged: the agents followed `continue` to the end and see both peers.
+    ensure!(
+        api.requests().iter().any(|r| r.contains("continue=")),
+        "no paged list: {:?}",
+        api.requests()
+    );
+    for i in 0..3 {
+        wait_for("every node's two peers", Duration::from_secs(15), || {
+            routes_of(&tb, i).is_ok_and(|n| n == 2)
+        })?;
+    }
+    let exec_tokens = |tb: &Testbed| {
+        tb.kube.as_ref().map_or(0, |api| {
+            api.seen_tokens()
+                .into_iter()
+                .filter(|t| t.starts_with("tok-"))
+                .count()
+        })
+    };
+    ensure!(
+        exec_tokens(&tb) >= 1,
+        "the exec plugin's token was never used"
+    );
+    // Past the first tokens' expiry: a node's lease goes away, and every agent (the exec one
+    // with a fresh token) still follows the change.
+    std::thread::sleep(Duration::from_secs(14));
+    tb.stop_agent(2, Signal::SIGTERM)?;
+    let api = tb.kube.as_ref().context("fake API")?;
+    api.delete_node("n3");
+    for i in 0..2 {
+        wait_for("n3's route removed", Duration::from_secs(20), || {
+            routes_of(&tb, i).is_ok_and(|n| n == 1)
+        })?;
+    }
+    ensure!(
+        exec_tokens(&tb) >= 2,
+        "the exec token was not refreshed: {:?}",
+        api.seen_tokens()
+    );
+    tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[1].pods[0], 256 * KIB)?;
+    Ok(())
+}
+
+#[test]
+fn kube_over_https_trusts_the_kubeconfig_ca_and_refuses_another() -> Result<()> {
+    let mut options = Options::vxlan(&[Ebpf, Ebpf], 1);
+    options.subnet_mgr = SubnetMgr::Kube;
+    options.kube_tls = true;
+    let mut tb = Testbed::start("ktls", options)?;
+    // Both agents reached the HTTPS API with the CA from their kubeconfig.
+    for i in 0..2 {
+        wait_for("the peer's route", Duration::from_secs(15), || {
+            routes_of(&tb, i).is_ok_and(|n| n == 1)
+        })?;
+    }
+    tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[1].pods[0], 256 * KIB)?;
+
+    // Another CA: the server's certificate is refused, nothing reaches the API.
+    let other = flannel_tests::kube_api::test_ca()?;
+    let wrong = tb.dir.join("kubeconfig-wrong-ca");
+    let api = tb.kube.as_ref().context("fake API")?;
+    std::fs::write(&wrong, api.kubeconfig_trusting(Some(&other.pem)))?;
+    tb.stop_agent(0, Signal::SIGTERM)?;
+    let api = tb.kube.as_ref().context("fake API")?;
+    api.update_node("n1", |n| {
+        n["metadata"]["annotations"]
+            .as_object_mut()
+            .map(|a| a.retain(|k, _| !k.starts_with(PREFIX)));
+    });
+    let served = api.requests().len();
+    tb.kube_access.insert(0, KubeAccess::Kubeconfig(wrong));
+    tb.spawn_agent(0)?;
+    std::thread::sleep(Duration::from_secs(4));
+    let api = tb.kube.as_ref().context("fake API")?;
+    ensure!(
+        api.requests().len() == served,
+        "a request got through a certificate signed by another CA: {:?}",
+        &api.requests()[served..]
+    );
+    ensure!(
+        annotation(&tb, "n1", "public-ip").is_none(),
+        "the lease was published through an untrusted server"
+    );
     Ok(())
 }
 
