@@ -350,9 +350,9 @@ fn kube_over_https_trusts_the_kubeconfig_ca_and_refuses_another() -> Result<()> 
     tb.stop_agent(0, Signal::SIGTERM)?;
     let api = tb.kube.as_ref().context("fake API")?;
     api.update_node("n1", |n| {
-        n["metadata"]["annotations"]
-            .as_object_mut()
-            .map(|a| a.retain(|k, _| !k.starts_with(PREFIX)));
+        if let Some(a) = n["metadata"]["annotations"].as_object_mut() {
+            a.retain(|k, _| !k.starts_with(PREFIX));
+        }
     });
     let served = api.requests().len();
     tb.kube_access.insert(0, KubeAccess::Kubeconfig(wrong));
