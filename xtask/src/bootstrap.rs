@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 /// Debian packages the tests, the demo and the benchmark use.
-const DEBIAN_PACKAGES: [&str; 10] = [
+const DEBIAN_PACKAGES: [&str; 12] = [
     "iproute2",
     "iputils-ping",
     "bpftool",
@@ -23,6 +23,9 @@ const DEBIAN_PACKAGES: [&str; 10] = [
     // The trafficmngr fallback (flanneld's masquerade/forward rules) and its tests.
     "iptables",
     "nftables",
+    // etcd-client's build script compiles etcd's gRPC API with protoc (and its well-known types).
+    "protobuf-compiler",
+    "libprotobuf-dev",
 ];
 
 pub fn say(msg: &str) {

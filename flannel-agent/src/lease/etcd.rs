@@ -1,4 +1,5 @@
-//! The etcd subnet manager (flannel's pkg/subnet/etcd), over etcd v3's JSON gateway (`/v3/…`).
+//! The etcd subnet manager (flannel's pkg/subnet/etcd), over etcd v3's gRPC API (etcd-client:
+//! TLS with client certificates, username/password with the token refreshed, HTTP/2 keep-alive).
 //!
 //! - The network configuration is `<prefix>/config` (flannel's net-conf.json).
 //! - This node's lease is `<prefix>/subnets/<a.b.c.d>-<len>` = `{"PublicIP":…,"PublicIPv6":null,
@@ -7,23 +8,27 @@
 //!   the subnet of the previous `subnet.env`, if still free; otherwise a random free subnet of
 //!   `SubnetLen` between `SubnetMin` and `SubnetMax`, created in a transaction that succeeds only
 //!   if the key does not exist, so two nodes never take the same subnet.
-//! - `<prefix>/subnets/` is watched; a compacted watch is replaced by a fresh read. Errors never
-//!   empty the lease set.
+//! - `<prefix>/subnets/` is watched; a compacted watch is replaced by a fresh read; an idle watch
+//!   asks for progress notifications and a silent one is taken for a dead connection. The
+//!   previous etcd lease is revoked once the key is bound to its renewal. Errors never empty the
+//!   lease set.
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::{Duration, Instant},
 };
 
-use base64::{Engine as _, engine::general_purpose::STANDARD as B64};
-use futures::StreamExt as _;
+use etcd_client::{
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    PutOptions, ResponseHeader, TlsOptions, Txn, TxnOp, WatchOptions,
+};
+use futures::future::LocalBoxFuture;
 use ipnet::Ipv4Net;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tracing::{info, warn};
-
-use futures::future::LocalBoxFuture;
 
 use super::{Join, Joined, Lease, LeaseSource, own_lease_seen};
 use crate::{
@@ -149,69 +154,31 @@ pub struct EtcdOptions {
     pub password: Option<String>,
 }
 
-/// A connection to an etcd cluster through its JSON gateway.
+/// A connection to an etcd cluster (etcd-client, gRPC): connected on first use and again
+/// after a failure, so that an unreachable etcd is waited for; HTTP/2 keep-alive pings notice a
+/// half-open connection; an expired authentication token is refreshed.
 #[derive(Clone)]
 pub struct EtcdClient {
     endpoints: Vec<String>,
-    http: reqwest::Client,
-    credentials: Option<(String, String)>,
+    options: ConnectOptions,
+    connected: Arc<tokio::sync::Mutex<Option<Client>>>,
 }
 
-fn b64(s: &str) -> String {
-    B64.encode(s)
-}
+/// An etcd lease ID.
+pub type LeaseId = i64;
 
-fn unb64(v: &Value) -> String {
-    v.as_str()
-        .and_then(|s| B64.decode(s).ok())
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-/// The key after every key with `prefix` (etcd's `range_end` for a prefix).
-fn prefix_end(prefix: &str) -> String {
-    let mut bytes = prefix.as_bytes().to_vec();
-    while let Some(last) = bytes.pop() {
-        if last < 0xff {
-            bytes.push(last + 1);
-            break;
-        }
-    }
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn number(v: &Value) -> u64 {
-    v.as_str()
-        .and_then(|s| s.parse().ok())
-        .or_else(|| v.as_u64())
-        .unwrap_or(0)
+fn etcd(context: &str) -> impl FnOnce(etcd_client::Error) -> Error + '_ {
+    move |e| etcd_err(format!("etcd {context}"), e)
 }
 
 impl EtcdClient {
     pub fn new(opts: &EtcdOptions) -> Result<Self, Error> {
-        let mut builder = reqwest::Client::builder().connect_timeout(Duration::from_secs(5));
         let read = |p: &Path| {
             crate::file::read(p).map_err(|source| Error::Read {
                 path: p.into(),
                 source,
             })
         };
-        if let Some(ca) = &opts.cafile {
-            builder = builder.add_root_certificate(
-                reqwest::Certificate::from_pem(&read(ca)?)
-                    .map_err(|e| etcd_err(ca.display().to_string(), e))?,
-            );
-        }
-        if let (Some(cert), Some(key)) = (&opts.certfile, &opts.keyfile) {
-            let mut pem = read(cert)?;
-            pem.push(b'\n');
-            pem.extend(read(key)?);
-            builder = builder.identity(
-                reqwest::Identity::from_pem(&pem)
-                    .map_err(|e| etcd_err(cert.display().to_string(), e))?,
-            );
-        }
-        let http = builder.build().map_err(|e| etcd_err("HTTP client", e))?;
         let endpoints: Vec<String> = opts
             .endpoints
             .iter()
@@ -220,10 +187,29 @@ impl EtcdClient {
         if endpoints.is_empty() {
             return Err(Error::Unsupported("--etcd-endpoints is empty".into()));
         }
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(5))
+            .with_timeout(Duration::from_secs(15))
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true)
+            .with_auto_token_refresh(true);
+        if let (Some(user), Some(password)) = (&opts.username, &opts.password) {
+            options = options.with_user(user, password);
+        }
+        if opts.cafile.is_some() || opts.certfile.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &opts.cafile {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&opts.certfile, &opts.keyfile) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            options = options.with_tls(tls);
+        }
         Ok(Self {
             endpoints,
-            http,
-            credentials: opts.username.clone().zip(opts.password.clone()),
+            options,
+            connected: Arc::default(),
         })
     }
 
@@ -232,111 +218,98 @@ impl EtcdClient {
         self.endpoints.join(",")
     }
 
-    /// A token for `--etcd-username/--etcd-password`, if set.
-    async fn token(&self, endpoint: &str) -> Result<Option<String>, Error> {
-        let Some((name, password)) = &self.credentials else {
-            return Ok(None);
-        };
-        let resp: Value = self
-            .http
-            .post(format!("{endpoint}/v3/auth/authenticate"))
-            .json(&json!({"name": name, "password": password}))
-            .send()
+    /// The connected client (connecting, and authenticating, first if needed).
+    async fn client(&self) -> Result<Client, Error> {
+        let mut connected = self.connected.lock().await;
+        if let Some(c) = connected.as_ref() {
+            return Ok(c.clone());
+        }
+        let c = Client::connect(&self.endpoints, Some(self.options.clone()))
             .await
-            .map_err(|e| etcd_err("etcd authentication", e))?
-            .json()
-            .await
-            .map_err(|e| etcd_err("etcd authentication", e))?;
-        Ok(resp["token"].as_str().map(str::to_string))
+            .map_err(|e| etcd_err(format!("etcd {}", self.endpoints()), e))?;
+        *connected = Some(c.clone());
+        Ok(c)
     }
 
-    async fn request(
-        &self,
-        path: &str,
-        body: &Value,
-        timeout: Option<Duration>,
-    ) -> Result<reqwest::Response, Error> {
-        let mut last = None;
-        for endpoint in &self.endpoints {
-            let mut req = self.http.post(format!("{endpoint}{path}")).json(body);
-            if let Some(t) = timeout {
-                req = req.timeout(t);
-            }
-            match self.token(endpoint).await {
-                Ok(Some(t)) => req = req.header("Authorization", t),
-                Ok(None) => {}
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            }
-            match req.send().await {
-                // A member without quorum answers 5xx: another member may serve.
-                Ok(resp) if resp.status().is_server_error() => {
-                    last = Some(etcd_err(format!("etcd {endpoint}{path}"), resp.status()));
-                }
-                Ok(resp) => return Ok(resp),
-                Err(e) => last = Some(etcd_err(format!("etcd {endpoint}{path}"), e)),
-            }
-        }
-        Err(last.unwrap_or_else(|| etcd_err(path, "no endpoint")))
+    /// Forgets the connection after an error that may be the connection's: the next call
+    /// connects again.
+    async fn reset(&self) {
+        *self.connected.lock().await = None;
     }
 
-    /// A unary call (`/v3/kv/range`, `/v3/kv/txn`, …).
-    async fn call(&self, path: &str, body: &Value) -> Result<Value, Error> {
-        let resp = self
-            .request(path, body, Some(Duration::from_secs(15)))
-            .await?
-            .error_for_status()
-            .map_err(|e| etcd_err(format!("etcd {path}"), e))?;
-        let v: Value = tokio::time::timeout(Duration::from_secs(15), resp.json())
-            .await
-            .map_err(|_| etcd_err(format!("etcd {path}"), "no answer in 15 s"))?
-            .map_err(|e| etcd_err(format!("etcd {path}"), e))?;
-        if let Some(e) = v.get("error").and_then(Value::as_str) {
-            return Err(etcd_err(format!("etcd {path}"), e));
+    /// Runs `f` on the client; a failure drops the connection.
+    async fn call<T, F, Fut>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let result = f(self.client().await?).await;
+        if result.is_err() {
+            self.reset().await;
         }
-        Ok(v)
+        result
     }
 
     /// The value of `key`, if it exists.
     pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
-        let v = self.call("/v3/kv/range", &json!({"key": b64(key)})).await?;
-        Ok(v["kvs"]
-            .as_array()
-            .and_then(|k| k.first())
-            .map(|kv| unb64(&kv["value"])))
+        self.call(|mut c| async move {
+            let resp = c.get(key, None).await.map_err(etcd("get"))?;
+            Ok(resp
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+        })
+        .await
     }
 
     /// Every key/value under `prefix`, and the revision they were read at.
-    pub async fn list(&self, prefix: &str) -> Result<(Vec<(String, String)>, u64), Error> {
-        let v = self
-            .call(
-                "/v3/kv/range",
-                &json!({"key": b64(prefix), "range_end": b64(&prefix_end(prefix))}),
-            )
-            .await?;
-        let kvs = v["kvs"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|kv| (unb64(&kv["key"]), unb64(&kv["value"])))
-            .collect();
-        Ok((kvs, number(&v["header"]["revision"])))
+    pub async fn list(&self, prefix: &str) -> Result<(Vec<(String, String)>, i64), Error> {
+        self.call(|mut c| async move {
+            let resp = c
+                .get(prefix, Some(GetOptions::new().with_prefix()))
+                .await
+                .map_err(etcd("list"))?;
+            let kvs = resp
+                .kvs()
+                .iter()
+                .map(|kv| {
+                    (
+                        String::from_utf8_lossy(kv.key()).into_owned(),
+                        String::from_utf8_lossy(kv.value()).into_owned(),
+                    )
+                })
+                .collect();
+            Ok((kvs, resp.header().map_or(0, ResponseHeader::revision)))
+        })
+        .await
     }
 
     /// A new etcd lease of `ttl`.
-    pub async fn grant(&self, ttl: Duration) -> Result<String, Error> {
-        let v = self
-            .call(
-                "/v3/lease/grant",
-                &json!({"TTL": ttl.as_secs().to_string()}),
-            )
-            .await?;
-        v["ID"]
-            .as_str()
-            .map(str::to_string)
-            .ok_or_else(|| etcd_err("etcd lease grant", "no ID"))
+    pub async fn grant(&self, ttl: Duration) -> Result<LeaseId, Error> {
+        let ttl = i64::try_from(ttl.as_secs()).unwrap_or(i64::MAX);
+        self.call(|mut c| async move {
+            Ok(c.lease_grant(ttl, None)
+                .await
+                .map_err(etcd("lease grant"))?
+                .id())
+        })
+        .await
+    }
+
+    /// Writes `key` bound to `lease`, if `when` holds. Returns whether it was written.
+    async fn put_if(
+        &self,
+        key: &str,
+        value: &str,
+        lease: LeaseId,
+        when: Vec<Compare>,
+    ) -> Result<bool, Error> {
+        self.call(|mut c| async move {
+            let put = TxnOp::put(key, value, Some(PutOptions::new().with_lease(lease)));
+            let txn = Txn::new().when(when).and_then(vec![put]);
+            Ok(c.txn(txn).await.map_err(etcd("txn"))?.succeeded())
+        })
+        .await
     }
 
     /// Writes `key` bound to `lease`; only if it does not exist when `create`. Returns whether
@@ -345,47 +318,40 @@ impl EtcdClient {
         &self,
         key: &str,
         value: &str,
-        lease: &str,
+        lease: LeaseId,
         create: bool,
     ) -> Result<bool, Error> {
-        let put = json!({"request_put": {"key": b64(key), "value": b64(value), "lease": lease}});
-        let compare: Vec<Value> = if create {
-            vec![
-                json!({"key": b64(key), "target": "CREATE", "result": "EQUAL", "create_revision": "0"}),
-            ]
+        let when = if create {
+            vec![Compare::create_revision(key, CompareOp::Equal, 0)]
         } else {
             Vec::new()
         };
-        let v = self
-            .call("/v3/kv/txn", &json!({"compare": compare, "success": [put]}))
-            .await?;
-        Ok(v["succeeded"].as_bool().unwrap_or(false))
+        self.put_if(key, value, lease, when).await
     }
 
     /// Revokes an etcd lease (best effort).
-    pub async fn revoke(&self, lease: &str) {
-        let _ = self.call("/v3/lease/revoke", &json!({"ID": lease})).await;
+    pub async fn revoke(&self, lease: LeaseId) {
+        let _ = self
+            .call(|mut c| async move {
+                c.lease_revoke(lease).await.map_err(etcd("lease revoke"))?;
+                Ok(())
+            })
+            .await;
     }
 
     /// Rewrites `key` with a new `lease` only if it still holds `value` (ours).
-    pub async fn renew(&self, key: &str, value: &str, lease: &str) -> Result<bool, Error> {
-        let put = json!({"request_put": {"key": b64(key), "value": b64(value), "lease": lease}});
-        let compare =
-            json!({"key": b64(key), "target": "VALUE", "result": "EQUAL", "value": b64(value)});
-        let v = self
-            .call(
-                "/v3/kv/txn",
-                &json!({"compare": [compare], "success": [put]}),
-            )
-            .await?;
-        Ok(v["succeeded"].as_bool().unwrap_or(false))
+    pub async fn renew(&self, key: &str, value: &str, lease: LeaseId) -> Result<bool, Error> {
+        let when = vec![Compare::value(key, CompareOp::Equal, value)];
+        self.put_if(key, value, lease, when).await
     }
 
     /// Deletes `key`.
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
-        self.call("/v3/kv/deleterange", &json!({"key": b64(key)}))
-            .await
-            .map(|_| ())
+        self.call(|mut c| async move {
+            c.delete(key, None).await.map_err(etcd("delete"))?;
+            Ok(())
+        })
+        .await
     }
 }
 
@@ -455,6 +421,8 @@ pub struct EtcdManager {
     pub key: String,
     pub value: String,
     pub renew_margin: Duration,
+    /// The etcd lease the key is bound to now.
+    pub lease: LeaseId,
 }
 
 impl EtcdManager {
@@ -541,10 +509,10 @@ impl EtcdManager {
             let key = subnet_key(&prefix, subnet);
             let value = lease_value(public_ip, backend_type, &data);
             let lease = client.grant(LEASE_TTL).await?;
-            let written = client.put(&key, &value, &lease, create).await;
+            let written = client.put(&key, &value, lease, create).await;
             if !matches!(written, Ok(true)) {
                 // Not used: do not leave a 24 h lease behind.
-                client.revoke(&lease).await;
+                client.revoke(lease).await;
             }
             if written? {
                 if create {
@@ -558,6 +526,7 @@ impl EtcdManager {
                         key,
                         value,
                         renew_margin,
+                        lease,
                     },
                     parsed,
                 ));
@@ -602,35 +571,40 @@ impl EtcdManager {
             }
         });
         tokio::spawn(async move {
+            let mut this = self;
             let mut renewed = Instant::now();
             loop {
-                let due = LEASE_TTL.saturating_sub(self.renew_margin);
+                let due = LEASE_TTL.saturating_sub(this.renew_margin);
                 tokio::time::sleep(
                     due.saturating_sub(renewed.elapsed())
                         .max(Duration::from_secs(1)),
                 )
                 .await;
+                // As flanneld: a new 24 h lease, the key moved onto it if it is still ours; then
+                // the previous lease is revoked (nothing is bound to it any more).
                 let renew = async {
-                    let lease = self.client.grant(LEASE_TTL).await?;
-                    let done = self.client.renew(&self.key, &self.value, &lease).await;
+                    let lease = this.client.grant(LEASE_TTL).await?;
+                    let done = this.client.renew(&this.key, &this.value, lease).await;
                     if !matches!(done, Ok(true)) {
-                        self.client.revoke(&lease).await;
+                        this.client.revoke(lease).await;
                     }
-                    done
+                    done.map(|ok| ok.then_some(lease))
                 };
                 match renew.await {
-                    Ok(true) => {
+                    Ok(Some(lease)) => {
+                        this.client.revoke(this.lease).await;
+                        this.lease = lease;
                         renewed = Instant::now();
-                        info!(key = %self.key, "renewed this node's subnet lease for 24 h");
+                        info!(key = %this.key, lease, "renewed this node's subnet lease for 24 h");
                     }
-                    Ok(false) => {
-                        lost(&self.key);
+                    Ok(None) => {
+                        lost(&this.key);
                         watching.abort();
                         return;
                     }
                     Err(e) => {
                         crate::metrics::source_error("etcd");
-                        warn!("renewing {}: {e}; retrying in 10 s", self.key);
+                        warn!("renewing {}: {e}; retrying in 10 s", this.key);
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(10)).await;
@@ -692,6 +666,12 @@ fn lost(key: &str) {
     tracing::error!(%key, "this node's subnet lease was taken over by another node; stopping so that a restart acquires a new one (the pinned dataplane keeps forwarding)");
 }
 
+/// How often an idle watch asks etcd for a progress notification, and how long it waits for
+/// any message before it takes the connection for dead (a half-open TCP connection would
+/// otherwise keep a watch that never says anything).
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+const SILENCE_LIMIT: Duration = Duration::from_secs(45);
+
 /// Reads every lease, then follows changes from that revision until the watch is compacted.
 async fn list_and_watch(
     client: &EtcdClient,
@@ -706,88 +686,80 @@ async fn list_and_watch(
         apply(&mut leases, prefix, k, Some(v));
     }
     send(tx, &leases);
-    let body = json!({"create_request": {
-        "key": b64(&subnets), "range_end": b64(&prefix_end(&subnets)), "start_revision": (revision + 1).to_string(),
-    }});
-    let resp = client
-        .request("/v3/watch", &body, None)
-        .await?
-        .error_for_status()
-        .map_err(|e| etcd_err("etcd watch", e))?;
-    let mut stream = resp.bytes_stream();
-    let mut buf = Vec::new();
-    let mut depth = 0i32;
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut start = 0;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| etcd_err("etcd watch", e))?;
-        // The gateway streams JSON objects back to back: split them by brace depth.
-        for &b in &chunk {
-            buf.push(b);
-            if in_string {
-                match (escaped, b) {
-                    (true, _) => escaped = false,
-                    (false, b'\\') => escaped = true,
-                    (false, b'"') => in_string = false,
-                    _ => {}
+    let mut c = client.client().await?;
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1)
+        .with_progress_notify();
+    let mut stream = match c.watch(subnets.as_str(), Some(options)).await {
+        Ok(w) => w,
+        Err(e) => {
+            client.reset().await;
+            return Err(etcd_err("etcd watch", e));
+        }
+    };
+    let mut last_heard = Instant::now();
+    let mut progress = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        let msg = tokio::select! {
+            m = stream.message() => Some(m),
+            _ = progress.tick() => None,
+        };
+        let Some(msg) = msg else {
+            if last_heard.elapsed() > SILENCE_LIMIT {
+                client.reset().await;
+                return Err(etcd_err(
+                    "etcd watch",
+                    format!(
+                        "no message for {SILENCE_LIMIT:?} (progress requested every {PROGRESS_EVERY:?}): the connection is gone"
+                    ),
+                ));
+            }
+            let _ = stream.request_progress().await;
+            continue;
+        };
+        let resp = match msg {
+            Ok(Some(resp)) => resp,
+            Ok(None) => return Ok(WatchEnd::Resync),
+            Err(e) => {
+                client.reset().await;
+                return Err(etcd_err("etcd watch", e));
+            }
+        };
+        last_heard = Instant::now();
+        if resp.canceled() || resp.compact_revision() > 0 {
+            info!("etcd watch compacted or canceled; reading the leases again");
+            return Ok(WatchEnd::Resync);
+        }
+        if resp.events().is_empty() {
+            // A progress notification.
+            continue;
+        }
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key()).into_owned();
+            let deleted = ev.event_type() == EventType::Delete;
+            if deleted && key == own.0 {
+                // Our lease was deleted (by hand, or expired): take it back if nobody else has,
+                // as a new create-only write.
+                warn!(%key, "this node's lease was deleted; re-creating it");
+                let lease = client.grant(LEASE_TTL).await?;
+                if !client.put(&own.0, &own.1, lease, true).await? {
+                    client.revoke(lease).await;
+                    return Ok(WatchEnd::Lost);
                 }
                 continue;
             }
-            match b {
-                b'"' => in_string = true,
-                b'{' => {
-                    if depth == 0 {
-                        start = buf.len() - 1;
-                    }
-                    depth += 1;
-                }
-                b'}' => {
-                    depth -= 1;
-                    if depth == 0 {
-                        let msg: Value = serde_json::from_slice(&buf[start..])
-                            .map_err(|e| etcd_err("etcd watch", format!("bad message: {e}")))?;
-                        buf.clear();
-                        let result = &msg["result"];
-                        if result["canceled"].as_bool() == Some(true)
-                            || number(&result["compact_revision"]) > 0
-                        {
-                            info!("etcd watch compacted or canceled; reading the leases again");
-                            return Ok(WatchEnd::Resync);
-                        }
-                        if let Some(e) = msg.get("error") {
-                            return Err(etcd_err("etcd watch", e));
-                        }
-                        for ev in result["events"].as_array().into_iter().flatten() {
-                            let key = unb64(&ev["kv"]["key"]);
-                            let deleted = ev["type"].as_str() == Some("DELETE");
-                            if deleted && key == own.0 {
-                                // Our lease was deleted (by hand, or expired): take it back if
-                                // nobody else has, as a new create-only write.
-                                warn!(%key, "this node's lease was deleted; re-creating it");
-                                let lease = client.grant(LEASE_TTL).await?;
-                                if !client.put(&own.0, &own.1, &lease, true).await? {
-                                    client.revoke(&lease).await;
-                                    return Ok(WatchEnd::Lost);
-                                }
-                                continue;
-                            }
-                            let value = unb64(&ev["kv"]["value"]);
-                            apply(
-                                &mut leases,
-                                prefix,
-                                &key,
-                                (!deleted).then_some(value.as_str()),
-                            );
-                        }
-                        send(tx, &leases);
-                    }
-                }
-                _ => {}
-            }
+            let value = String::from_utf8_lossy(kv.value()).into_owned();
+            apply(
+                &mut leases,
+                prefix,
+                &key,
+                (!deleted).then_some(value.as_str()),
+            );
         }
+        send(tx, &leases);
     }
-    Ok(WatchEnd::Resync)
 }
 
 #[cfg(test)]
@@ -817,7 +789,6 @@ mod tests {
         assert_eq!(l.public_ip, Ipv4Addr::new(192, 168, 64, 3));
         assert_eq!(l.backend_data, Value::Null);
         assert!(parse_lease(s, "{}").is_err());
-        assert_eq!(prefix_end("/a/"), "/a0");
     }
 
     #[test]
