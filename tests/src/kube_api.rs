@@ -75,13 +75,8 @@ impl FakeKube {
     /// Serves HTTPS on `addr` with a certificate for its IP address from a CA of its own
     /// ([`Self::ca_pem`]).
     pub fn start_tls(netns: &str, addr: SocketAddr) -> Result<Self> {
-        let ca = test_ca()?;
-        let key = rcgen::KeyPair::generate()?;
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params
-            .subject_alt_names
-            .push(rcgen::SanType::IpAddress(addr.ip()));
-        let cert = params.signed_by(&key, &ca.issuer)?;
+        let ca = crate::tls::TestCa::new()?;
+        let (cert, key) = ca.issue(Some(addr.ip()), "fake kube-apiserver")?;
         let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -587,25 +582,4 @@ fn watch(shared: &Shared, stop: &AtomicBool, mut conn: impl Conn, req: &Request)
     drop(st);
     write!(conn, "0\r\n\r\n")?;
     Ok(())
-}
-
-/// A CA of the tests' own: its PEM, and the issuer that signs server certificates.
-pub struct TestCa {
-    pub pem: String,
-    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
-}
-
-/// A new CA.
-pub fn test_ca() -> Result<TestCa> {
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "flannel-ebpf test CA");
-    let cert = params.self_signed(&key)?;
-    Ok(TestCa {
-        pem: cert.pem(),
-        issuer: rcgen::Issuer::new(params, key),
-    })
 }

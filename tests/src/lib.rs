@@ -26,6 +26,7 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 
 pub mod kube_api;
+pub mod tls;
 pub mod traffic;
 
 /// Prefix of every namespace and pin directory the testbed creates.

@@ -9,7 +9,7 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use base64::Engine as _;
 use flannel_tests::{
-    ETCD_PREFIX, KubeAccess,
+    CONTROL_PLANE_IP, ETCD_PREFIX, KubeAccess,
     NodeKind::{Ebpf, Stock},
     Options, SubnetMgr, Testbed, can_connect, in_ns, run, tcp_echo, tcp_echo_paced, wait_for,
 };
@@ -343,7 +343,7 @@ fn kube_over_https_trusts_the_kubeconfig_ca_and_refuses_another() -> Result<()> 
     tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[1].pods[0], 256 * KIB)?;
 
     // Another CA: the server's certificate is refused, nothing reaches the API.
-    let other = flannel_tests::kube_api::test_ca()?;
+    let other = flannel_tests::tls::TestCa::new()?;
     let wrong = tb.dir.join("kubeconfig-wrong-ca");
     let api = tb.kube.as_ref().context("fake API")?;
     std::fs::write(&wrong, api.kubeconfig_trusting(Some(&other.pem)))?;
@@ -667,5 +667,210 @@ fn etcd_churn_of_a_thousand_leases_converges_exactly() -> Result<()> {
             churn_time.as_millis()
         ),
     )?;
+    Ok(())
+}
+
+/// An etcd of the test's own in the underlay namespace (client port `port`, peer port
+/// `port + 1`), stopped on drop.
+struct OwnEtcd {
+    child: std::process::Child,
+    endpoint: String,
+    /// `etcdctl` flags that reach it (TLS files, a user).
+    flags: Vec<String>,
+    underlay: String,
+}
+
+impl OwnEtcd {
+    fn start(tb: &Testbed, name: &str, scheme: &str, port: u16, extra: &[String]) -> Result<Self> {
+        let endpoint = format!("{scheme}://{CONTROL_PLANE_IP}:{port}");
+        let peer = format!("http://127.0.0.1:{}", port + 1);
+        let log = std::fs::File::create(tb.dir.join(format!("{name}.log")))?;
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", &tb.underlay(), "etcd", "--name", name])
+            .arg("--data-dir")
+            .arg(tb.dir.join(name))
+            .args(["--listen-client-urls", &endpoint])
+            .args(["--advertise-client-urls", &endpoint])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("{name}={peer}")])
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting etcd")?;
+        Ok(Self {
+            child,
+            endpoint,
+            flags: Vec::new(),
+            underlay: tb.underlay(),
+        })
+    }
+
+    fn ctl(&self, args: &[&str]) -> Result<String> {
+        let endpoints = format!("--endpoints={}", self.endpoint);
+        let mut all: Vec<&str> = vec![&endpoints];
+        all.extend(self.flags.iter().map(String::as_str));
+        all.extend_from_slice(args);
+        in_ns(&self.underlay, "etcdctl", &all)
+    }
+
+    /// The subnet lease keys under the test prefix.
+    fn subnet_keys(&self) -> Result<String> {
+        self.ctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("{ETCD_PREFIX}/subnets/"),
+        ])
+    }
+}
+
+impl Drop for OwnEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs node `i`'s agent against `etcd` with `extra` flags until it has written a lease there
+/// (`true`), or for `patience` without one (`false`); then stops it.
+fn agent_acquires(
+    tb: &Testbed,
+    i: usize,
+    etcd: &OwnEtcd,
+    extra: &[String],
+    patience: Duration,
+) -> Result<bool> {
+    let mut args = tb.agent_args(i);
+    let at = args
+        .iter()
+        .position(|a| a == "--etcd-endpoints")
+        .context("etcd agent args")?;
+    args[at + 1].clone_from(&etcd.endpoint);
+    args.extend_from_slice(extra);
+    let log = std::fs::File::create(tb.dir.join(format!("agent-{i}-own-etcd.log")))?;
+    let mut child = tb
+        .command_in_node(i, &tb.agent_bin)
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let ip = tb.nodes[i].public_ip.to_string();
+    let deadline = Instant::now() + patience;
+    let mut acquired = false;
+    while Instant::now() < deadline && child.try_wait()?.is_none() {
+        let keys = etcd.subnet_keys().unwrap_or_default();
+        if let Some(key) = keys.lines().find(|k| !k.trim().is_empty())
+            && etcd.ctl(&["get", "--print-value-only", key])?.contains(&ip)
+        {
+            acquired = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().cast_signed()),
+        Signal::SIGTERM,
+    );
+    let _ = child.wait();
+    Ok(acquired)
+}
+
+#[test]
+fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()> {
+    let mut tb = etcd_testbed("etcdsec", &[Ebpf, Ebpf], None)?;
+    tb.stop_agent(0, Signal::SIGTERM)?;
+    let net_conf = tb.options.net_conf.clone();
+    let pki = tb.dir.join("pki");
+    let other_pki = tb.dir.join("pki-other");
+    std::fs::create_dir_all(&pki)?;
+    std::fs::create_dir_all(&other_pki)?;
+    let ca = flannel_tests::tls::TestCa::new()?;
+    ca.write(
+        &pki,
+        &[
+            ("server", Some(CONTROL_PLANE_IP.into()), "etcd"),
+            ("client", None, "flannel"),
+        ],
+    )?;
+    // A client certificate from another CA: refused by the server.
+    flannel_tests::tls::TestCa::new()?.write(&other_pki, &[("client", None, "intruder")])?;
+    let file = |dir: &std::path::Path, name: &str| dir.join(name).to_string_lossy().into_owned();
+
+    // etcd with TLS and client certificate authentication.
+    let mut tls = OwnEtcd::start(
+        &tb,
+        "etcd-tls",
+        "https",
+        2381,
+        &[
+            "--cert-file".into(),
+            file(&pki, "server.pem"),
+            "--key-file".into(),
+            file(&pki, "server-key.pem"),
+            "--client-cert-auth".into(),
+            "--trusted-ca-file".into(),
+            file(&pki, "ca.pem"),
+        ],
+    )?;
+    tls.flags = vec![
+        format!("--cacert={}", file(&pki, "ca.pem")),
+        format!("--cert={}", file(&pki, "client.pem")),
+        format!("--key={}", file(&pki, "client-key.pem")),
+    ];
+    wait_for("etcd with TLS", Duration::from_secs(20), || {
+        tls.ctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])
+            .is_ok()
+    })?;
+    let tls_flags = |dir: &std::path::Path| {
+        vec![
+            "--etcd-cafile".to_string(),
+            file(&pki, "ca.pem"),
+            "--etcd-certfile".into(),
+            file(dir, "client.pem"),
+            "--etcd-keyfile".into(),
+            file(dir, "client-key.pem"),
+        ]
+    };
+    ensure!(
+        !agent_acquires(&tb, 0, &tls, &tls_flags(&other_pki), Duration::from_secs(5))?,
+        "a client certificate from another CA was accepted"
+    );
+    ensure!(tls.subnet_keys()?.trim().is_empty());
+    ensure!(
+        agent_acquires(&tb, 0, &tls, &tls_flags(&pki), Duration::from_secs(20))?,
+        "no lease acquired over TLS with a client certificate"
+    );
+    drop(tls);
+
+    // etcd with authentication: a user and password.
+    let mut auth = OwnEtcd::start(&tb, "etcd-auth", "http", 2383, &[])?;
+    wait_for("etcd", Duration::from_secs(20), || {
+        auth.ctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])
+            .is_ok()
+    })?;
+    auth.ctl(&["user", "add", "root:rootpw"])?;
+    auth.ctl(&["auth", "enable"])?;
+    auth.flags = vec!["--user=root:rootpw".into()];
+    let password = |p: &str| {
+        vec![
+            "--etcd-username".to_string(),
+            "root".into(),
+            "--etcd-password".into(),
+            p.into(),
+        ]
+    };
+    ensure!(
+        !agent_acquires(&tb, 0, &auth, &password("wrong"), Duration::from_secs(5))?,
+        "a wrong password was accepted"
+    );
+    ensure!(auth.subnet_keys()?.trim().is_empty());
+    ensure!(
+        agent_acquires(&tb, 0, &auth, &password("rootpw"), Duration::from_secs(20))?,
+        "no lease acquired with a user and password"
+    );
     Ok(())
 }
