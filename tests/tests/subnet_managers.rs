@@ -874,3 +874,42 @@ fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()
     );
     Ok(())
 }
+
+/// The etcd lease bound to `key`, and its remaining TTL in seconds.
+fn etcd_lease_of(tb: &Testbed, key: &str) -> Result<(String, u64)> {
+    let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+    let kv = tb.etcd_call("/v3/kv/range", &json!({"key": b64}))?;
+    let lease = kv["kvs"][0]["lease"]
+        .as_str()
+        .context("no etcd lease on the key")?
+        .to_string();
+    let ttl = tb.etcd_call("/v3/lease/timetolive", &json!({"ID": lease}))?;
+    Ok((lease, ttl["TTL"].as_str().unwrap_or("0").parse()?))
+}
+
+#[test]
+fn etcd_lease_is_kept_alive_not_replaced() -> Result<()> {
+    let mut options = Options::vxlan(&[Ebpf, Ebpf], 1);
+    options.subnet_mgr = SubnetMgr::Etcd;
+    // The largest margin (24 h less a minute): renewal is due a minute after the lease was
+    // granted.
+    options.agent_args = vec!["--subnet-lease-renew-margin".into(), "1439".into()];
+    let tb = Testbed::start("etcdka", options)?;
+    let key = format!(
+        "{ETCD_PREFIX}/subnets/{}",
+        tb.nodes[0].subnet.replace('/', "-")
+    );
+    let (lease, _) = etcd_lease_of(&tb, &key)?;
+    // Let the TTL run down, then see it reset on the same lease.
+    std::thread::sleep(Duration::from_secs(4));
+    let (_, before) = etcd_lease_of(&tb, &key)?;
+    ensure!(before < 86_398, "TTL {before} did not run down");
+    wait_for("a keep-alive", Duration::from_secs(75), || {
+        etcd_lease_of(&tb, &key).is_ok_and(|(l, ttl)| l == lease && ttl > before + 2)
+    })?;
+    ensure!(
+        etcd_lease_of(&tb, &key)?.0 == lease,
+        "the lease was replaced instead of kept alive"
+    );
+    tb.all_pairs(256 * KIB)
+}

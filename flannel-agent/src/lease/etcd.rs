@@ -345,6 +345,40 @@ impl EtcdClient {
         self.put_if(key, value, lease, when).await
     }
 
+    /// Keeps `lease` alive once (etcd's `LeaseKeepAlive`): its TTL is reset. Returns the new TTL
+    /// in seconds, 0 if the lease is gone.
+    pub async fn keep_alive(&self, lease: LeaseId) -> Result<i64, Error> {
+        self.call(|mut c| async move {
+            let (mut keeper, mut stream) = c
+                .lease_keep_alive(lease)
+                .await
+                .map_err(etcd("lease keep-alive"))?;
+            keeper
+                .keep_alive()
+                .await
+                .map_err(etcd("lease keep-alive"))?;
+            let resp = stream
+                .message()
+                .await
+                .map_err(etcd("lease keep-alive"))?
+                .ok_or_else(|| etcd_err("etcd lease keep-alive", "no answer"))?;
+            Ok(resp.ttl())
+        })
+        .await
+    }
+
+    /// Whether `key` holds `value` bound to `lease` (this node's lease, untouched).
+    pub async fn holds(&self, key: &str, value: &str, lease: LeaseId) -> Result<bool, Error> {
+        self.call(|mut c| async move {
+            let resp = c.get(key, None).await.map_err(etcd("get"))?;
+            Ok(resp
+                .kvs()
+                .first()
+                .is_some_and(|kv| kv.value() == value.as_bytes() && kv.lease() == lease))
+        })
+        .await
+    }
+
     /// Deletes `key`.
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
         self.call(|mut c| async move {
@@ -580,9 +614,18 @@ impl EtcdManager {
                         .max(Duration::from_secs(1)),
                 )
                 .await;
-                // As flanneld: a new 24 h lease, the key moved onto it if it is still ours; then
-                // the previous lease is revoked (nothing is bound to it any more).
+                // The etcd lease kept alive (its 24 h start again) while the key is still ours
+                // on it; if the lease is gone, as flanneld: a new 24 h lease, the key moved onto
+                // it if it is still ours, and the previous lease revoked.
                 let renew = async {
+                    if this
+                        .client
+                        .holds(&this.key, &this.value, this.lease)
+                        .await?
+                        && this.client.keep_alive(this.lease).await? > 0
+                    {
+                        return Ok(Some(this.lease));
+                    }
                     let lease = this.client.grant(LEASE_TTL).await?;
                     let done = this.client.renew(&this.key, &this.value, lease).await;
                     if !matches!(done, Ok(true)) {
@@ -592,8 +635,10 @@ impl EtcdManager {
                 };
                 match renew.await {
                     Ok(Some(lease)) => {
-                        this.client.revoke(this.lease).await;
-                        this.lease = lease;
+                        if lease != this.lease {
+                            this.client.revoke(this.lease).await;
+                            this.lease = lease;
+                        }
                         renewed = Instant::now();
                         info!(key = %this.key, lease, "renewed this node's subnet lease for 24 h");
                     }
