@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, net::Ipv4Addr};
 use flannel_ebpf_common::{RemoteNode, RemoteSubnet};
 use futures::future::LocalBoxFuture;
 use ipnet::Ipv4Net;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::{
     Error,
@@ -166,4 +166,23 @@ async fn start_kernel(
         _ => netlink::KernelDataplane::host_gw(&node.ext, node.netconf.network, plan.own.subnet),
     };
     Ok(Box::new(dp))
+}
+
+/// Removes what every dataplane leaves in the kernel (`--cleanup`): our routes and their
+/// neighbours, flanneld's `flannel.<VNI>` devices, the WireGuard device, the masquerade's
+/// reserved ports, the pinned programs, links and maps, and the subnet file.
+pub async fn remove_all(nl: &Netlink, args: &Args) -> Result<(), Error> {
+    let removed = routes::remove_all(nl).await?;
+    info!(routes = removed, "removed the routes of remote subnets");
+    let devices = netlink::remove_devices(nl).await?;
+    if devices > 0 {
+        info!(devices, "removed the flannel.<VNI> VXLAN devices");
+    }
+    if wireguard::WireguardDevice::remove(nl).await? {
+        info!("removed the flannel-wg device");
+    }
+    if let Err(e) = masq::release_ports(args.ip_masq_port_range) {
+        warn!("{e}");
+    }
+    ebpf::cleanup(&args.pin_dir, &args.subnet_file)
 }
