@@ -427,13 +427,19 @@ fn scrape_ms(netns: &str) -> Result<f64> {
     let addr = std::net::SocketAddr::from(([127, 0, 0, 1], METRICS_PORT));
     let started = std::time::Instant::now();
     let mut conn = flannel_tests::with_netns(netns, move || {
-        Ok(std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?)
+        Ok(std::net::TcpStream::connect_timeout(
+            &addr,
+            Duration::from_secs(2),
+        )?)
     })?;
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
     let mut body = Vec::new();
     conn.read_to_end(&mut body)?;
-    anyhow::ensure!(body.starts_with(b"HTTP/1.1 200"), "/metrics did not answer 200");
+    anyhow::ensure!(
+        body.starts_with(b"HTTP/1.1 200"),
+        "/metrics did not answer 200"
+    );
     Ok(started.elapsed().as_secs_f64() * 1e3)
 }
 
@@ -443,7 +449,12 @@ fn cpu_ticks(pid: u32) -> Result<u64> {
     let after_comm = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
     // Fields 14 and 15 of stat(5), counted from the state (field 3) here.
-    let tick = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     Ok(tick(11) + tick(12))
 }
 
@@ -720,6 +731,10 @@ fn cost_not_measured(rev: Option<&str>, why: &str) -> (String, Value) {
 
 /// The per-packet cost of each case against the baseline object's, timed in the same run:
 /// markdown and JSON. Never "met" without a measurement.
+#[expect(
+    clippy::too_many_lines,
+    reason = "one table: its explanation, a row per case, the verdict"
+)]
 fn cost_comparison(costs: &Costs, baseline: &CostBaseline) -> (String, Value) {
     let not_measured = cost_not_measured;
     let (rev, commit) = match baseline {
@@ -867,6 +882,10 @@ impl Drop for BpfStats {
 }
 
 /// What `cargo xtask bench` was asked for.
+#[expect(
+    clippy::struct_excessive_bools,
+    reason = "one field per command-line switch of `cargo xtask bench`"
+)]
 pub struct Opts {
     pub quick: bool,
     pub reps: Option<usize>,
@@ -878,11 +897,16 @@ pub struct Opts {
     pub cost_baseline: Option<String>,
     /// Only the program costs and their comparison (`program-cost.md` / `.json`).
     pub cost_only: bool,
+    /// Only the agent's memory and map sync at scale (`agent-scale.md` / `.json`).
+    pub agent_only: bool,
 }
 
 #[expect(clippy::too_many_lines, reason = "one linear report")]
 pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     let quick = opts.quick;
+    if opts.agent_only {
+        return agent_only(quick, out);
+    }
     let reps = opts.reps.unwrap_or(if quick { 1 } else { 5 });
     let seconds: u32 = if quick { 1 } else { 3 };
     // First, on a quiet machine: with the clusters up (their agents, wireguard-go) the same
@@ -1035,26 +1059,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     };
     // Off again: it would add its own cost to the test-run timings below.
     drop(stats_on);
-    say(
-        "measuring the agent's memory, map sync and /metrics scrapes (once a second) at 10, 1,000 and 5,000 leases",
-    );
-    let mut agent = serde_json::Map::new();
-    let mut agent_rows = String::new();
-    let scrapes = if quick { 5 } else { 20 };
-    for n in [10, 1000, 5000] {
-        let a = agent_scale(n, scrapes)?;
-        let (rss, ms, (p50, worst), cpu) = (a.rss_mib, a.sync_ms, a.scrape_ms, a.cpu_share);
-        agent.insert(
-            n.to_string(),
-            json!({"rss_mib": rss, "map_sync_ms": ms, "scrape_ms_p50": p50,
-                   "scrape_ms_max": worst, "cpu_share_scraped": cpu}),
-        );
-        let _ = writeln!(
-            agent_rows,
-            "| {n} | {rss:.1} | {ms:.1} | {p50:.2} | {worst:.2} | {:.2} |",
-            cpu * 100.0
-        );
-    }
+    let (agent, agent_rows, scrapes) = agent_report(quick)?;
     // Report.
     let idx = |name: &str| paths.iter().position(|p| p.name == name).expect("path");
     let field =
@@ -1191,9 +1196,8 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         );
     }
     table.push_str(&vs_baseline_md);
-    table.push_str(
-        &crate::fuzz::section().unwrap_or_else(|e| format!("\nFuzzing failed: {e:#}\n")),
-    );
+    table
+        .push_str(&crate::fuzz::section().unwrap_or_else(|e| format!("\nFuzzing failed: {e:#}\n")));
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("results.md"), &table)?;
@@ -1355,4 +1359,50 @@ mod tests {
         );
         assert!(v["met"].is_null() && v["measured"] == false);
     }
+}
+
+/// The agent's memory, map sync and `/metrics` scrapes at 10, 1,000 and 5,000 leases: the JSON,
+/// the table rows, and the scrapes per lease count.
+fn agent_report(quick: bool) -> Result<(serde_json::Map<String, Value>, String, u32)> {
+    say(
+        "measuring the agent's memory, map sync and /metrics scrapes (once a second) at 10, 1,000 and 5,000 leases",
+    );
+    let mut agent = serde_json::Map::new();
+    let mut agent_rows = String::new();
+    let scrapes = if quick { 5 } else { 20 };
+    for n in [10, 1000, 5000] {
+        let a = agent_scale(n, scrapes)?;
+        let (rss, ms, (p50, worst), cpu) = (a.rss_mib, a.sync_ms, a.scrape_ms, a.cpu_share);
+        agent.insert(
+            n.to_string(),
+            json!({"rss_mib": rss, "map_sync_ms": ms, "scrape_ms_p50": p50,
+                   "scrape_ms_max": worst, "cpu_share_scraped": cpu}),
+        );
+        let _ = writeln!(
+            agent_rows,
+            "| {n} | {rss:.1} | {ms:.1} | {p50:.2} | {worst:.2} | {:.2} |",
+            cpu * 100.0
+        );
+    }
+    Ok((agent, agent_rows, scrapes))
+}
+
+/// `--agent-only`: [`agent_report`] alone, into `agent-scale.md` / `.json`.
+pub fn agent_only(quick: bool, out: &Path) -> Result<()> {
+    let (agent, rows, scrapes) = agent_report(quick)?;
+    let md = format!(
+        "Agent (static lease file, one change adding every lease; then `/metrics` scraped once a second, {scrapes} times; RSS after the scrapes; targets: RSS ≤ 30 MiB, map sync ≤ 1 s, scrape ≤ 10 ms):\n\n| leases | RSS MiB | map sync ms | scrape ms (median) | scrape ms (slowest) | agent CPU % while scraped |\n|---|---|---|---|---|---|\n{rows}"
+    );
+    println!("{md}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("agent-scale.md"), &md)?;
+    std::fs::write(
+        out.join("agent-scale.json"),
+        serde_json::to_string_pretty(&agent)?,
+    )?;
+    say(&format!(
+        "wrote {0}/agent-scale.md and {0}/agent-scale.json",
+        out.display()
+    ));
+    Ok(())
 }

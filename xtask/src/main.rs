@@ -132,6 +132,10 @@ enum Task {
         /// target/bench/program-cost.md and .json (no clusters).
         #[arg(long)]
         cost_only: bool,
+        /// Only the agent's memory, map-sync time and scrapes at 10, 1,000 and 5,000 leases, into
+        /// target/bench/agent-scale.md and .json (no clusters).
+        #[arg(long)]
+        agent_only: bool,
     },
 }
 
@@ -233,6 +237,7 @@ fn main() -> Result<()> {
             profile,
             cost_baseline,
             cost_only,
+            agent_only,
         } => bench(&bench::Opts {
             quick,
             reps,
@@ -240,6 +245,7 @@ fn main() -> Result<()> {
             profile,
             cost_baseline: (cost_baseline != "none").then_some(cost_baseline),
             cost_only,
+            agent_only,
         }),
     }
 }
