@@ -90,14 +90,22 @@ pub trait Dataplane {
     ) -> LocalBoxFuture<'a, Result<SyncReport, Error>>;
 
     /// Once a second and on neighbour changes, with `repair` every 10 s: follows what changes
-    /// without a new plan (the bridge, local pods) and repairs kernel state that drifted.
+    /// without a new plan (the bridge, local pods) and repairs kernel state that drifted. By
+    /// default: the plan applied again on a repair pass (a sync compares with the kernel).
     fn tick<'a>(
         &'a mut self,
         nl: &'a Netlink,
         node: &'a Node<'a>,
         plan: &'a Plan,
         repair: bool,
-    ) -> LocalBoxFuture<'a, Result<(), Error>>;
+    ) -> LocalBoxFuture<'a, Result<(), Error>> {
+        Box::pin(async move {
+            if repair {
+                self.apply(nl, node, plan).await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// Starts the dataplane `--dataplane` asks for, falling back from eBPF to netlink where eBPF

@@ -261,19 +261,4 @@ impl super::Dataplane for KernelDataplane {
     ) -> futures::future::LocalBoxFuture<'a, Result<SyncReport, Error>> {
         Box::pin(self.sync(nl, &plan.desired))
     }
-
-    fn tick<'a>(
-        &'a mut self,
-        nl: &'a Netlink,
-        _node: &'a super::Node<'a>,
-        plan: &'a crate::plan::Plan,
-        repair: bool,
-    ) -> futures::future::LocalBoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            if repair {
-                self.sync(nl, &plan.desired).await?;
-            }
-            Ok(())
-        })
-    }
 }

@@ -547,21 +547,6 @@ impl super::Dataplane for WireguardDevice {
     ) -> futures::future::LocalBoxFuture<'a, Result<SyncReport, Error>> {
         Box::pin(self.sync(&plan.wg_peers))
     }
-
-    fn tick<'a>(
-        &'a mut self,
-        _nl: &'a Netlink,
-        _node: &'a super::Node<'a>,
-        plan: &'a crate::plan::Plan,
-        repair: bool,
-    ) -> futures::future::LocalBoxFuture<'a, Result<(), Error>> {
-        Box::pin(async move {
-            if repair {
-                self.sync(&plan.wg_peers).await?;
-            }
-            Ok(())
-        })
-    }
 }
 
 #[cfg(test)]
