@@ -47,6 +47,8 @@ struct State {
     tokens: Option<BTreeSet<String>>,
     /// Every bearer token presented.
     seen_tokens: BTreeSet<String>,
+    /// Every User-Agent seen.
+    user_agents: BTreeSet<String>,
     /// Requests refused with 401.
     unauthorized: u64,
 }
@@ -155,6 +157,17 @@ impl FakeKube {
             .lock()
             .expect("state lock")
             .seen_tokens
+            .clone()
+    }
+
+    /// Every User-Agent header seen so far.
+    #[must_use]
+    pub fn user_agents(&self) -> BTreeSet<String> {
+        self.shared
+            .0
+            .lock()
+            .expect("state lock")
+            .user_agents
             .clone()
     }
 
@@ -297,6 +310,7 @@ struct Request {
     content_type: String,
     /// The bearer token, if any.
     token: Option<String>,
+    user_agent: Option<String>,
     body: Vec<u8>,
 }
 
@@ -316,6 +330,7 @@ fn read_request(conn: &mut impl Conn) -> Result<Request> {
     let mut len = 0;
     let mut content_type = String::new();
     let mut token = None;
+    let mut user_agent = None;
     loop {
         let mut h = String::new();
         reader.read_line(&mut h)?;
@@ -330,6 +345,7 @@ fn read_request(conn: &mut impl Conn) -> Result<Request> {
                 "authorization" => {
                     token = v.trim().strip_prefix("Bearer ").map(str::to_string);
                 }
+                "user-agent" => user_agent = Some(v.trim().to_string()),
                 _ => {}
             }
         }
@@ -343,6 +359,7 @@ fn read_request(conn: &mut impl Conn) -> Result<Request> {
         query,
         content_type,
         token,
+        user_agent,
         body,
     })
 }
@@ -398,6 +415,9 @@ fn serve(shared: &Shared, stop: &AtomicBool, mut conn: impl Conn) -> Result<()> 
         st.log.push(format!("{} {}", req.method, req.target));
         if let Some(t) = &req.token {
             st.seen_tokens.insert(t.clone());
+        }
+        if let Some(ua) = &req.user_agent {
+            st.user_agents.insert(ua.clone());
         }
         if st.down {
             drop(st);

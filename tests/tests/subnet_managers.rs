@@ -47,6 +47,14 @@ fn routes_of(tb: &Testbed, i: usize) -> Result<usize> {
 fn kube_nodes_carry_the_leases_and_interoperate_with_stock_flannel() -> Result<()> {
     let mut tb = kube_testbed("kube", &[Ebpf, Ebpf, Stock])?;
     let api = tb.kube.as_ref().context("fake API")?;
+    // The agent names itself to the API server.
+    ensure!(
+        api.user_agents()
+            .iter()
+            .any(|ua| ua.starts_with("flannel-agent/")),
+        "User-Agents seen: {:?}",
+        api.user_agents()
+    );
     // Each agent published its lease in its node's annotations, as flanneld does.
     for i in 0..2 {
         let name = format!("n{}", i + 1);
