@@ -48,12 +48,10 @@ fn kube_nodes_carry_the_leases_and_interoperate_with_stock_flannel() -> Result<(
     let mut tb = kube_testbed("kube", &[Ebpf, Ebpf, Stock])?;
     let api = tb.kube.as_ref().context("fake API")?;
     // The agent names itself to the API server.
+    let agents = api.user_agents();
     ensure!(
-        api.user_agents()
-            .iter()
-            .any(|ua| ua.starts_with("flannel-agent/")),
-        "User-Agents seen: {:?}",
-        api.user_agents()
+        agents.iter().any(|ua| ua.starts_with("flannel-agent/")),
+        "{agents:?}"
     );
     // Each agent published its lease in its node's annotations, as flanneld does.
     for i in 0..2 {
