@@ -47,12 +47,6 @@ fn routes_of(tb: &Testbed, i: usize) -> Result<usize> {
 fn kube_nodes_carry_the_leases_and_interoperate_with_stock_flannel() -> Result<()> {
     let mut tb = kube_testbed("kube", &[Ebpf, Ebpf, Stock])?;
     let api = tb.kube.as_ref().context("fake API")?;
-    // The agent names itself to the API server.
-    let agents = api.user_agents();
-    ensure!(
-        agents.iter().any(|ua| ua.starts_with("flannel-agent/")),
-        "{agents:?}"
-    );
     // Each agent published its lease in its node's annotations, as flanneld does.
     for i in 0..2 {
         let name = format!("n{}", i + 1);
@@ -313,6 +307,12 @@ fn kube_clients_page_lists_refresh_exec_tokens_and_merge_kubeconfigs() -> Result
     ensure!(
         exec_tokens(&tb) >= 1,
         "the exec plugin's token was never used"
+    );
+    // The agents name themselves to the API server.
+    let agents = api.user_agents();
+    ensure!(
+        !agents.is_empty() && agents.iter().all(|ua| ua.starts_with("flannel-agent/")),
+        "{agents:?}"
     );
     // Past the first tokens' expiry: a node's lease goes away, and every agent (the exec one
     // with a fresh token) still follows the change.
