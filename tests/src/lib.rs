@@ -1144,6 +1144,14 @@ impl Testbed {
         Ok(())
     }
 
+    /// True if node `i`'s agent is running (started and not exited).
+    pub fn agent_alive(&mut self, i: usize) -> bool {
+        self.agents
+            .iter_mut()
+            .find(|(n, _)| *n == i)
+            .is_some_and(|(_, child)| matches!(child.try_wait(), Ok(None)))
+    }
+
     /// Stops the agent of node `i` with `signal` and waits for it to exit.
     pub fn stop_agent(
         &mut self,
@@ -1221,6 +1229,30 @@ impl Testbed {
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+
+    /// Node `i`'s pinned links: file name (`link-<program>-if<ifindex>…`) → (link ID, program
+    /// ID), from `bpftool link show pinned`. The same link ID across an agent restart means the
+    /// attachment was adopted, not recreated; a new program ID, that its program was replaced.
+    pub fn pinned_links(&self, i: usize) -> Result<BTreeMap<String, (u64, u64)>> {
+        let mut links = BTreeMap::new();
+        for entry in fs::read_dir(self.nodes[i].pins())? {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if !name.starts_with("link-") {
+                continue;
+            }
+            let info: serde_json::Value = serde_json::from_str(&run(
+                "bpftool",
+                &["-j", "link", "show", "pinned", &path.to_string_lossy()],
+            )?)?;
+            let id = |k: &str| info[k].as_u64().unwrap_or(0);
+            links.insert(name, (id("id"), id("prog_id")));
+        }
+        Ok(links)
     }
 
     /// The entries of node `i`'s pinned map `map` as `bpftool` formats them from BTF

@@ -33,7 +33,9 @@ impl TestCa {
     ) -> Result<(rcgen::Certificate, rcgen::KeyPair)> {
         let key = rcgen::KeyPair::generate()?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, cn);
         if let Some(ip) = ip {
             params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
         }
