@@ -557,7 +557,8 @@ fn cases(object: &[u8]) -> Result<(Vec<EbpfDataplane>, Vec<Case>)> {
     let pod_b = Endpoint {
         ifindex: 42,
         mac: [0x02, 0, 0, 0, 0, 0x22],
-        _pad0: [0; 2],
+        flags: 0,
+        _pad0: 0,
     };
     b.sync_endpoints(&[(POD_B.into(), pod_b)].into())?;
     // An MTU-sized pod packet and the VXLAN frame carrying it.

@@ -2,7 +2,7 @@
 //! the default route), through rtnetlink.
 use std::net::{IpAddr, Ipv4Addr};
 
-use flannel_ebpf_common::Endpoint;
+use flannel_ebpf_common::{Endpoint, endpoint};
 use futures::TryStreamExt as _;
 use ipnet::Ipv4Net;
 use regex::Regex;
@@ -11,7 +11,7 @@ use rtnetlink::{
     packet_route::{
         AddressFamily,
         address::AddressAttribute,
-        link::{LinkAttribute, LinkFlags},
+        link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
         route::RouteAttribute,
     },
@@ -30,6 +30,8 @@ pub struct Link {
     /// The bridge (or bond) this interface is a port of: a pod's veth behind `cni0`, say.
     pub controller: Option<u32>,
     pub loopback: bool,
+    /// A veth whose peer is in another network namespace (a pod's, for a `cni0` port).
+    pub veth_to_other_netns: bool,
 }
 
 /// The chosen uplink and its IPv4 address.
@@ -124,9 +126,18 @@ impl Netlink {
                     up: m.header.flags.contains(LinkFlags::Up),
                     controller: None,
                     loopback: m.header.flags.contains(LinkFlags::Loopback),
+                    veth_to_other_netns: false,
                 };
+                let (mut veth, mut peer_netns) = (false, false);
                 for attr in m.attributes {
                     match attr {
+                        LinkAttribute::LinkInfo(infos) => {
+                            veth = infos
+                                .iter()
+                                .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                        }
+                        // Present when the link's peer lives in another namespace.
+                        LinkAttribute::LinkNetNsId(_) => peer_netns = true,
                         LinkAttribute::IfName(name) => link.name = name,
                         LinkAttribute::Controller(c) => link.controller = Some(c),
                         LinkAttribute::Mtu(mtu) => link.mtu = mtu,
@@ -134,6 +145,7 @@ impl Netlink {
                         _ => {}
                     }
                 }
+                link.veth_to_other_netns = veth && peer_netns;
                 link
             })
             .collect())
@@ -338,6 +350,14 @@ impl Netlink {
     ) -> Result<std::collections::BTreeMap<Ipv4Addr, Endpoint>, Error> {
         let arp = self.neighbours(AddressFamily::Inet).await?;
         let fdb = self.neighbours(AddressFamily::Bridge).await?;
+        // Ports that are veths to another namespace take `bpf_redirect_peer`.
+        let peer_ports: std::collections::HashSet<u32> = self
+            .links()
+            .await?
+            .into_iter()
+            .filter(|l| l.veth_to_other_netns && l.controller == Some(bridge))
+            .map(|l| l.index)
+            .collect();
         // Learnt (not permanent) entries of the bridge's ports: MAC → port.
         let ports: std::collections::HashMap<[u8; 6], u32> = fdb
             .iter()
@@ -362,7 +382,12 @@ impl Netlink {
                     Endpoint {
                         ifindex,
                         mac,
-                        _pad0: [0; 2],
+                        flags: if peer_ports.contains(&ifindex) {
+                            endpoint::PEER
+                        } else {
+                            0
+                        },
+                        _pad0: 0,
                     },
                 ))
             })
@@ -520,6 +545,7 @@ mod tests {
             up: true,
             controller,
             loopback: name == "lo",
+            veth_to_other_netns: false,
         }
     }
 

@@ -619,7 +619,8 @@ fn from_wire_delivers_learnt_pods_straight_to_their_veth() {
         Endpoint {
             ifindex: 42,
             mac: pod_mac,
-            _pad0: [0; 2],
+            flags: 0,
+            _pad0: 0,
         },
     )]
     .into();
@@ -1183,7 +1184,8 @@ fn check_decap(kind: u8, frame: &[u8], inner: &[u8], overhead: usize, tunnel_hop
             Endpoint {
                 ifindex: 42,
                 mac: pod_mac,
-                _pad0: [0; 2],
+                flags: 0,
+                _pad0: 0,
             },
         )]
         .into(),

@@ -595,7 +595,8 @@ fn node_b_of(kind: u8) -> EbpfDataplane {
             Endpoint {
                 ifindex: POD_B_IFINDEX,
                 mac: POD_B_MAC,
-                _pad0: [0; 2],
+                flags: 0,
+                _pad0: 0,
             },
         )]
         .into(),

@@ -315,7 +315,17 @@ pub struct Endpoint {
     pub ifindex: u32,
     /// The pod's MAC.
     pub mac: [u8; 6],
-    pub _pad0: [u8; 2],
+    /// [`endpoint`] flags (0 in entries of agents that knew none: plain redirection).
+    pub flags: u8,
+    pub _pad0: u8,
+}
+
+/// [`Endpoint::flags`].
+pub mod endpoint {
+    /// The port is a veth whose peer (the pod's interface) lives in another network namespace:
+    /// `bpf_redirect_peer` can put a packet straight into the pod's ingress, skipping the
+    /// host-side veth's transmit and the backlog queue.
+    pub const PEER: u8 = 1;
 }
 
 /// One per-CPU counter of `FLANNEL_STATS`, indexed by [`stats_slot`] of program and [`reason`].

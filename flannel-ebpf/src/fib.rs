@@ -1,7 +1,7 @@
 //! Forwarding out of a device with the kernel's neighbour resolution.
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, bpf_redir_neigh, bpf_redir_neigh__bindgen_ty_1},
-    helpers::{bpf_redirect, bpf_redirect_neigh},
+    helpers::{bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer},
 };
 use flannel_ebpf_common::reason;
 
@@ -42,6 +42,20 @@ pub fn redirect_neigh_via(ifindex: u32, next_hop: [u8; 4]) -> Result<i32, u32> {
             0,
         )
     } as i32;
+    if action == TC_ACT_REDIRECT {
+        Ok(action)
+    } else {
+        Err(reason::DROP_REDIRECT)
+    }
+}
+
+/// Redirects the packet into the ingress of the peer of veth `ifindex` (the pod's interface, in
+/// the pod's namespace), as if the pod had received it there.
+#[inline(always)]
+pub fn redirect_peer(ifindex: u32) -> Result<i32, u32> {
+    // SAFETY: plain helper call; flags must be 0. Valid at tc ingress only (our caller's hook):
+    // the packet enters the peer device of `ifindex` (in its namespace) as received.
+    let action = unsafe { bpf_redirect_peer(ifindex, 0) } as i32;
     if action == TC_ACT_REDIRECT {
         Ok(action)
     } else {

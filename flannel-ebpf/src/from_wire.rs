@@ -16,7 +16,7 @@ use aya_ebpf::{
     helpers::bpf_xdp_adjust_head,
     programs::{TcContext, XdpContext},
 };
-use flannel_ebpf_common::{NodeConfig, backend, ipip, program, reason, udp, vxlan};
+use flannel_ebpf_common::{NodeConfig, backend, endpoint, ipip, program, reason, udp, vxlan};
 use network_types::eth::EthHdr;
 
 use crate::{
@@ -334,7 +334,14 @@ fn deliver_local(
             (*eth).dst_addr = ep.mac;
             (*eth).src_addr = cfg.cni_mac;
         }
-        return fib::redirect(ep.ifindex).map(|action| (action, direct));
+        // Straight into the pod's namespace where the port is a veth to another one; else out
+        // of the port.
+        let redirected = if ep.flags & endpoint::PEER != 0 {
+            fib::redirect_peer(ep.ifindex)
+        } else {
+            fib::redirect(ep.ifindex)
+        };
+        return redirected.map(|action| (action, direct));
     }
     fib::redirect_neigh(cfg.cni_ifindex).map(|action| (action, bridged))
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use anyhow::{Result, ensure};
 use flannel_tests::{
     NodeKind::{Ebpf, Stock},
-    Options, Pod, Testbed, agent_bin, can_connect, ip, link_packets, ping, run, summarize,
+    Options, Pod, Testbed, agent_bin, can_connect, in_ns, ip, link_packets, ping, run, summarize,
     tcp_echo, wait_for,
 };
 use nix::sys::signal::Signal;
@@ -55,6 +55,34 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
     }
     // A large transfer: GSO segments must survive encapsulation.
     tcp_echo(&pods[0], &pods[5], 32 * MIB)?;
+    // Decapsulated packets enter the pod's namespace straight from the uplink's tc program
+    // (bpf_redirect_peer): the pod's host-side veth transmits none of 200 echo requests.
+    let endpoints = tb.pinned_entries(0, "FLANNEL_ENDPTS")?;
+    ensure!(
+        !endpoints.is_empty() && endpoints.iter().all(|e| e["value"]["flags"] == 1),
+        "endpoints not marked for peer redirection: {endpoints:?}"
+    );
+    let (_, tx_before) = link_packets(&tb.nodes[0].netns, "veth1")?;
+    in_ns(
+        &pods[5].netns,
+        "ping",
+        &[
+            "-q",
+            "-c",
+            "200",
+            "-i",
+            "0.005",
+            "-W",
+            "1",
+            &pods[0].ip.to_string(),
+        ],
+    )?;
+    let (_, tx_after) = link_packets(&tb.nodes[0].netns, "veth1")?;
+    ensure!(
+        tx_after - tx_before < 20,
+        "the host-side veth transmitted {} packets: delivered by redirect, not into the peer",
+        tx_after - tx_before
+    );
     // The nodes' own traffic (e.g. NodePort after DNAT) reaches remote pods, as over flannel.1.
     host_traffic(&tb, 0, &pods[4])?;
     let routes = ip(&tb.nodes[0].netns, "route show proto 102")?;
