@@ -157,6 +157,9 @@ pub mod prog_name {
     pub const FROM_WIRE_XDP: &str = "from_wire_xdp";
     /// tc egress on the uplink: masquerade of pod traffic leaving the Network (`--ip-masq`).
     pub const TO_WIRE: &str = "to_wire";
+    /// tc ingress on each learnt pod's host-side veth: `from_pods` before the bridge, so that
+    /// pod traffic to other nodes never enters `cni0`.
+    pub const FROM_POD_VETH: &str = "from_pod_veth";
 }
 
 /// The programs, as counters tell them apart: `FLANNEL_STATS` is indexed by
@@ -171,8 +174,9 @@ pub mod program {
     /// programs leave to the stack (outer fragments, outer IP options). It counts its verdicts in
     /// the same map, so `--stats` and the metrics show them beside the programs'.
     pub const SLOW_PATH: u32 = 5;
+    pub const FROM_POD_VETH: u32 = 6;
     /// Number of programs.
-    pub const COUNT: u32 = 6;
+    pub const COUNT: u32 = 7;
     /// Programs `FLANNEL_STATS` has room for (new programs keep the map's shape).
     pub const SLOTS: u32 = 8;
     /// Names, indexed by program (as in [`super::prog_name`]).
@@ -183,6 +187,7 @@ pub mod program {
         super::prog_name::FROM_WIRE_XDP,
         super::prog_name::TO_WIRE,
         "slow_path",
+        super::prog_name::FROM_POD_VETH,
     ];
 }
 

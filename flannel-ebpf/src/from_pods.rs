@@ -1,5 +1,6 @@
-//! tc ingress on `cni0`: packets from local pods addressed (through the gateway) to pods on other
-//! nodes leave straight out of the uplink, encapsulated as the remote subnet's route says (VXLAN,
+//! tc ingress on `cni0` (and on each learnt pod's host-side veth, before the bridge): packets
+//! from local pods addressed (through the gateway) to pods on other nodes leave straight out of
+//! the uplink, encapsulated as the remote subnet's route says (VXLAN,
 //! IPIP, udp) or unencapsulated to the remote node (host-gw, DirectRouting). [`to_remote`] is
 //! shared with `from_host`.
 use aya_ebpf::{
@@ -48,6 +49,15 @@ const UDP_OUTER_TTL: u8 = 64;
 
 pub fn run(ctx: &TcContext) -> i32 {
     tc_counted(ctx, program::FROM_PODS, |ctx, cfg| {
+        to_remote(ctx, cfg, false)
+    })
+}
+
+/// The same at a pod's host-side veth (tc ingress), before the bridge: what it sends on leaves
+/// the node without entering `cni0`; what it passes goes on into the bridge (and is seen again
+/// by [`run`], counted under its own program).
+pub fn run_veth(ctx: &TcContext) -> i32 {
+    tc_counted(ctx, program::FROM_POD_VETH, |ctx, cfg| {
         to_remote(ctx, cfg, false)
     })
 }

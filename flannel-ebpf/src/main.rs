@@ -36,6 +36,11 @@ pub fn from_pods(ctx: TcContext) -> i32 {
 }
 
 #[classifier]
+pub fn from_pod_veth(ctx: TcContext) -> i32 {
+    from_pods::run_veth(&ctx)
+}
+
+#[classifier]
 pub fn from_host(ctx: TcContext) -> i32 {
     from_host::run(&ctx)
 }

@@ -193,7 +193,9 @@ fn take_over(reply: &NatKey, back: &NatEntry, now: u64) -> bool {
     // SAFETY: as above.
     let (out_flags, out_seen) = FLANNEL_NAT
         .get_ptr(&original)
-        .map_or((nat::CLOSING, 0), |o| unsafe { ((*o).flags, (*o).last_seen) });
+        .map_or((nat::CLOSING, 0), |o| unsafe {
+            ((*o).flags, (*o).last_seen)
+        });
     let idle = now.saturating_sub(last_seen.max(out_seen));
     let over = if reply.proto == IPPROTO_TCP {
         // Both directions' TCP state: a reset either way, or a FIN each way.

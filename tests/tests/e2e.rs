@@ -55,6 +55,20 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
     }
     // A large transfer: GSO segments must survive encapsulation.
     tcp_echo(&pods[0], &pods[5], 32 * MIB)?;
+    // Pod traffic to other nodes leaves from the pod's veth (from_pod_veth), never entering cni0
+    // (from_pods there encapsulates none of it).
+    let encapsulated = |tb: &Testbed| -> Result<(u64, u64)> {
+        let stats = tb.stats(0)?;
+        let n = |k: &str| stats.get(k).copied().unwrap_or(0);
+        Ok((n("from_pod_veth/encap_vxlan"), n("from_pods/encap_vxlan")))
+    };
+    let (veth_before, bridge_before) = encapsulated(&tb)?;
+    tcp_echo(&pods[0], &pods[5], MIB)?;
+    let (veth_after, bridge_after) = encapsulated(&tb)?;
+    ensure!(
+        veth_after > veth_before && bridge_after == bridge_before,
+        "encapsulated at the veth {veth_before} → {veth_after}, at cni0 {bridge_before} → {bridge_after}"
+    );
     // Decapsulated packets enter the pod's namespace straight from the uplink's tc program
     // (bpf_redirect_peer): the pod's host-side veth transmits none of 200 echo requests.
     let endpoints = tb.pinned_entries(0, "FLANNEL_ENDPTS")?;

@@ -1,7 +1,7 @@
 //! The eBPF dataplane: loads the programs, keeps maps and links pinned under
 //! `<pin-dir>/v<LAYOUT_VERSION>/` so that they outlive the agent, and reconciles the maps.
 use std::{
-    collections::{BTreeMap, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     fs,
     net::Ipv4Addr,
     path::{Path, PathBuf},
@@ -107,6 +107,8 @@ pub struct EbpfDataplane {
     pins: PinDir,
     /// What `FLANNEL_SUBNETS` holds (filled slots), read from the map once by the first sync.
     slots: Option<BTreeMap<u32, RemoteSubnet>>,
+    /// Pod ports `from_pod_veth` was attached to (or adopted on) by this process.
+    attached_ports: BTreeSet<u32>,
 }
 
 /// `NodeConfig::route_index_shift` for a Network whose subnets have `subnet_len` bits: 0 (no
@@ -166,6 +168,7 @@ impl EbpfDataplane {
             ebpf,
             pins,
             slots: None,
+            attached_ports: BTreeSet::new(),
         })
     }
 
@@ -202,6 +205,7 @@ impl EbpfDataplane {
             ebpf,
             pins: PinDir::new(Path::new("/nonexistent")),
             slots: None,
+            attached_ports: BTreeSet::new(),
         })
     }
 
@@ -216,6 +220,7 @@ impl EbpfDataplane {
             ebpf,
             pins: PinDir::new(Path::new("/nonexistent")),
             slots: None,
+            attached_ports: BTreeSet::new(),
         })
     }
 
@@ -447,6 +452,19 @@ impl EbpfDataplane {
     ) -> Result<(), Error> {
         let pin = self.pins.link(name, link.index, "");
         remove_pins(&self.pins.other_links(name, Some(&pin)));
+        self.attach_tc_pinned(name, link, direction, &pin)
+    }
+
+    /// Attaches `name` to `link` at tcx `direction` with its link pinned at `pin`, adopting (and
+    /// replacing the program of) a link already pinned there.
+    fn attach_tc_pinned(
+        &mut self,
+        name: &str,
+        link: &Link,
+        direction: TcAttachType,
+        pin: &Path,
+    ) -> Result<(), Error> {
+        let pin = pin.to_path_buf();
         let prog: &mut SchedClassifier = program(&mut self.ebpf, name)?;
         if pin.exists() {
             let adopted = adopt_pinned::<SchedClassifierLink>(&pin, |l| {
@@ -485,6 +503,36 @@ impl EbpfDataplane {
         pin_link(taken, &pin)?;
         info!(program = name, interface = %link.name, ?direction, "attached at tc");
         Ok(())
+    }
+
+    /// Makes `from_pod_veth` attached (tc ingress, pinned) on exactly `ports`: attached where
+    /// missing (an adopted pin gets the new program), detached and unpinned where a port is
+    /// gone or no longer a pod's. Returns how many were attached and removed.
+    pub fn sync_pod_ports(&mut self, ports: &[Link]) -> Result<(usize, usize), Error> {
+        let name = prog_name::FROM_POD_VETH;
+        let want: Vec<PathBuf> = ports
+            .iter()
+            .map(|l| self.pins.link(name, l.index, ""))
+            .collect();
+        let stale: Vec<PathBuf> = self
+            .pins
+            .other_links(name, None)
+            .into_iter()
+            .filter(|p| !want.contains(p))
+            .collect();
+        remove_pins(&stale);
+        let mut attached = 0;
+        for (port, pin) in ports.iter().zip(&want) {
+            if self.attached_ports.contains(&port.index) && pin.exists() {
+                continue;
+            }
+            self.attach_tc_pinned(name, port, TcAttachType::Ingress, pin)?;
+            self.attached_ports.insert(port.index);
+            attached += 1;
+        }
+        self.attached_ports
+            .retain(|i| ports.iter().any(|p| p.index == *i));
+        Ok((attached, stale.len()))
     }
 
     /// Detaches `name` from every interface it is pinned on (now, not when the kernel gets to
@@ -641,7 +689,12 @@ fn load_programs(ebpf: &mut Ebpf) -> Result<(), Error> {
         prog_name::FROM_HOST,
         prog_name::FROM_WIRE,
         prog_name::TO_WIRE,
+        prog_name::FROM_POD_VETH,
     ] {
+        if name == prog_name::FROM_POD_VETH && ebpf.program(name).is_none() {
+            // An older object (a cost baseline) without it.
+            continue;
+        }
         let prog: &mut SchedClassifier = program(ebpf, name)?;
         prog.load()
             .map_err(|source| prog_err(name, "verifying", source))?;

@@ -2,13 +2,13 @@
 //! plan, attached to the uplink and to `cni0`, and kept in step with the bridge, the local pods
 //! and the node's own routes into `cni0`.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     time::{Duration, Instant},
 };
 
 use aya::programs::TcAttachType;
-use flannel_ebpf_common::{NodeConfig, backend, prog_name};
+use flannel_ebpf_common::{Endpoint, NodeConfig, backend, prog_name};
 use futures::future::LocalBoxFuture;
 use ipnet::Ipv4Net;
 use tracing::{debug, info, warn};
@@ -205,7 +205,7 @@ impl EbpfNode {
             return Ok(());
         };
         // Local pods behind the bridge: learnt so that their packets skip it.
-        match nl
+        let learnt = nl
             .endpoints(link.index, plan.own.subnet)
             .await
             .and_then(|e| {
@@ -213,10 +213,16 @@ impl EbpfNode {
                     .map_entries
                     .get_or_create(&metrics::label("map", "endpoints"))
                     .set(i64::try_from(e.len()).unwrap_or(i64::MAX));
-                self.dp.sync_endpoints(&e)
-            }) {
-            Ok(report) if !report.is_empty() => debug!(%report, "local endpoints"),
-            Ok(_) => {}
+                let report = self.dp.sync_endpoints(&e)?;
+                Ok((e, report))
+            });
+        match learnt {
+            Ok((endpoints, report)) => {
+                if !report.is_empty() {
+                    debug!(%report, "local endpoints");
+                }
+                self.sync_pod_ports(nl, &endpoints).await;
+            }
             Err(e) => warn!("learning local endpoints: {e}"),
         }
         // The node's own routes into cni0: on every change, and every 10 s to repair them.
@@ -240,6 +246,34 @@ impl EbpfNode {
             }
         }
         Ok(())
+    }
+}
+
+impl EbpfNode {
+    /// `from_pod_veth` on the host-side veth of every learnt pod, so that its traffic to other
+    /// nodes never enters the bridge; taken off ports that are gone.
+    async fn sync_pod_ports(&mut self, nl: &Netlink, endpoints: &BTreeMap<Ipv4Addr, Endpoint>) {
+        let indexes: BTreeSet<u32> = endpoints.values().map(|e| e.ifindex).collect();
+        let ports: Vec<Link> = match nl.links().await {
+            Ok(links) => links
+                .into_iter()
+                .filter(|l| indexes.contains(&l.index))
+                .collect(),
+            Err(e) => {
+                warn!("listing pod ports: {e}");
+                return;
+            }
+        };
+        match self.dp.sync_pod_ports(&ports) {
+            Ok((attached, removed)) if attached + removed > 0 => {
+                info!(
+                    attached,
+                    removed, "pod ports: from_pod_veth before the bridge"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => warn!("attaching to pod ports: {e}; their traffic goes through cni0"),
+        }
     }
 }
 
