@@ -2,7 +2,7 @@
 //! the agent binary in `FLANNEL_AGENT_BIN`: `cargo xtask test` provides both.
 use std::time::Duration;
 
-use anyhow::{Result, ensure};
+use anyhow::{Context as _, Result, ensure};
 use flannel_tests::{
     NodeKind::{Ebpf, Stock},
     Options, Pod, Testbed, agent_bin, can_connect, in_ns, ip, link_packets, ping, run, summarize,
@@ -24,6 +24,22 @@ fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
 }
 
 /// `bpftool map dump` of a pinned map of node `i`.
+/// Waits until node `i`'s agent has `from_pod_veth` on `n` pod ports.
+fn wait_pod_ports(tb: &Testbed, i: usize, n: usize) -> Result<()> {
+    wait_for(
+        "from_pod_veth on the pod ports",
+        Duration::from_secs(10),
+        || {
+            tb.pinned_links(i).is_ok_and(|l| {
+                l.keys()
+                    .filter(|k| k.starts_with("link-from_pod_veth-"))
+                    .count()
+                    == n
+            })
+        },
+    )
+}
+
 fn dump_pinned(tb: &Testbed, i: usize, map: &str) -> Result<String> {
     let path = tb.nodes[i].pins().join(map);
     run(
@@ -205,6 +221,7 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
         .into_owned();
     let before = run("bpftool", &["map", "dump", "pinned", &routes])?;
 
+    wait_pod_ports(&tb, 0, 1)?;
     let links = tb.pinned_links(0)?;
     let status = tb.stop_agent(0, Signal::SIGTERM)?;
     ensure!(status.success(), "SIGTERM exit: {status}");
@@ -215,17 +232,16 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
 
     tb.start_agent(0)?;
     // The restarted agent adopted every attachment (same links) and put its own programs in
-    // them (new program IDs).
-    let after = tb.pinned_links(0)?;
-    ensure!(
-        after.keys().eq(links.keys()),
-        "links changed: {links:?} → {after:?}"
-    );
-    for (name, (link, prog)) in &links {
-        let (link_after, prog_after) = after[name];
-        ensure!(link_after == *link, "{name}: link recreated");
-        ensure!(prog_after != *prog, "{name}: program not replaced");
-    }
+    // them (new program IDs; the pod ports' at its first pass over the pods).
+    wait_for("every link adopted", Duration::from_secs(5), || {
+        tb.pinned_links(0).is_ok_and(|after| {
+            after.keys().eq(links.keys())
+                && links
+                    .iter()
+                    .all(|(name, (link, prog))| after[name].0 == *link && after[name].1 != *prog)
+        })
+    })
+    .with_context(|| format!("{links:?} → {:?}", tb.pinned_links(0)))?;
     ensure!(
         run("bpftool", &["map", "dump", "pinned", &routes])? == before,
         "routes changed across the restart"
@@ -265,6 +281,7 @@ fn lease_file_changes_update_only_the_maps() -> Result<()> {
         tb.nodes[2].pods[0].clone(),
     );
     tcp_echo(&p1, &p3, 256 * KIB)?;
+    wait_pod_ports(&tb, 0, 1)?;
     let links = tb.pinned_links(0)?;
     let entries = |map: &str| tb.pinned_entries(0, map).map_or(usize::MAX, |e| e.len());
 
