@@ -2,14 +2,16 @@
 //! the same time, measured in interleaved, rotated repetitions.
 //!
 //! Paths: baseline (node to node on the underlay), kernel-vxlan and kernel-host-gw (flanneld's
-//! kernel objects, the agent's netlink dataplane), ebpf-vxlan (native XDP decap),
-//! ebpf-vxlan-tc-decap and ebpf-vxlan-xdp-generic, ebpf-host-gw, ebpf-ipip, ebpf-udp, wireguard
+//! kernel objects, the agent's netlink dataplane), ebpf-vxlan (the default datapath: tc decap),
+//! ebpf-vxlan-xdp and ebpf-vxlan-xdp-generic (XDP decap, native and generic), ebpf-host-gw,
+//! ebpf-ipip, ebpf-udp, wireguard
 //! (wireguard-go), and pod to a host outside the pod network masqueraded (`--ip-masq`) by the
 //! eBPF dataplane (ebpf-masq) or by flanneld's iptables rules (iptables-masq), compared side by
 //! side in a table of their own, with the memory an entry of the eBPF masquerade table takes.
 //! Figures per path: TCP 1 and 4 streams (iperf3), `TCP_RR` 1-byte p50/p99 and rate, `TCP_CRR` rate,
-//! 64-byte UDP packet rate, busy CPU per Gbit/s, and the kernel's BPF run-time statistics per
-//! program; plus `BPF_PROG_TEST_RUN` cost per program, and the agent's memory and map-sync time at
+//! 64-byte UDP packet rate, busy CPU per Gbit/s, the CPU time stolen by the hypervisor, and the
+//! kernel's BPF run-time statistics per program; every ratio paired within a repetition, with its
+//! spread, and the datapath goals judged on them ([`crate::compare`]); plus `BPF_PROG_TEST_RUN` cost per program, and the agent's memory and map-sync time at
 //! 10, 1,000 and 5,000 leases.
 #![allow(
     clippy::cast_precision_loss,
@@ -26,7 +28,11 @@ use flannel_tests::{
 };
 use serde_json::{Value, json};
 
-use crate::{bootstrap::say, median};
+use crate::{
+    bootstrap::say,
+    compare::{self, Samples},
+    median,
+};
 
 struct Path_ {
     name: &'static str,
@@ -47,6 +53,8 @@ struct Sample {
     crr: f64,
     udp_pps: f64,
     cpu_per_gbit: f64,
+    /// The share of CPU time the hypervisor stole while the path was measured (`/proc/stat`).
+    steal_share: f64,
     /// BPF run time per packet during the 64-byte UDP run, by program.
     program_ns: BTreeMap<String, f64>,
     /// BPF run time per skb (GSO super-packets and ACKs) during the single-stream TCP run.
@@ -366,6 +374,7 @@ fn measure(
 ) -> Result<Sample> {
     let secs = f64::from(seconds);
     let mut s = Sample::default();
+    let steal0 = cpu_steal()?;
     progress("TCP, 1 stream");
     let perf = match profile {
         Some(dir) => Some(
@@ -403,7 +412,41 @@ fn measure(
     let before = bpf_stats(&p.nodes);
     s.udp_pps = traffic::udp_pps(&p.client, &p.server, secs.min(2.0), 64)?;
     s.program_ns = per_run(&before, &bpf_stats(&p.nodes));
+    let steal1 = cpu_steal()?;
+    s.steal_share = (steal1.0 - steal0.0) as f64 / ((steal1.1 - steal0.1).max(1)) as f64;
     Ok(s)
+}
+
+/// (steal, total) jiffies over all CPUs, from `/proc/stat`'s first line.
+fn cpu_steal() -> Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    anyhow::ensure!(v.len() >= 8, "/proc/stat: no steal column");
+    Ok((v[7], v.iter().take(8).sum()))
+}
+
+/// Each figure's samples of one path, by the key `results.json` gives it.
+fn figure_samples(samples: &[Sample]) -> Samples {
+    let column = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
+    Samples::from([
+        ("tcp_gbit_s", column(|s| s.tcp)),
+        ("tcp4_gbit_s", column(|s| s.tcp4)),
+        ("rr_p50_us", column(|s| s.rr_p50)),
+        ("rr_p99_us", column(|s| s.rr_p99)),
+        ("rr_per_s", column(|s| s.rr_per_s)),
+        ("crr_per_s", column(|s| s.crr)),
+        ("udp_pps", column(|s| s.udp_pps)),
+        ("cpu_per_gbit", column(|s| s.cpu_per_gbit)),
+        ("steal_share", column(|s| s.steal_share)),
+    ])
 }
 
 /// The agent's resident memory and map-sync time with `n` leases (fake peers added to its lease
@@ -899,11 +942,29 @@ pub struct Opts {
     pub cost_only: bool,
     /// Only the agent's memory and map sync at scale (`agent-scale.md` / `.json`).
     pub agent_only: bool,
+    /// An earlier run's `results.json`: print the change of every figure against it.
+    pub compare: Option<std::path::PathBuf>,
 }
 
 #[expect(clippy::too_many_lines, reason = "one linear report")]
 pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     let quick = opts.quick;
+    anyhow::ensure!(
+        opts.compare.is_none() || !(opts.agent_only || opts.cost_only),
+        "--compare compares the paths' figures: it needs a run that measures them (not --agent-only or --cost-only)"
+    );
+    // Read first: a typo in the path should not cost a whole run.
+    let old = match &opts.compare {
+        Some(file) => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("--compare {}", file.display()))?;
+            Some(
+                serde_json::from_str::<Value>(&text)
+                    .with_context(|| format!("--compare {}: not JSON", file.display()))?,
+            )
+        }
+        None => None,
+    };
     if opts.agent_only {
         return agent_only(quick, out);
     }
@@ -973,8 +1034,8 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
             nodes: Vec::new(),
         },
         path("kernel-vxlan", &vx_tc, 2, 3),
-        path("ebpf-vxlan", &vx_xdp, 0, 1),
-        path("ebpf-vxlan-tc-decap", &vx_tc, 0, 1),
+        path("ebpf-vxlan", &vx_tc, 0, 1),
+        path("ebpf-vxlan-xdp", &vx_xdp, 0, 1),
         path("ebpf-vxlan-xdp-generic", &vx_gen, 0, 1),
         path("kernel-host-gw", &hg, 2, 3),
         path("ebpf-host-gw", &hg, 0, 1),
@@ -1061,20 +1122,20 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     drop(stats_on);
     let (agent, agent_rows, scrapes) = agent_report(quick)?;
     // Report.
-    let idx = |name: &str| paths.iter().position(|p| p.name == name).expect("path");
     let field =
         |i: usize, f: fn(&Sample) -> f64| -> Vec<f64> { samples[i].iter().map(f).collect() };
-    let paired = |a: usize, b: usize, f: fn(&Sample) -> f64| -> f64 {
-        let mut r: Vec<f64> = samples[a]
-            .iter()
-            .zip(&samples[b])
-            .map(|(x, y)| f(x) / f(y))
-            .collect();
-        median(&mut r)
-    };
-    let (kv, base) = (idx("kernel-vxlan"), idx("baseline"));
+    let by_path: BTreeMap<&str, Samples> = paths
+        .iter()
+        .zip(&samples)
+        .map(|(p, s)| (p.name, figure_samples(s)))
+        .collect();
+    let order: Vec<&str> = paths.iter().map(|p| p.name).collect();
+    let (ratio_md, ratios) = compare::ratio_table(&order, &by_path);
+    let (goals_md, goals) = compare::goals(&by_path);
+    let steal: Vec<f64> = samples.iter().flatten().map(|s| s.steal_share).collect();
+    let (steal_median, _, steal_max) = stats(&steal);
     let mut table = String::from(
-        "| path | TCP Gbit/s (min–max) | 4 streams | RR p50 µs | RR p99 µs | RR/s | CRR/s | UDP kpps | CPU cores per Gbit/s | TCP ÷ kernel-vxlan | TCP ÷ baseline | RR p50 ÷ kernel-vxlan |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| path | TCP Gbit/s (min–max) | 4 streams | RR p50 µs | RR p99 µs | RR/s | CRR/s | UDP kpps | CPU cores per Gbit/s |\n|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut json_paths = serde_json::Map::new();
     for (i, p) in paths.iter().enumerate() {
@@ -1086,14 +1147,11 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         let crr = stats(&field(i, |s| s.crr)).0;
         let pps = stats(&field(i, |s| s.udp_pps)).0;
         let cpu = stats(&field(i, |s| s.cpu_per_gbit)).0;
-        let vs_kernel = paired(i, kv, |s| s.tcp);
-        let vs_base = paired(i, base, |s| s.tcp);
-        let rr_vs_kernel = paired(i, kv, |s| s.rr_p50);
         let program_ns = median_by_program(&samples[i], |s| &s.program_ns);
         let program_ns_tcp = median_by_program(&samples[i], |s| &s.program_ns_tcp);
         let _ = writeln!(
             table,
-            "| {} | {tcp:.2} ({lo:.2}–{hi:.2}) | {tcp4:.2} | {p50:.0} | {p99:.0} | {rrs:.0} | {crr:.0} | {:.0} | {cpu:.2} | {vs_kernel:.2} | {vs_base:.2} | {rr_vs_kernel:.2} |",
+            "| {} | {tcp:.2} ({lo:.2}–{hi:.2}) | {tcp4:.2} | {p50:.0} | {p99:.0} | {rrs:.0} | {crr:.0} | {:.0} | {cpu:.2} |",
             p.name,
             pps / 1e3
         );
@@ -1103,15 +1161,15 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
                 "tcp_gbit_s": tcp, "tcp4_gbit_s": tcp4, "rr_p50_us": p50, "rr_p99_us": p99,
                 "rr_per_s": rrs, "crr_per_s": crr, "udp_pps": pps, "cpu_per_gbit": cpu,
                 "program_ns": program_ns, "program_ns_tcp_skb": program_ns_tcp,
-                "tcp_over_kernel_vxlan": vs_kernel, "tcp_over_baseline": vs_base,
-                "rr_p50_over_kernel_vxlan": rr_vs_kernel,
-                "samples_tcp_gbit_s": field(i, |s| s.tcp),
+                "ratios": ratios[p.name], "samples": by_path[p.name],
             }),
         );
     }
     let _ = write!(
         table,
-        "\nMedians of {reps} interleaved, rotated repetition(s) of {seconds} s per figure; ratios are medians of paired ratios within a repetition. {elapsed:.0} s of measurements.\n\nBPF run time from `kernel.bpf_stats_enabled` (ns per run): per packet during the 64-byte UDP run, and per skb (GSO super-packets and ACKs) during the single-stream TCP run:\n\n| path | per 64-byte packet | per skb in TCP |\n|---|---|---|\n"
+        "\nMedians of {reps} interleaved, rotated repetition(s) of {seconds} s per figure. {elapsed:.0} s of measurements; CPU time stolen by the hypervisor while a path was measured: median {:.1} %, at most {:.1} %.\n\nRatios to the baseline (node to node on the underlay) and to kernel-vxlan (flanneld's device), each the median of the ratios paired within a repetition (the two paths measured a few seconds apart), with the min–max over repetitions (RR p50 and CPU per Gbit/s: lower is better):\n\n{ratio_md}{goals_md}\nBPF run time from `kernel.bpf_stats_enabled` (ns per run): per packet during the 64-byte UDP run, and per skb (GSO super-packets and ACKs) during the single-stream TCP run:\n\n| path | per 64-byte packet | per skb in TCP |\n|---|---|---|\n",
+        steal_median * 100.0,
+        steal_max * 100.0
     );
     for p in &paths {
         let list = |key: &str| -> String {
@@ -1201,9 +1259,17 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("results.md"), &table)?;
+    let compared = old.as_ref().map(|old| {
+        let new = json!({"paths": json_paths, "path_order": order,
+            "conditions": {"path_names": 2},
+            "test_run_net_ns": costs.programs.iter().map(|c| (c.name.clone(), json!(c.net_ns))).collect::<serde_json::Map<_, _>>()});
+        compare::compare(old, &new)
+    });
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let results = json!({
         "paths": json_paths,
+        "path_order": order,
+        "goals": goals,
         "agent": agent,
         "masquerade": masquerade,
         "test_run_ns": costs.programs.iter().map(|c| (c.name.clone(), json!(c.median_ns))).collect::<serde_json::Map<_, _>>(),
@@ -1215,6 +1281,9 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
             "kernel": kernel.trim(),
             "cpus": std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
             "underlay_mtu": flannel_tests::UNDERLAY_MTU, "reps": reps, "seconds": seconds,
+            "cpu_steal_share_median": steal_median, "cpu_steal_share_max": steal_max,
+            // 2: ebpf-vxlan is the default datapath (tc decap), ebpf-vxlan-xdp native XDP.
+            "path_names": 2,
             "underlay": "veth pairs on a Linux bridge in a namespace; GSO/GRO at veth defaults (TSO on)",
         },
     });
@@ -1227,6 +1296,11 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         "wrote {0}/results.md, {0}/results.json and {0}/chart.svg",
         out.display()
     ));
+    if let (Some((md, _)), Some(file)) = (compared, &opts.compare) {
+        println!("\nAgainst {}:\n\n{md}", file.display());
+        std::fs::write(out.join("compare.md"), &md)?;
+        say(&format!("wrote {}/compare.md", out.display()));
+    }
     Ok(())
 }
 
@@ -1284,6 +1358,52 @@ fn chart(paths: &[Path_], results: &serde_json::Map<String, Value>) -> String {
     bars(&mut s, &mut y, "rr_p50_us", max_rr, 0);
     s.push_str("</svg>\n");
     s
+}
+
+/// The agent's memory, map sync and `/metrics` scrapes at 10, 1,000 and 5,000 leases: the JSON,
+/// the table rows, and the scrapes per lease count.
+fn agent_report(quick: bool) -> Result<(serde_json::Map<String, Value>, String, u32)> {
+    say(
+        "measuring the agent's memory, map sync and /metrics scrapes (once a second) at 10, 1,000 and 5,000 leases",
+    );
+    let mut agent = serde_json::Map::new();
+    let mut agent_rows = String::new();
+    let scrapes = if quick { 5 } else { 20 };
+    for n in [10, 1000, 5000] {
+        let a = agent_scale(n, scrapes)?;
+        let (rss, ms, (p50, worst), cpu) = (a.rss_mib, a.sync_ms, a.scrape_ms, a.cpu_share);
+        agent.insert(
+            n.to_string(),
+            json!({"rss_mib": rss, "map_sync_ms": ms, "scrape_ms_p50": p50,
+                   "scrape_ms_max": worst, "cpu_share_scraped": cpu}),
+        );
+        let _ = writeln!(
+            agent_rows,
+            "| {n} | {rss:.1} | {ms:.1} | {p50:.2} | {worst:.2} | {:.2} |",
+            cpu * 100.0
+        );
+    }
+    Ok((agent, agent_rows, scrapes))
+}
+
+/// `--agent-only`: [`agent_report`] alone, into `agent-scale.md` / `.json`.
+pub fn agent_only(quick: bool, out: &Path) -> Result<()> {
+    let (agent, rows, scrapes) = agent_report(quick)?;
+    let md = format!(
+        "Agent (static lease file, one change adding every lease; then `/metrics` scraped once a second, {scrapes} times; RSS after the scrapes; targets: RSS ≤ 30 MiB, map sync ≤ 1 s, scrape ≤ 10 ms):\n\n| leases | RSS MiB | map sync ms | scrape ms (median) | scrape ms (slowest) | agent CPU % while scraped |\n|---|---|---|---|---|---|\n{rows}"
+    );
+    println!("{md}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("agent-scale.md"), &md)?;
+    std::fs::write(
+        out.join("agent-scale.json"),
+        serde_json::to_string_pretty(&agent)?,
+    )?;
+    say(&format!(
+        "wrote {0}/agent-scale.md and {0}/agent-scale.json",
+        out.display()
+    ));
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1359,50 +1479,4 @@ mod tests {
         );
         assert!(v["met"].is_null() && v["measured"] == false);
     }
-}
-
-/// The agent's memory, map sync and `/metrics` scrapes at 10, 1,000 and 5,000 leases: the JSON,
-/// the table rows, and the scrapes per lease count.
-fn agent_report(quick: bool) -> Result<(serde_json::Map<String, Value>, String, u32)> {
-    say(
-        "measuring the agent's memory, map sync and /metrics scrapes (once a second) at 10, 1,000 and 5,000 leases",
-    );
-    let mut agent = serde_json::Map::new();
-    let mut agent_rows = String::new();
-    let scrapes = if quick { 5 } else { 20 };
-    for n in [10, 1000, 5000] {
-        let a = agent_scale(n, scrapes)?;
-        let (rss, ms, (p50, worst), cpu) = (a.rss_mib, a.sync_ms, a.scrape_ms, a.cpu_share);
-        agent.insert(
-            n.to_string(),
-            json!({"rss_mib": rss, "map_sync_ms": ms, "scrape_ms_p50": p50,
-                   "scrape_ms_max": worst, "cpu_share_scraped": cpu}),
-        );
-        let _ = writeln!(
-            agent_rows,
-            "| {n} | {rss:.1} | {ms:.1} | {p50:.2} | {worst:.2} | {:.2} |",
-            cpu * 100.0
-        );
-    }
-    Ok((agent, agent_rows, scrapes))
-}
-
-/// `--agent-only`: [`agent_report`] alone, into `agent-scale.md` / `.json`.
-pub fn agent_only(quick: bool, out: &Path) -> Result<()> {
-    let (agent, rows, scrapes) = agent_report(quick)?;
-    let md = format!(
-        "Agent (static lease file, one change adding every lease; then `/metrics` scraped once a second, {scrapes} times; RSS after the scrapes; targets: RSS ≤ 30 MiB, map sync ≤ 1 s, scrape ≤ 10 ms):\n\n| leases | RSS MiB | map sync ms | scrape ms (median) | scrape ms (slowest) | agent CPU % while scraped |\n|---|---|---|---|---|---|\n{rows}"
-    );
-    println!("{md}");
-    std::fs::create_dir_all(out)?;
-    std::fs::write(out.join("agent-scale.md"), &md)?;
-    std::fs::write(
-        out.join("agent-scale.json"),
-        serde_json::to_string_pretty(&agent)?,
-    )?;
-    say(&format!(
-        "wrote {0}/agent-scale.md and {0}/agent-scale.json",
-        out.display()
-    ));
-    Ok(())
 }

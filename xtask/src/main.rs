@@ -2,6 +2,7 @@
 mod baseline;
 mod bench;
 mod bootstrap;
+mod compare;
 mod fuzz;
 mod image;
 
@@ -136,6 +137,10 @@ enum Task {
         /// target/bench/agent-scale.md and .json (no clusters).
         #[arg(long)]
         agent_only: bool,
+        /// An earlier run's results.json: after this run, print every figure's change against it
+        /// (also of its ratio to each run's own baseline path), into target/bench/compare.md.
+        #[arg(long, value_name = "OLD.json")]
+        compare: Option<PathBuf>,
     },
 }
 
@@ -238,6 +243,7 @@ fn main() -> Result<()> {
             cost_baseline,
             cost_only,
             agent_only,
+            compare,
         } => bench(&bench::Opts {
             quick,
             reps,
@@ -246,6 +252,7 @@ fn main() -> Result<()> {
             cost_baseline: (cost_baseline != "none").then_some(cost_baseline),
             cost_only,
             agent_only,
+            compare,
         }),
     }
 }
@@ -267,6 +274,8 @@ fn test() -> Result<()> {
         "flannel-agent",
         "-p",
         "flannel-tests",
+        "-p",
+        "xtask",
         "--",
         "--test-threads=1",
     ])
@@ -275,7 +284,7 @@ fn test() -> Result<()> {
     .env("FLANNEL_VENV_PYTHON", bootstrap::venv_python())
     .stdout(std::process::Stdio::piped());
     say(
-        "$ cargo test -p flannel-ebpf-common -p flannel-agent -p flannel-tests -- --test-threads=1",
+        "$ cargo test -p flannel-ebpf-common -p flannel-agent -p flannel-tests -p xtask -- --test-threads=1",
     );
     let mut child = cmd.spawn().context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
