@@ -167,70 +167,45 @@ pub struct Goal {
 }
 
 pub const GOALS: [Goal; 9] = [
-    Goal {
-        path: "ebpf-vxlan",
-        key: "tcp_gbit_s",
-        reference: "baseline",
-        bound: 0.95,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-vxlan",
-        key: "tcp_gbit_s",
-        reference: "kernel-vxlan",
-        bound: 1.3,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-host-gw",
-        key: "tcp_gbit_s",
-        reference: "baseline",
-        bound: 0.98,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-ipip",
-        key: "tcp_gbit_s",
-        reference: "baseline",
-        bound: 0.95,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-udp",
-        key: "tcp_gbit_s",
-        reference: "baseline",
-        bound: 0.95,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-vxlan",
-        key: "rr_p50_us",
-        reference: "baseline",
-        bound: 1.05,
-        at_least: false,
-    },
-    Goal {
-        path: "ebpf-vxlan",
-        key: "crr_per_s",
-        reference: "baseline",
-        bound: 0.95,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-vxlan",
-        key: "udp_pps",
-        reference: "kernel-vxlan",
-        bound: 1.5,
-        at_least: true,
-    },
-    Goal {
-        path: "ebpf-vxlan",
-        key: "cpu_per_gbit",
-        reference: "baseline",
-        bound: 1.1,
-        at_least: false,
-    },
+    Goal::at_least("ebpf-vxlan", "tcp_gbit_s", "baseline", 0.95),
+    Goal::at_least("ebpf-vxlan", "tcp_gbit_s", "kernel-vxlan", 1.3),
+    Goal::at_least("ebpf-host-gw", "tcp_gbit_s", "baseline", 0.98),
+    Goal::at_least("ebpf-ipip", "tcp_gbit_s", "baseline", 0.95),
+    Goal::at_least("ebpf-udp", "tcp_gbit_s", "baseline", 0.95),
+    Goal::at_most("ebpf-vxlan", "rr_p50_us", "baseline", 1.05),
+    Goal::at_least("ebpf-vxlan", "crr_per_s", "baseline", 0.95),
+    Goal::at_least("ebpf-vxlan", "udp_pps", "kernel-vxlan", 1.5),
+    Goal::at_most("ebpf-vxlan", "cpu_per_gbit", "baseline", 1.1),
 ];
+
+impl Goal {
+    const fn at_least(
+        path: &'static str,
+        key: &'static str,
+        reference: &'static str,
+        bound: f64,
+    ) -> Self {
+        Self {
+            path,
+            key,
+            reference,
+            bound,
+            at_least: true,
+        }
+    }
+
+    const fn at_most(
+        path: &'static str,
+        key: &'static str,
+        reference: &'static str,
+        bound: f64,
+    ) -> Self {
+        Self {
+            at_least: false,
+            ..Self::at_least(path, key, reference, bound)
+        }
+    }
+}
 
 /// How a goal came out.
 #[derive(Debug, PartialEq, Eq, Clone, Copy)]
