@@ -784,6 +784,18 @@ fn agent_acquires(
     extra: &[String],
     patience: Duration,
 ) -> Result<bool> {
+    agent_acquires_then(tb, i, etcd, extra, patience, |_| Ok(()))
+}
+
+/// [`agent_acquires`], running `then` with the lease's key while the agent still runs.
+fn agent_acquires_then(
+    tb: &Testbed,
+    i: usize,
+    etcd: &OwnEtcd,
+    extra: &[String],
+    patience: Duration,
+    then: impl FnOnce(&str) -> Result<()>,
+) -> Result<bool> {
     let mut args = tb.agent_args(i);
     let at = args
         .iter()
@@ -801,23 +813,25 @@ fn agent_acquires(
         .spawn()?;
     let ip = tb.nodes[i].public_ip.to_string();
     let deadline = Instant::now() + patience;
-    let mut acquired = false;
+    let mut acquired = None;
     while Instant::now() < deadline && child.try_wait()?.is_none() {
         let keys = etcd.subnet_keys().unwrap_or_default();
         if let Some(key) = keys.lines().find(|k| !k.trim().is_empty())
             && etcd.ctl(&["get", "--print-value-only", key])?.contains(&ip)
         {
-            acquired = true;
+            acquired = Some(key.trim().to_string());
             break;
         }
         std::thread::sleep(Duration::from_millis(250));
     }
+    let then = acquired.as_deref().map_or(Ok(()), then);
     let _ = nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(child.id().cast_signed()),
         Signal::SIGTERM,
     );
     let _ = child.wait();
-    Ok(acquired)
+    then?;
+    Ok(acquired.is_some())
 }
 
 #[test]
@@ -887,8 +901,14 @@ fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()
     );
     drop(tls);
 
-    // etcd with authentication: a user and password.
-    let mut auth = OwnEtcd::start(&tb, "etcd-auth", "http", 2383, &[])?;
+    // etcd with authentication: a user and password, and tokens that expire after 2 s.
+    let mut auth = OwnEtcd::start(
+        &tb,
+        "etcd-auth",
+        "http",
+        2383,
+        &["--auth-token-ttl=2".into()],
+    )?;
     wait_for("etcd", Duration::from_secs(20), || {
         auth.ctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])
             .is_ok()
@@ -909,9 +929,99 @@ fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()
         "a wrong password was accepted"
     );
     ensure!(auth.subnet_keys()?.trim().is_empty());
+    // Once its token has expired, the agent still writes: its lease deleted by hand comes back.
+    let taken_back = |key: &str| {
+        std::thread::sleep(Duration::from_secs(5));
+        auth.ctl(&["del", key])?;
+        let ip = tb.nodes[0].public_ip.to_string();
+        wait_for(
+            "the lease re-created after the token expired",
+            Duration::from_secs(30),
+            || {
+                auth.ctl(&["get", "--print-value-only", key])
+                    .is_ok_and(|v| v.contains(&ip))
+            },
+        )
+    };
     ensure!(
-        agent_acquires(&tb, 0, &auth, &password("rootpw"), Duration::from_secs(20))?,
+        agent_acquires_then(
+            &tb,
+            0,
+            &auth,
+            &password("rootpw"),
+            Duration::from_secs(20),
+            taken_back
+        )?,
         "no lease acquired with a user and password"
+    );
+    Ok(())
+}
+
+/// The local ports of node `i`'s established connections to the testbed's etcd.
+fn etcd_connections(tb: &Testbed, i: usize) -> Result<Vec<String>> {
+    let out = in_ns(
+        &tb.nodes[i].netns,
+        "ss",
+        &[
+            "-tnH",
+            "state",
+            "established",
+            "dst",
+            &format!("{CONTROL_PLANE_IP}:2379"),
+        ],
+    )?;
+    Ok(out
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(2)?
+                .rsplit(':')
+                .next()
+                .map(String::from)
+        })
+        .collect())
+}
+
+/// A connection to etcd that goes silent without closing (its packets dropped both ways, as
+/// when a NAT on the way forgets it or the server's host vanishes) is given up by the client's
+/// keep-alive: the agent follows the leases again over a new one. Without it the watch would
+/// wait for TCP to time out, a quarter of an hour.
+#[test]
+fn etcd_half_open_connection_is_noticed() -> Result<()> {
+    let tb = etcd_testbed("etcdho", &[Ebpf, Ebpf], None)?;
+    let ns = tb.nodes[0].netns.clone();
+    let old = etcd_connections(&tb, 0)?;
+    ensure!(!old.is_empty(), "node 0 has no connection to etcd");
+    for port in &old {
+        for (chain, dir) in [("OUTPUT", "--sport"), ("INPUT", "--dport")] {
+            in_ns(
+                &ns,
+                "iptables",
+                &["-I", chain, "-p", "tcp", dir, port, "-j", "DROP"],
+            )?;
+        }
+    }
+    // A new peer's lease, while node 0's watch hears nothing.
+    let subnet = (200..250)
+        .map(|k| format!("10.244.{k}.0/24"))
+        .find(|s| tb.nodes.iter().all(|n| &n.subnet != s))
+        .context("a free subnet")?;
+    let key = format!("{ETCD_PREFIX}/subnets/{}", subnet.replace('/', "-"));
+    tb.etcdctl_put_with_lease(
+        &key,
+        &json!({"PublicIP": "198.18.0.99", "PublicIPv6": null, "BackendType": "vxlan",
+                "BackendData": {"VNI": 1, "VtepMAC": "0a:58:0a:f4:63:01"}})
+        .to_string(),
+    )?;
+    wait_for(
+        "node 0 following the leases over a new connection",
+        Duration::from_secs(75),
+        || route_map(&tb, 0).is_ok_and(|m| m.contains_key(&subnet)),
+    )?;
+    let now = etcd_connections(&tb, 0)?;
+    ensure!(
+        now.iter().any(|p| !old.contains(p)),
+        "no new connection: before {old:?}, after {now:?}"
     );
     Ok(())
 }
