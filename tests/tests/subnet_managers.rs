@@ -900,17 +900,20 @@ fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()
         "no lease acquired over TLS with a client certificate"
     );
     drop(tls);
+    password_authentication(&tb, &net_conf)
+}
 
-    // etcd with authentication: a user and password, and tokens that expire after 2 s.
+/// etcd with authentication: a user and password, and tokens that expire after 2 s.
+fn password_authentication(tb: &Testbed, net_conf: &str) -> Result<()> {
     let mut auth = OwnEtcd::start(
-        &tb,
+        tb,
         "etcd-auth",
         "http",
         2383,
         &["--auth-token-ttl=2".into()],
     )?;
     wait_for("etcd", Duration::from_secs(20), || {
-        auth.ctl(&["put", &format!("{ETCD_PREFIX}/config"), &net_conf])
+        auth.ctl(&["put", &format!("{ETCD_PREFIX}/config"), net_conf])
             .is_ok()
     })?;
     auth.ctl(&["user", "add", "root:rootpw"])?;
@@ -925,7 +928,7 @@ fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()
         ]
     };
     ensure!(
-        !agent_acquires(&tb, 0, &auth, &password("wrong"), Duration::from_secs(5))?,
+        !agent_acquires(tb, 0, &auth, &password("wrong"), Duration::from_secs(5))?,
         "a wrong password was accepted"
     );
     ensure!(auth.subnet_keys()?.trim().is_empty());
@@ -945,7 +948,7 @@ fn etcd_with_client_certificates_and_with_password_authentication() -> Result<()
     };
     ensure!(
         agent_acquires_then(
-            &tb,
+            tb,
             0,
             &auth,
             &password("rootpw"),
