@@ -121,26 +121,41 @@ fn health_readiness_and_metrics_as_flanneld_and_prometheus_expect() -> Result<()
         get(&tb, 0, "/readyz").is_ok_and(|(s, _)| s == 200)
     })?;
 
-    // Metrics: parsed by Prometheus's parser; the datapath counter grows with a transfer and
-    // equals what `--stats` reads from the same map.
-    let encap = r#"flannel_datapath_packets_total{program="from_pods",reason="encap_vxlan"}"#;
+    // Metrics: parsed by Prometheus's parser; the datapath counters grow with a transfer and
+    // equal what `--stats` reads from the same map. A pod's traffic is encapsulated at its veth
+    // (`from_pod_veth`) once the agent has learnt the pod, at `cni0` (`from_pods`) before.
+    let encap = |program: &str| {
+        format!(r#"flannel_datapath_packets_total{{program="{program}",reason="encap_vxlan"}}"#)
+    };
+    let programs = ["from_pods", "from_pod_veth"];
+    let sum = |m: &BTreeMap<String, f64>| -> f64 {
+        programs
+            .iter()
+            .map(|p| m.get(&encap(p)).copied().unwrap_or(0.0))
+            .sum()
+    };
     let before = scrape(&tb, 0)?;
     let pods = tb.pods();
     tcp_echo(&pods[0], &pods[1], 4 << 20)?;
     let after = scrape(&tb, 0)?;
     let counters = tb.stats(0)?;
-    let grown = after[encap] - before.get(encap).copied().unwrap_or(0.0);
+    let grown = sum(&after) - sum(&before);
     // 4 MiB leave in GSO super-packets of at most 64 KiB: at least 64 of them.
     ensure!(
         grown >= 64.0,
-        "{encap} grew by {grown} over a 4 MiB transfer"
+        "encap_vxlan of {programs:?} grew by {grown} over a 4 MiB transfer"
     );
-    ensure!(
-        after[encap].to_string() == counters["from_pods/encap_vxlan"].to_string(),
-        "/metrics says {} and --stats {}",
-        after[encap],
-        counters["from_pods/encap_vxlan"]
-    );
+    for p in programs {
+        let scraped = after.get(&encap(p)).copied().unwrap_or(0.0);
+        let read = counters
+            .get(&format!("{p}/encap_vxlan"))
+            .copied()
+            .unwrap_or(0);
+        ensure!(
+            scraped.to_string() == read.to_string(),
+            "{p}: /metrics says {scraped} and --stats {read}"
+        );
+    }
     for (name, want) in [
         ("flannel_leases", 2.0),
         (r#"flannel_peers{kind="route"}"#, 1.0),

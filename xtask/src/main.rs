@@ -266,8 +266,10 @@ fn test() -> Result<()> {
         "running unit, BPF_PROG_TEST_RUN and end-to-end tests (one at a time: each builds its own cluster)",
     );
     let mut cmd = cargo();
+    // Every test binary runs even after one fails: the closing line counts all of them.
     cmd.args([
         "test",
+        "--no-fail-fast",
         "-p",
         "flannel-ebpf-common",
         "-p",
@@ -284,7 +286,7 @@ fn test() -> Result<()> {
     .env("FLANNEL_VENV_PYTHON", bootstrap::venv_python())
     .stdout(std::process::Stdio::piped());
     say(
-        "$ cargo test -p flannel-ebpf-common -p flannel-agent -p flannel-tests -p xtask -- --test-threads=1",
+        "$ cargo test --no-fail-fast -p flannel-ebpf-common -p flannel-agent -p flannel-tests -p xtask -- --test-threads=1",
     );
     let mut child = cmd.spawn().context("running cargo test")?;
     let stdout = child.stdout.take().context("cargo test stdout")?;
