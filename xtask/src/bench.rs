@@ -1261,7 +1261,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     std::fs::write(out.join("results.md"), &table)?;
     let compared = old.as_ref().map(|old| {
         let new = json!({"paths": json_paths, "path_order": order,
-            "conditions": {"path_names": 2},
+            "conditions": {"path_names": 2, "reps": reps, "seconds": seconds},
             "test_run_net_ns": costs.programs.iter().map(|c| (c.name.clone(), json!(c.net_ns))).collect::<serde_json::Map<_, _>>()});
         compare::compare(old, &new)
     });

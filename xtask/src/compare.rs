@@ -321,8 +321,17 @@ pub fn compare(old: &Value, new: &Value) -> (String, Vec<String>) {
             .collect(),
         None => new_paths.keys().cloned().collect(),
     };
-    let mut md = String::from(
-        "| path | figure | old | new | change | ÷ baseline, old | ÷ baseline, new | change of ÷ baseline | |\n|---|---|---|---|---|---|---|---|---|\n",
+    let runs = |run: &Value| {
+        let c = &run["conditions"];
+        match (c["reps"].as_u64(), c["seconds"].as_u64()) {
+            (Some(r), Some(s)) => format!("{r} repetition(s) of {s} s"),
+            _ => "repetitions not recorded".into(),
+        }
+    };
+    let mut md = format!(
+        "Old run: {}; new run: {} (the fewer the repetitions, the wider a figure's noise: see each run's min–max).\n\n| path | figure | old | new | change | ÷ baseline, old | ÷ baseline, new | change of ÷ baseline | |\n|---|---|---|---|---|---|---|---|---|\n",
+        runs(old),
+        runs(new)
     );
     let mut worse = Vec::new();
     let mut missing = Vec::new();
