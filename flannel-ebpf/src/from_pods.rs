@@ -1,4 +1,4 @@
-//! tc ingress on `cni0` (and on each learnt pod's host-side veth, before the bridge): packets
+//! tc ingress on `cni0` (and on each pod's host-side veth, before the bridge): packets
 //! from local pods addressed (through the gateway) to pods on other nodes leave straight out of
 //! the uplink, encapsulated as the remote subnet's route says (VXLAN,
 //! IPIP, udp) or unencapsulated to the remote node (host-gw, DirectRouting). [`to_remote`] is

@@ -33,8 +33,15 @@ fn annotation(tb: &Testbed, node: &str, key: &str) -> Option<String> {
 }
 
 /// What a restart must leave alone: node `i`'s route and node maps as `bpftool` dumps them, and
-/// its pinned link IDs.
-fn pinned_state(tb: &Testbed, i: usize) -> Result<(String, String, Vec<u64>)> {
+/// its pinned link IDs by pin name.
+#[derive(PartialEq, Eq, Debug)]
+struct PinnedState {
+    routes: String,
+    nodes: String,
+    links: BTreeMap<String, u64>,
+}
+
+fn pinned_state(tb: &Testbed, i: usize) -> Result<PinnedState> {
     let dump = |map: &str| {
         let path = tb.nodes[i].pins().join(map);
         run(
@@ -42,13 +49,37 @@ fn pinned_state(tb: &Testbed, i: usize) -> Result<(String, String, Vec<u64>)> {
             &["map", "dump", "pinned", &path.to_string_lossy()],
         )
     };
-    Ok((
-        dump("FLANNEL_ROUTES")?,
-        dump("FLANNEL_NODES")?,
-        tb.pinned_links(i)?
-            .values()
-            .map(|(link, _)| *link)
+    Ok(PinnedState {
+        routes: dump("FLANNEL_ROUTES")?,
+        nodes: dump("FLANNEL_NODES")?,
+        links: tb
+            .pinned_links(i)?
+            .into_iter()
+            .map(|(name, (link, _))| (name, link))
             .collect(),
+    })
+}
+
+/// Node `i`'s pinned state equals `before`; else an error saying what changed, with the log.
+fn unchanged(tb: &Testbed, i: usize, before: &PinnedState, what: &str) -> Result<()> {
+    let now = pinned_state(tb, i)?;
+    if &now == before {
+        return Ok(());
+    }
+    let mut changed = Vec::new();
+    if now.routes != before.routes {
+        changed.push(format!("routes:\n{}\n->\n{}", before.routes, now.routes));
+    }
+    if now.nodes != before.nodes {
+        changed.push(format!("nodes:\n{}\n->\n{}", before.nodes, now.nodes));
+    }
+    if now.links != before.links {
+        changed.push(format!("links: {:?} -> {:?}", before.links, now.links));
+    }
+    Err(anyhow::anyhow!(
+        "{what}: {}\nagent log:\n{}",
+        changed.join("\n"),
+        tb.log(i)
     ))
 }
 
@@ -167,10 +198,12 @@ fn kube_nodes_carry_the_leases_and_interoperate_with_stock_flannel() -> Result<(
         annotation(&tb, "n1", "backend-data") == before,
         "VtepMAC reused"
     );
-    ensure!(
-        pinned_state(&tb, 0)? == state,
-        "the restarted agent changed the maps or links"
-    );
+    unchanged(
+        &tb,
+        0,
+        &state,
+        "the restarted agent changed the maps or links",
+    )?;
     tcp_echo(&tb.nodes[0].pods[0], &tb.nodes[1].pods[0], 256 * KIB)?;
     Ok(())
 }
@@ -251,10 +284,12 @@ fn kube_watch_expiry_and_api_outages_never_flush_the_dataplane() -> Result<()> {
         Duration::from_secs(40),
         || subnet_file_written_since(&tb, 0, spawned),
     )?;
-    ensure!(
-        pinned_state(&tb, 0)? == state,
-        "the agent changed the maps or links after the outage"
-    );
+    unchanged(
+        &tb,
+        0,
+        &state,
+        "the agent changed the maps or links after the outage",
+    )?;
     tcp_echo(&p1, &p2, MIB)?;
     Ok(())
 }
@@ -428,11 +463,12 @@ fn sigkill_during_a_transfer_loses_no_connection_and_no_byte() -> Result<()> {
         let state = pinned_state(&tb, i)?;
         tb.stop_agent(i, Signal::SIGKILL)?;
         tb.start_agent(i)?;
-        ensure!(
-            pinned_state(&tb, i)? == state,
-            "node {} restarted without converging in place",
-            i + 1
-        );
+        unchanged(
+            &tb,
+            i,
+            &state,
+            &format!("node {} restarted without converging in place", i + 1),
+        )?;
     }
     ensure!(
         !transfer.is_finished(),

@@ -221,7 +221,7 @@ impl EbpfNode {
                 if !report.is_empty() {
                     debug!(%report, "local endpoints");
                 }
-                self.sync_pod_ports(nl, &endpoints).await;
+                self.sync_pod_ports(nl, link.index, &endpoints).await;
             }
             Err(e) => warn!("learning local endpoints: {e}"),
         }
@@ -250,14 +250,25 @@ impl EbpfNode {
 }
 
 impl EbpfNode {
-    /// `from_pod_veth` on the host-side veth of every learnt pod, so that its traffic to other
-    /// nodes never enters the bridge; taken off ports that are gone.
-    async fn sync_pod_ports(&mut self, nl: &Netlink, endpoints: &BTreeMap<Ipv4Addr, Endpoint>) {
-        let indexes: BTreeSet<u32> = endpoints.values().map(|e| e.ifindex).collect();
+    /// `from_pod_veth` on every pod port of the bridge (a veth to another namespace) and on the
+    /// port of every learnt pod, so that their traffic to other nodes never enters the bridge;
+    /// taken off ports that are gone. Ports, not learnt pods: a pod whose neighbour or bridge-FDB
+    /// entry aged out (its frames no longer cross the bridge) keeps its program, and a restarted
+    /// agent adopts every pinned link at its first pass.
+    async fn sync_pod_ports(
+        &mut self,
+        nl: &Netlink,
+        bridge: u32,
+        endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
+    ) {
+        let learnt: BTreeSet<u32> = endpoints.values().map(|e| e.ifindex).collect();
         let ports: Vec<Link> = match nl.links().await {
             Ok(links) => links
                 .into_iter()
-                .filter(|l| indexes.contains(&l.index))
+                .filter(|l| {
+                    learnt.contains(&l.index)
+                        || (l.controller == Some(bridge) && l.veth_to_other_netns)
+                })
                 .collect(),
             Err(e) => {
                 warn!("listing pod ports: {e}");
