@@ -342,19 +342,19 @@ impl Netlink {
     }
 
     /// Local pods behind bridge `bridge`: each IPv4 neighbour of the bridge within `subnet` whose
-    /// MAC the bridge's forwarding database places on one of its ports.
+    /// MAC the bridge's forwarding database places on one of its ports. `links`: the node's
+    /// links, as the caller listed them.
     pub async fn endpoints(
         &self,
         bridge: u32,
         subnet: Ipv4Net,
+        links: &[Link],
     ) -> Result<std::collections::BTreeMap<Ipv4Addr, Endpoint>, Error> {
         let arp = self.neighbours(AddressFamily::Inet).await?;
         let fdb = self.neighbours(AddressFamily::Bridge).await?;
         // Ports that are veths to another namespace take `bpf_redirect_peer`.
-        let peer_ports: std::collections::HashSet<u32> = self
-            .links()
-            .await?
-            .into_iter()
+        let peer_ports: std::collections::HashSet<u32> = links
+            .iter()
             .filter(|l| l.veth_to_other_netns && l.controller == Some(bridge))
             .map(|l| l.index)
             .collect();

@@ -204,24 +204,28 @@ impl EbpfNode {
         let Some(link) = self.cni.clone() else {
             return Ok(());
         };
-        // Local pods behind the bridge: learnt so that their packets skip it.
-        let learnt = nl
-            .endpoints(link.index, plan.own.subnet)
-            .await
-            .and_then(|e| {
-                metrics::METRICS
-                    .map_entries
-                    .get_or_create(&metrics::label("map", "endpoints"))
-                    .set(i64::try_from(e.len()).unwrap_or(i64::MAX));
-                let report = self.dp.sync_endpoints(&e)?;
-                Ok((e, report))
-            });
+        // Local pods behind the bridge: learnt so that their packets skip it. One listing of
+        // the links serves the endpoints and the pod ports.
+        let learnt = match nl.links().await {
+            Ok(links) => nl
+                .endpoints(link.index, plan.own.subnet, &links)
+                .await
+                .and_then(|e| {
+                    metrics::METRICS
+                        .map_entries
+                        .get_or_create(&metrics::label("map", "endpoints"))
+                        .set(i64::try_from(e.len()).unwrap_or(i64::MAX));
+                    let report = self.dp.sync_endpoints(&e)?;
+                    Ok((links, e, report))
+                }),
+            Err(e) => Err(e),
+        };
         match learnt {
-            Ok((endpoints, report)) => {
+            Ok((links, endpoints, report)) => {
                 if !report.is_empty() {
                     debug!(%report, "local endpoints");
                 }
-                self.sync_pod_ports(nl, link.index, &endpoints).await;
+                self.sync_pod_ports(&links, link.index, &endpoints);
             }
             Err(e) => warn!("learning local endpoints: {e}"),
         }
@@ -255,26 +259,20 @@ impl EbpfNode {
     /// taken off ports that are gone. Ports, not learnt pods: a pod whose neighbour or bridge-FDB
     /// entry aged out (its frames no longer cross the bridge) keeps its program, and a restarted
     /// agent adopts every pinned link at its first pass.
-    async fn sync_pod_ports(
+    fn sync_pod_ports(
         &mut self,
-        nl: &Netlink,
+        links: &[Link],
         bridge: u32,
         endpoints: &BTreeMap<Ipv4Addr, Endpoint>,
     ) {
         let learnt: BTreeSet<u32> = endpoints.values().map(|e| e.ifindex).collect();
-        let ports: Vec<Link> = match nl.links().await {
-            Ok(links) => links
-                .into_iter()
-                .filter(|l| {
-                    learnt.contains(&l.index)
-                        || (l.controller == Some(bridge) && l.veth_to_other_netns)
-                })
-                .collect(),
-            Err(e) => {
-                warn!("listing pod ports: {e}");
-                return;
-            }
-        };
+        let ports: Vec<Link> = links
+            .iter()
+            .filter(|l| {
+                learnt.contains(&l.index) || (l.controller == Some(bridge) && l.veth_to_other_netns)
+            })
+            .cloned()
+            .collect();
         match self.dp.sync_pod_ports(&ports) {
             Ok((attached, removed)) if attached + removed > 0 => {
                 info!(
