@@ -1387,6 +1387,76 @@ pub fn with_netns<T: Send + 'static>(
     .map_err(|_| anyhow!("netns thread panicked"))?
 }
 
+/// The headroom (`needed_headroom`, `IFLA_HEADROOM`) the kernel reports for interface `name`
+/// of namespace `netns`: what sockets reserve in front of the packets they send through it.
+pub fn link_headroom(netns: &str, name: &str) -> Result<u16> {
+    const RTM_GETLINK: u16 = 18;
+    const RTM_NEWLINK: u16 = 16;
+    const NLMSG_ERROR: u16 = 2;
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_HEADROOM: u16 = 68;
+    const NLM_F_REQUEST: u16 = 1;
+    let name = name.to_owned();
+    with_netns(netns, move || {
+        // SAFETY: plain socket calls on a descriptor owned by this function.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
+        ensure!(
+            fd >= 0,
+            "netlink socket: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: `fd` is a fresh descriptor, owned from here on.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // nlmsghdr, ifinfomsg, then IFLA_IFNAME.
+        let mut attr = name.clone().into_bytes();
+        attr.push(0);
+        let attr_len = 4 + attr.len();
+        let len = 16 + 16 + attr_len.next_multiple_of(4);
+        let mut req = Vec::with_capacity(len);
+        req.extend_from_slice(&u32::try_from(len)?.to_ne_bytes());
+        req.extend_from_slice(&RTM_GETLINK.to_ne_bytes());
+        req.extend_from_slice(&NLM_F_REQUEST.to_ne_bytes());
+        req.extend_from_slice(&[0; 8]);
+        req.extend_from_slice(&[0; 16]);
+        req.extend_from_slice(&u16::try_from(attr_len)?.to_ne_bytes());
+        req.extend_from_slice(&IFLA_IFNAME.to_ne_bytes());
+        req.extend_from_slice(&attr);
+        req.resize(len, 0);
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        // SAFETY: `req` is a valid buffer of its length.
+        let sent = unsafe { libc::send(fd, req.as_ptr().cast(), req.len(), 0) };
+        ensure!(
+            sent >= 0,
+            "netlink send: {}",
+            std::io::Error::last_os_error()
+        );
+        let mut buf = vec![0_u8; 65536];
+        // SAFETY: `buf` is a valid buffer of its length.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        ensure!(n >= 32, "netlink recv: {}", std::io::Error::last_os_error());
+        let buf = &buf[..usize::try_from(n)?];
+        let u16_at = |off: usize| u16::from_ne_bytes([buf[off], buf[off + 1]]);
+        match u16_at(4) {
+            RTM_NEWLINK => {}
+            NLMSG_ERROR => bail!("no link {name}"),
+            t => bail!("unexpected netlink message type {t}"),
+        }
+        let end = usize::try_from(u32::from_ne_bytes(buf[..4].try_into()?))?.min(buf.len());
+        let mut off = 32;
+        while off + 4 <= end {
+            let (alen, atype) = (usize::from(u16_at(off)), u16_at(off + 2) & 0x3fff);
+            if alen < 4 {
+                break;
+            }
+            if atype == IFLA_HEADROOM && alen >= 6 {
+                return Ok(u16_at(off + 4));
+            }
+            off += alen.next_multiple_of(4);
+        }
+        bail!("the kernel reported no IFLA_HEADROOM for {name}")
+    })
+}
+
 /// Deterministic, position-dependent test data.
 #[must_use]
 pub fn pattern(len: usize, seed: u8) -> Vec<u8> {

@@ -87,6 +87,14 @@ fn host_gw_in_ebpf_interoperates_with_kernel_routes() -> Result<()> {
     }
     // The node's own traffic to remote pods.
     tcp_echo(&tb.host(0), &tb.nodes[3].pods[0], MIB)?;
+    // Nothing to encapsulate, so no headroom device (eBPF) and none of ours (netlink).
+    for i in [0, 2] {
+        ensure!(
+            ip(&tb.nodes[i].netns, "link show flannel-hdroom").is_err(),
+            "node {} has the headroom device",
+            i + 1
+        );
+    }
     Ok(())
 }
 
@@ -406,6 +414,11 @@ fn netlink_dataplane_vxlan_is_flanneld_and_follows_leases() -> Result<()> {
     );
     let addr = ip(ns, "addr show dev flannel.1")?;
     ensure!(addr.contains("10.244.2.0/32"), "{addr}");
+    // flanneld's objects only: no headroom device on cni0.
+    ensure!(
+        ip(ns, "link show flannel-hdroom").is_err(),
+        "the netlink node has the headroom device"
+    );
     let check_peer = |peer: usize, present: bool| -> Result<()> {
         let n = &tb.nodes[peer];
         let gw = format!("10.244.{}.0", n.index);

@@ -5,8 +5,8 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, ensure};
 use flannel_tests::{
     NodeKind::{Ebpf, Stock},
-    Options, Pod, Testbed, agent_bin, can_connect, in_ns, ip, link_packets, ping, run, summarize,
-    tcp_echo, wait_for,
+    Options, Pod, Testbed, agent_bin, can_connect, in_ns, ip, link_headroom, link_packets, ping,
+    run, summarize, tcp_echo, wait_for,
 };
 use nix::sys::signal::Signal;
 
@@ -85,6 +85,29 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
         veth_after > veth_before && bridge_after == bridge_before,
         "encapsulated at the veth {veth_before} → {veth_after}, at cni0 {bridge_before} → {bridge_after}"
     );
+    // Pods' sockets leave room for the VXLAN header in front of their packets (the headroom
+    // device on cni0), so encapsulation never reallocates a head; cni0 keeps its address.
+    let dev = ip(&tb.nodes[0].netns, "-d link show flannel-hdroom")?;
+    let cni = ip(&tb.nodes[0].netns, "link show cni0")?;
+    ensure!(
+        dev.contains("master cni0")
+            && dev.contains("state DOWN")
+            && dev.contains("vxlan id 16777215"),
+        "headroom device:\n{dev}"
+    );
+    let mac = |s: &str| s.split("link/ether ").nth(1).map(|m| m[..17].to_owned());
+    ensure!(
+        mac(&dev) == mac(&cni),
+        "headroom device and cni0 differ in address:\n{dev}\n{cni}"
+    );
+    for pod in &pods[..2] {
+        let room = link_headroom(&pod.netns, "eth0")?;
+        ensure!(
+            room >= 50,
+            "pod {} eth0 reserves {room} bytes of headroom",
+            pod.ip
+        );
+    }
     // Decapsulated packets enter the pod's namespace straight from the uplink's tc program
     // (bpf_redirect_peer): the pod's host-side veth transmits none of 200 echo requests.
     let endpoints = tb.pinned_entries(0, "FLANNEL_ENDPTS")?;
@@ -265,6 +288,10 @@ fn sigterm_leaves_the_dataplane_forwarding_and_a_restart_adopts_it() -> Result<(
     );
     let routes = ip(&tb.nodes[0].netns, "route show proto 102")?;
     ensure!(routes.trim().is_empty(), "cleanup left routes:\n{routes}");
+    ensure!(
+        ip(&tb.nodes[0].netns, "link show flannel-hdroom").is_err(),
+        "cleanup left the headroom device"
+    );
     ensure!(
         !can_connect(&p1, &p2, Duration::from_secs(2))?,
         "node 1 still forwards after --cleanup"
@@ -660,6 +687,21 @@ fn a_recreated_cni0_is_picked_up_again() -> Result<()> {
         routes.contains("10.244.1.0/24 via 10.244.1.0 dev cni0"),
         "routes not restored:\n{routes}"
     );
+    // The headroom device is a port of the new bridge, with its address, and the pod has room.
+    let mac = |s: &str| s.split("link/ether ").nth(1).map(|m| m[..17].to_owned());
+    wait_for(
+        "the headroom device on the new bridge",
+        Duration::from_secs(5),
+        || {
+            let (Ok(dev), Ok(cni)) = (ip(ns, "link show flannel-hdroom"), ip(ns, "link show cni0"))
+            else {
+                return false;
+            };
+            dev.contains("master cni0") && mac(&dev) == mac(&cni)
+        },
+    )?;
+    let room = link_headroom(&p2.netns, "eth0")?;
+    ensure!(room >= 50, "pod eth0 reserves {room} bytes of headroom");
     tb.no_drops(1)
 }
 

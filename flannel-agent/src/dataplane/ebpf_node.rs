@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use super::{
     Dataplane, Node, SyncReport,
     ebpf::{self, EbpfDataplane},
+    headroom,
     masq::{self, Masquerade},
     routes::{self, Route},
     slowpath,
@@ -80,6 +81,8 @@ pub struct EbpfNode {
     cfg: NodeConfig,
     cni: Option<Link>,
     routes_synced: Option<Instant>,
+    /// The headroom device could not be set up (said once; pods' packets still flow).
+    headroom_failed: bool,
 }
 
 impl EbpfNode {
@@ -143,6 +146,7 @@ impl EbpfNode {
             cfg,
             cni,
             routes_synced: None,
+            headroom_failed: false,
         })
     }
 
@@ -226,6 +230,7 @@ impl EbpfNode {
                     debug!(%report, "local endpoints");
                 }
                 self.sync_pod_ports(&links, link.index, &endpoints);
+                self.sync_headroom(nl, &links, &link).await;
             }
             Err(e) => warn!("learning local endpoints: {e}"),
         }
@@ -282,6 +287,27 @@ impl EbpfNode {
             }
             Ok(_) => {}
             Err(e) => warn!("attaching to pod ports: {e}; their traffic goes through cni0"),
+        }
+    }
+}
+
+impl EbpfNode {
+    /// The headroom device on the bridge where pods' packets are encapsulated (not with
+    /// host-gw, which only rewrites Ethernet headers).
+    async fn sync_headroom(&mut self, nl: &Netlink, links: &[Link], bridge: &Link) {
+        if self.cfg.backend == u32::from(backend::HOST_GW) {
+            if links.iter().any(|l| l.name == headroom::DEVICE) {
+                headroom::remove_or_warn(nl).await;
+            }
+            return;
+        }
+        match headroom::ensure(nl, bridge, links).await {
+            Ok(()) => self.headroom_failed = false,
+            Err(e) if !self.headroom_failed => {
+                self.headroom_failed = true;
+                warn!("{e}: pods' packets are encapsulated at the cost of a head reallocation");
+            }
+            Err(_) => {}
         }
     }
 }

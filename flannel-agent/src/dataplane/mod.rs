@@ -4,6 +4,7 @@
 //! [`start`] and then only hands it plans.
 pub mod ebpf;
 pub mod ebpf_node;
+pub mod headroom;
 pub mod masq;
 pub mod netlink;
 pub mod routes;
@@ -129,6 +130,7 @@ pub async fn start(
             node.pod_mtu,
         )
         .await?;
+        headroom::remove_or_warn(nl).await;
         return Ok(Box::new(dev));
     }
     let kernel_ok = backend.has_kernel_dataplane();
@@ -157,6 +159,8 @@ async fn start_kernel(
     node: &Node<'_>,
     plan: &Plan,
 ) -> Result<Box<dyn Dataplane>, Error> {
+    // flanneld's objects only: the kernel's tunnel reallocates heads anyway.
+    headroom::remove_or_warn(nl).await;
     let dp = match &node.netconf.backend {
         Backend::Vxlan(vx) => {
             netlink::KernelDataplane::vxlan(
@@ -177,7 +181,7 @@ async fn start_kernel(
 }
 
 /// Removes what every dataplane leaves in the kernel (`--cleanup`): our routes and their
-/// neighbours, flanneld's `flannel.<VNI>` devices, the WireGuard device, the masquerade's
+/// neighbours, flanneld's `flannel.<VNI>` devices, the WireGuard device, the headroom device, the masquerade's
 /// reserved ports, the pinned programs, links and maps, and the subnet file.
 pub async fn remove_all(nl: &Netlink, args: &Args) -> Result<(), Error> {
     let removed = routes::remove_all(nl).await?;
@@ -188,6 +192,9 @@ pub async fn remove_all(nl: &Netlink, args: &Args) -> Result<(), Error> {
     }
     if wireguard::WireguardDevice::remove(nl).await? {
         info!("removed the flannel-wg device");
+    }
+    if headroom::remove(nl).await? {
+        info!(device = headroom::DEVICE, "removed");
     }
     if let Err(e) = masq::release_ports(args.ip_masq_port_range) {
         warn!("{e}");
