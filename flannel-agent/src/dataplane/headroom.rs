@@ -13,6 +13,7 @@
 use rtnetlink::{LinkUnspec, LinkVxlan};
 use tracing::{info, warn};
 
+use super::nl_err;
 use crate::{
     Error,
     iface::{Link, Netlink},
@@ -24,10 +25,6 @@ pub const DEVICE: &str = "flannel-hdroom";
 /// with the same VNI on the same port, even down ones). It never opens its socket.
 const VNI: u32 = 0x00ff_ffff;
 const PORT: u16 = 65_535;
-
-fn nl_err(context: String) -> impl FnOnce(rtnetlink::Error) -> Error {
-    move |source| Error::Netlink { context, source }
-}
 
 /// Makes [`DEVICE`] a port of `bridge` with the bridge's address and MTU, creating it if missing
 /// (`links`: this tick's listing). A recreated bridge gets it back with its new address.

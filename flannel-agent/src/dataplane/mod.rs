@@ -27,6 +27,11 @@ use crate::{
     plan::Plan,
 };
 
+/// An rtnetlink failure, with what was being done.
+pub(crate) fn nl_err(context: String) -> impl FnOnce(rtnetlink::Error) -> Error {
+    move |source| Error::Netlink { context, source }
+}
+
 /// What the dataplane should hold for the remote nodes: the same for every lease source.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Desired {

@@ -19,7 +19,7 @@ use rtnetlink::{
 };
 use tracing::info;
 
-use super::{Desired, SyncReport, routes};
+use super::{Desired, SyncReport, nl_err, routes};
 use crate::{
     Error,
     backend::Mac,
@@ -40,10 +40,6 @@ pub struct KernelDataplane {
     own: Ipv4Net,
     /// The `flannel.<VNI>` device (vxlan only).
     vxlan: Option<Link>,
-}
-
-fn nl_err(context: String) -> impl FnOnce(rtnetlink::Error) -> Error {
-    move |source| Error::Netlink { context, source }
 }
 
 /// The vxlan attributes of a link message, if it is a VXLAN device.

@@ -26,7 +26,7 @@ use rtnetlink::{
     },
 };
 
-use super::SyncReport;
+use super::{SyncReport, nl_err};
 use crate::{
     Error,
     iface::{Netlink, RT_TABLE_MAIN, route_table_id},
@@ -44,10 +44,6 @@ pub struct Route {
     pub onlink: bool,
     /// Route MTU, if any.
     pub mtu: Option<u32>,
-}
-
-fn nl_err(context: String) -> impl FnOnce(rtnetlink::Error) -> Error {
-    move |source| Error::Netlink { context, source }
 }
 
 /// Our routes in the main table: destination → (what the route is, its message).

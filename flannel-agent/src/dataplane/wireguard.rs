@@ -35,7 +35,7 @@ use rtnetlink::{
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tracing::{info, warn};
 
-use super::{SyncReport, routes::PROTO};
+use super::{SyncReport, nl_err, routes::PROTO};
 use crate::{
     Error,
     backend::wireguard::Key,
@@ -466,7 +466,6 @@ async fn configure_link(
     network: Ipv4Net,
     mtu: u32,
 ) -> Result<(), Error> {
-    let nl_err = |context: String| move |source| Error::Netlink { context, source };
     nl.handle()
         .link()
         .set(
