@@ -24,6 +24,39 @@ fn host_traffic(tb: &Testbed, i: usize, remote: &Pod) -> Result<()> {
 }
 
 /// `bpftool map dump` of a pinned map of node `i`.
+/// Waits until node namespace `ns` has the headroom device as a down port of `cni0` with the
+/// bridge's address, then checks that `pods` (behind it) reserve room for a VXLAN header: the
+/// headroom device is what makes encapsulation never reallocate a small packet's head.
+fn wait_headroom(ns: &str, pods: &[Pod]) -> Result<()> {
+    let mac = |s: &str| s.split("link/ether ").nth(1).map(|m| m[..17].to_owned());
+    wait_for(
+        "the headroom device on cni0",
+        Duration::from_secs(5),
+        || {
+            let (Ok(dev), Ok(cni)) = (
+                ip(ns, "-d link show flannel-hdroom"),
+                ip(ns, "link show cni0"),
+            ) else {
+                return false;
+            };
+            dev.contains("master cni0")
+                && dev.contains("state DOWN")
+                && dev.contains("vxlan id 16777215")
+                && mac(&dev) == mac(&cni)
+        },
+    )
+    .with_context(|| format!("{:?}", ip(ns, "-d link show master cni0")))?;
+    for pod in pods {
+        let room = link_headroom(&pod.netns, "eth0")?;
+        ensure!(
+            room >= 50,
+            "pod {} eth0 reserves {room} bytes of headroom",
+            pod.ip
+        );
+    }
+    Ok(())
+}
+
 /// Waits until node `i`'s agent has `from_pod_veth` on `n` pod ports.
 fn wait_pod_ports(tb: &Testbed, i: usize, n: usize) -> Result<()> {
     wait_for(
@@ -85,29 +118,8 @@ fn vxlan_three_ebpf_nodes_carry_pod_traffic() -> Result<()> {
         veth_after > veth_before && bridge_after == bridge_before,
         "encapsulated at the veth {veth_before} → {veth_after}, at cni0 {bridge_before} → {bridge_after}"
     );
-    // Pods' sockets leave room for the VXLAN header in front of their packets (the headroom
-    // device on cni0), so encapsulation never reallocates a head; cni0 keeps its address.
-    let dev = ip(&tb.nodes[0].netns, "-d link show flannel-hdroom")?;
-    let cni = ip(&tb.nodes[0].netns, "link show cni0")?;
-    ensure!(
-        dev.contains("master cni0")
-            && dev.contains("state DOWN")
-            && dev.contains("vxlan id 16777215"),
-        "headroom device:\n{dev}"
-    );
-    let mac = |s: &str| s.split("link/ether ").nth(1).map(|m| m[..17].to_owned());
-    ensure!(
-        mac(&dev) == mac(&cni),
-        "headroom device and cni0 differ in address:\n{dev}\n{cni}"
-    );
-    for pod in &pods[..2] {
-        let room = link_headroom(&pod.netns, "eth0")?;
-        ensure!(
-            room >= 50,
-            "pod {} eth0 reserves {room} bytes of headroom",
-            pod.ip
-        );
-    }
+    // Pods' sockets leave room for the VXLAN header in front of their packets.
+    wait_headroom(&tb.nodes[0].netns, &pods[..2])?;
     // Decapsulated packets enter the pod's namespace straight from the uplink's tc program
     // (bpf_redirect_peer): the pod's host-side veth transmits none of 200 echo requests.
     let endpoints = tb.pinned_entries(0, "FLANNEL_ENDPTS")?;
@@ -688,20 +700,7 @@ fn a_recreated_cni0_is_picked_up_again() -> Result<()> {
         "routes not restored:\n{routes}"
     );
     // The headroom device is a port of the new bridge, with its address, and the pod has room.
-    let mac = |s: &str| s.split("link/ether ").nth(1).map(|m| m[..17].to_owned());
-    wait_for(
-        "the headroom device on the new bridge",
-        Duration::from_secs(5),
-        || {
-            let (Ok(dev), Ok(cni)) = (ip(ns, "link show flannel-hdroom"), ip(ns, "link show cni0"))
-            else {
-                return false;
-            };
-            dev.contains("master cni0") && mac(&dev) == mac(&cni)
-        },
-    )?;
-    let room = link_headroom(&p2.netns, "eth0")?;
-    ensure!(room >= 50, "pod eth0 reserves {room} bytes of headroom");
+    wait_headroom(ns, std::slice::from_ref(&p2))?;
     tb.no_drops(1)
 }
 
