@@ -14,7 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{BufRead as _, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr, TcpListener},
     sync::{
         Arc, Condvar, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -39,8 +39,8 @@ struct State {
     oldest: u64,
     /// While set, every request is answered 503 (an unreachable API).
     down: bool,
-    /// Request lines served, for tests to inspect.
-    log: Vec<String>,
+    /// Request lines served, for tests to inspect, with the client's address.
+    log: Vec<(Option<IpAddr>, String)>,
     /// Items per list page, if lists are paged.
     page_size: Option<usize>,
     /// If set, the bearer tokens accepted (besides unexpired `tok-<unix expiry>` ones).
@@ -109,16 +109,17 @@ impl FakeKube {
                     return;
                 }
                 let Ok(conn) = conn else { continue };
+                let peer = conn.peer_addr().ok().map(|a| a.ip());
                 let s = s.clone();
                 let st = st.clone();
                 let tls = tls.clone();
                 thread::spawn(move || {
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
                     let _ = match tls {
-                        None => serve(&s, &st, conn),
+                        None => serve(&s, &st, peer, conn),
                         Some(cfg) => rustls::ServerConnection::new(cfg)
                             .map_err(anyhow::Error::from)
-                            .and_then(|c| serve(&s, &st, rustls::StreamOwned::new(c, conn))),
+                            .and_then(|c| serve(&s, &st, peer, rustls::StreamOwned::new(c, conn))),
                     };
                 });
             }
@@ -281,7 +282,19 @@ impl FakeKube {
     /// The request lines (method and target) served so far.
     #[must_use]
     pub fn requests(&self) -> Vec<String> {
-        self.shared.0.lock().expect("state lock").log.clone()
+        let st = self.shared.0.lock().expect("state lock");
+        st.log.iter().map(|(_, r)| r.clone()).collect()
+    }
+
+    /// The request lines served so far to clients at `ip` (one node's agent).
+    #[must_use]
+    pub fn requests_from(&self, ip: IpAddr) -> Vec<String> {
+        let st = self.shared.0.lock().expect("state lock");
+        st.log
+            .iter()
+            .filter(|(peer, _)| *peer == Some(ip))
+            .map(|(_, r)| r.clone())
+            .collect()
     }
 }
 
@@ -407,12 +420,18 @@ fn status(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": message})
 }
 
-fn serve(shared: &Shared, stop: &AtomicBool, mut conn: impl Conn) -> Result<()> {
+fn serve(
+    shared: &Shared,
+    stop: &AtomicBool,
+    peer: Option<IpAddr>,
+    mut conn: impl Conn,
+) -> Result<()> {
     let req = read_request(&mut conn)?;
     let (lock, cv) = &**shared;
     {
         let mut st = lock.lock().expect("state lock");
-        st.log.push(format!("{} {}", req.method, req.target));
+        st.log
+            .push((peer, format!("{} {}", req.method, req.target)));
         if let Some(t) = &req.token {
             st.seen_tokens.insert(t.clone());
         }
