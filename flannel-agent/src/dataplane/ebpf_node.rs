@@ -289,9 +289,7 @@ impl EbpfNode {
             Err(e) => warn!("attaching to pod ports: {e}; their traffic goes through cni0"),
         }
     }
-}
 
-impl EbpfNode {
     /// The headroom device on the bridge where pods' packets are encapsulated (not with
     /// host-gw, which only rewrites Ethernet headers).
     async fn sync_headroom(&mut self, nl: &Netlink, links: &[Link], bridge: &Link) {

@@ -29,7 +29,7 @@ const PORT: u16 = 65_535;
 /// Makes [`DEVICE`] a port of `bridge` with the bridge's address and MTU, creating it if missing
 /// (`links`: this tick's listing). A recreated bridge gets it back with its new address.
 pub async fn ensure(nl: &Netlink, bridge: &Link, links: &[Link]) -> Result<(), Error> {
-    let index = match links.iter().find(|l| l.name == DEVICE) {
+    let done = match links.iter().find(|l| l.name == DEVICE) {
         Some(dev)
             if dev.controller == Some(bridge.index)
                 && dev.mac == bridge.mac
@@ -37,38 +37,36 @@ pub async fn ensure(nl: &Netlink, bridge: &Link, links: &[Link]) -> Result<(), E
         {
             return Ok(());
         }
-        Some(dev) => dev.index,
-        None => {
-            let msg = LinkVxlan::new(DEVICE, VNI)
-                .port(PORT)
-                .learning(false)
-                .address(bridge.mac.to_vec())
-                .mtu(bridge.mtu)
-                .build();
+        Some(dev) => {
             nl.handle()
                 .link()
-                .add(msg)
+                .set(
+                    LinkUnspec::new_with_index(dev.index)
+                        .address(bridge.mac.to_vec())
+                        .mtu(bridge.mtu)
+                        .controller(bridge.index)
+                        .build(),
+                )
                 .execute()
                 .await
-                .map_err(nl_err(format!("creating {DEVICE}")))?;
-            nl.link_by_name(DEVICE)
-                .await?
-                .ok_or_else(|| Error::Interface(format!("{DEVICE} disappeared after creation")))?
-                .index
+        }
+        None => {
+            nl.handle()
+                .link()
+                .add(
+                    LinkVxlan::new(DEVICE, VNI)
+                        .port(PORT)
+                        .learning(false)
+                        .address(bridge.mac.to_vec())
+                        .mtu(bridge.mtu)
+                        .controller(bridge.index)
+                        .build(),
+                )
+                .execute()
+                .await
         }
     };
-    nl.handle()
-        .link()
-        .set(
-            LinkUnspec::new_with_index(index)
-                .address(bridge.mac.to_vec())
-                .mtu(bridge.mtu)
-                .controller(bridge.index)
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(nl_err(format!("making {DEVICE} a port of {}", bridge.name)))?;
+    done.map_err(nl_err(format!("making {DEVICE} a port of {}", bridge.name)))?;
     info!(device = DEVICE, bridge = %bridge.name, "pods' packets get room for the encapsulation header");
     Ok(())
 }
