@@ -1683,21 +1683,36 @@ impl Drop for Iperf3Server {
 /// TCP throughput in Gbit/s from `netns` to `dst` (an `iperf3 -s` must listen there), bounded by
 /// `seconds` plus a margin.
 pub fn iperf3(netns: &str, dst: Ipv4Addr, seconds: u32, streams: u32) -> Result<f64> {
-    let out = in_ns(
-        netns,
-        "timeout",
-        &[
-            &(seconds + 10).to_string(),
-            "iperf3",
-            "-c",
-            &dst.to_string(),
-            "-t",
-            &seconds.to_string(),
-            "-P",
-            &streams.to_string(),
-            "-J",
-        ],
-    )?;
+    iperf3_with(netns, dst, seconds, streams, &[])
+}
+
+/// [`iperf3`] with further client options (e.g. `-M 1440`, the largest TCP segment).
+pub fn iperf3_with(
+    netns: &str,
+    dst: Ipv4Addr,
+    seconds: u32,
+    streams: u32,
+    extra: &[&str],
+) -> Result<f64> {
+    let (seconds_arg, streams_arg, limit) = (
+        seconds.to_string(),
+        streams.to_string(),
+        (seconds + 10).to_string(),
+    );
+    let dst = dst.to_string();
+    let mut args = vec![
+        limit.as_str(),
+        "iperf3",
+        "-c",
+        &dst,
+        "-t",
+        &seconds_arg,
+        "-P",
+        &streams_arg,
+        "-J",
+    ];
+    args.extend_from_slice(extra);
+    let out = in_ns(netns, "timeout", &args)?;
     let v: serde_json::Value = serde_json::from_str(&out).context("iperf3 -J output")?;
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()

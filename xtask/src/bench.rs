@@ -9,7 +9,9 @@
 //! eBPF dataplane (ebpf-masq) or by flanneld's iptables rules (iptables-masq), compared side by
 //! side in a table of their own, with the memory an entry of the eBPF masquerade table takes.
 //! Figures per path: TCP 1 and 4 streams (iperf3), `TCP_RR` 1-byte p50/p99 and rate, `TCP_CRR` rate,
-//! 64-byte UDP packet rate, busy CPU per Gbit/s, the CPU time stolen by the hypervisor, and the
+//! 64-byte UDP packet rate, busy CPU per Gbit/s, the baseline's single stream once more with the
+//! path's own TCP segment size (the pods' MTU − 40; paired with the path's, because the receiver's
+//! copy cost on this testbed varies with the segment size), the CPU time stolen by the hypervisor, and the
 //! kernel's BPF run-time statistics per program; every ratio paired within a repetition, with its
 //! spread, and the datapath goals judged on them ([`crate::compare`]); plus `BPF_PROG_TEST_RUN` cost per program, and the agent's memory and map-sync time at
 //! 10, 1,000 and 5,000 leases.
@@ -23,7 +25,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 
 use anyhow::{Context as _, Result, anyhow};
 use flannel_tests::{
-    Backend, Iperf3Server, NodeKind, Options, Testbed, iperf3, run,
+    Backend, Iperf3Server, NodeKind, Options, Testbed, iperf3, iperf3_with, run,
     traffic::{self, End},
 };
 use serde_json::{Value, json};
@@ -40,12 +42,26 @@ struct Path_ {
     server: End,
     /// Pin directories of the agents whose programs serve this path (BPF run-time statistics).
     nodes: Vec<std::path::PathBuf>,
+    /// The path's largest TCP segment option (`iperf3 -M`: interface MTU − 40) where it is
+    /// smaller than the baseline's: the baseline is measured once more with it.
+    segment: Option<u32>,
+}
+
+/// The baseline's largest TCP segment option at the underlay's MTU.
+const BASELINE_SEGMENT: u32 = flannel_tests::UNDERLAY_MTU - 40;
+
+/// A path's [`Path_::segment`] for pods behind a tunnel of `overhead` bytes.
+fn segment(overhead: u32) -> Option<u32> {
+    (overhead > 0).then(|| BASELINE_SEGMENT - overhead)
 }
 
 /// One repetition's figures for one path.
 #[derive(Default, Clone)]
 struct Sample {
     tcp: f64,
+    /// The baseline's single stream with this path's segment size, measured right after `tcp`
+    /// (0 where the path's segment is the baseline's).
+    tcp_baseline_segment: f64,
     tcp4: f64,
     rr_p50: f64,
     rr_p99: f64,
@@ -368,6 +384,7 @@ fn bpf_stats(pins: &[std::path::PathBuf]) -> BTreeMap<String, (u64, u64)> {
 
 fn measure(
     p: &Path_,
+    baseline: &Path_,
     seconds: u32,
     profile: Option<&Path>,
     progress: &mut dyn FnMut(&str),
@@ -401,6 +418,16 @@ fn measure(
     let busy_cores = (busy1 - busy0) as f64 / ((total1 - total0).max(1)) as f64 * cpus;
     s.cpu_per_gbit = busy_cores / s.tcp.max(1e-9);
     s.program_ns_tcp = per_run(&before, &after);
+    if let Some(mss) = p.segment {
+        progress("TCP, 1 stream, the baseline with this path's segment size");
+        s.tcp_baseline_segment = iperf3_with(
+            &baseline.client.netns,
+            baseline.server.ip,
+            seconds,
+            1,
+            &["-M", &mss.to_string()],
+        )?;
+    }
     progress("TCP, 4 streams");
     s.tcp4 = iperf3(&p.client.netns, p.server.ip, seconds, 4)?;
     progress("TCP_RR");
@@ -436,7 +463,7 @@ fn cpu_steal() -> Result<(u64, u64)> {
 /// Each figure's samples of one path, by the key `results.json` gives it.
 fn figure_samples(samples: &[Sample]) -> Samples {
     let column = |f: fn(&Sample) -> f64| samples.iter().map(f).collect::<Vec<f64>>();
-    Samples::from([
+    let mut out = Samples::from([
         ("tcp_gbit_s", column(|s| s.tcp)),
         ("tcp4_gbit_s", column(|s| s.tcp4)),
         ("rr_p50_us", column(|s| s.rr_p50)),
@@ -446,7 +473,14 @@ fn figure_samples(samples: &[Sample]) -> Samples {
         ("udp_pps", column(|s| s.udp_pps)),
         ("cpu_per_gbit", column(|s| s.cpu_per_gbit)),
         ("steal_share", column(|s| s.steal_share)),
-    ])
+    ]);
+    if samples.iter().any(|s| s.tcp_baseline_segment > 0.0) {
+        out.insert(
+            compare::BASELINE_SEGMENT_KEY,
+            column(|s| s.tcp_baseline_segment),
+        );
+    }
+    out
 }
 
 /// The agent's resident memory and map-sync time with `n` leases (fake peers added to its lease
@@ -1019,6 +1053,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         client: pod_end(tb, a),
         server: pod_end(tb, b),
         nodes: nodes(tb, a, b),
+        segment: segment(tb.options.backend.overhead()),
     };
     let paths = vec![
         Path_ {
@@ -1032,6 +1067,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
                 ip: vx_tc.nodes[1].public_ip,
             },
             nodes: Vec::new(),
+            segment: None,
         },
         path("kernel-vxlan", &vx_tc, 2, 3),
         path("ebpf-vxlan", &vx_tc, 0, 1),
@@ -1047,12 +1083,14 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
             client: pod_end(&masq_ebpf, 0),
             server: outside_ebpf,
             nodes: vec![masq_ebpf.nodes[0].pins()],
+            segment: segment(masq_ebpf.options.backend.overhead()),
         },
         Path_ {
             name: "iptables-masq",
             client: pod_end(&masq_ipt, 0),
             server: outside_ipt,
             nodes: Vec::new(),
+            segment: segment(masq_ipt.options.backend.overhead()),
         },
     ];
     for name in &opts.only {
@@ -1077,8 +1115,12 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         .map(|p| Iperf3Server::start(&p.server.netns, &vx_tc.dir))
         .collect::<Result<_>>()?;
     let stats_on = BpfStats::enable();
-    let per_measure = 3.0 * f64::from(seconds) + 2.0 * f64::from(seconds).min(2.0) + 3.0;
+    let per_measure = 3.5 * f64::from(seconds) + 2.0 * f64::from(seconds).min(2.0) + 3.0;
     let total = reps * paths.len();
+    let baseline = paths
+        .iter()
+        .find(|p| p.name == "baseline")
+        .context("the baseline path is always measured")?;
     let mut samples: Vec<Vec<Sample>> = vec![Vec::new(); paths.len()];
     let started = std::time::Instant::now();
     for rep in 0..reps {
@@ -1094,7 +1136,9 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
                     p.name
                 );
             };
-            samples[idx].push(measure(p, seconds, profile, &mut progress).with_context(|| p.name)?);
+            samples[idx].push(
+                measure(p, baseline, seconds, profile, &mut progress).with_context(|| p.name)?,
+            );
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
@@ -1162,6 +1206,9 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
                 "rr_per_s": rrs, "crr_per_s": crr, "udp_pps": pps, "cpu_per_gbit": cpu,
                 "program_ns": program_ns, "program_ns_tcp_skb": program_ns_tcp,
                 "ratios": ratios[p.name], "samples": by_path[p.name],
+                compare::BASELINE_SEGMENT_KEY: by_path[p.name]
+                    .get(compare::BASELINE_SEGMENT_KEY)
+                    .map(|v| stats(v).0),
             }),
         );
     }
