@@ -1,6 +1,9 @@
 //! Finding the uplink the way flanneld does (`--iface`, `--iface-regex`, else the interface of
 //! the default route), through rtnetlink.
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    net::{IpAddr, Ipv4Addr},
+};
 
 use flannel_ebpf_common::{Endpoint, endpoint};
 use futures::TryStreamExt as _;
@@ -342,57 +345,114 @@ impl Netlink {
     }
 
     /// Local pods behind bridge `bridge`: each IPv4 neighbour of the bridge within `subnet` whose
-    /// MAC the bridge's forwarding database places on one of its ports. `links`: the node's
-    /// links, as the caller listed them.
+    /// MAC the bridge's forwarding database places on one of its ports, and each pod of
+    /// `previous` (what was learnt before) that [`still_learnt`] keeps. `links`: the node's links,
+    /// as the caller listed them.
     pub async fn endpoints(
         &self,
         bridge: u32,
         subnet: Ipv4Net,
         links: &[Link],
-    ) -> Result<std::collections::BTreeMap<Ipv4Addr, Endpoint>, Error> {
+        previous: &BTreeMap<Ipv4Addr, Endpoint>,
+    ) -> Result<BTreeMap<Ipv4Addr, Endpoint>, Error> {
         let arp = self.neighbours(AddressFamily::Inet).await?;
         let fdb = self.neighbours(AddressFamily::Bridge).await?;
-        // Ports that are veths to another namespace take `bpf_redirect_peer`.
-        let peer_ports: std::collections::HashSet<u32> = links
-            .iter()
-            .filter(|l| l.veth_to_other_netns && l.controller == Some(bridge))
-            .map(|l| l.index)
-            .collect();
-        // Learnt (not permanent) entries of the bridge's ports: MAC → port.
-        let ports: std::collections::HashMap<[u8; 6], u32> = fdb
-            .iter()
-            .filter(|n| n.state != NeighbourState::Permanent && n.controller == Some(bridge))
-            .filter_map(|n| Some((n.mac?, n.ifindex)))
-            .collect();
-        let usable = |n: &&Neighbour| {
-            n.ifindex == bridge
-                && !matches!(
-                    n.state,
-                    NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
-                )
-        };
-        Ok(arp
-            .iter()
-            .filter(usable)
-            .filter_map(|n| {
-                let (ip, mac) = (n.ip?, n.mac?);
-                let ifindex = *ports.get(&mac)?;
-                subnet.contains(&ip).then_some((
-                    ip,
-                    Endpoint {
-                        ifindex,
-                        mac,
-                        flags: if peer_ports.contains(&ifindex) {
-                            endpoint::PEER
-                        } else {
-                            0
-                        },
-                        _pad0: 0,
-                    },
-                ))
-            })
-            .collect())
+        Ok(learn_endpoints(bridge, subnet, links, &arp, &fdb, previous))
     }
+}
+
+/// [`Netlink::endpoints`] from the listings.
+fn learn_endpoints(
+    bridge: u32,
+    subnet: Ipv4Net,
+    links: &[Link],
+    arp: &[Neighbour],
+    fdb: &[Neighbour],
+    previous: &BTreeMap<Ipv4Addr, Endpoint>,
+) -> BTreeMap<Ipv4Addr, Endpoint> {
+    // Ports that are veths to another namespace take `bpf_redirect_peer`.
+    let peer_ports: HashSet<u32> = links
+        .iter()
+        .filter(|l| l.veth_to_other_netns && l.controller == Some(bridge))
+        .map(|l| l.index)
+        .collect();
+    let endpoint = |ifindex: u32, mac: [u8; 6]| Endpoint {
+        ifindex,
+        mac,
+        flags: if peer_ports.contains(&ifindex) {
+            endpoint::PEER
+        } else {
+            0
+        },
+        _pad0: 0,
+    };
+    // Learnt (not permanent) entries of the bridge's ports: MAC → port.
+    let ports: HashMap<[u8; 6], u32> = fdb
+        .iter()
+        .filter(|n| n.state != NeighbourState::Permanent && n.controller == Some(bridge))
+        .filter_map(|n| Some((n.mac?, n.ifindex)))
+        .collect();
+    let usable = |n: &&Neighbour| {
+        n.ifindex == bridge
+            && !matches!(
+                n.state,
+                NeighbourState::Failed | NeighbourState::Incomplete | NeighbourState::None
+            )
+    };
+    let mut out: BTreeMap<Ipv4Addr, Endpoint> = arp
+        .iter()
+        .filter(usable)
+        .filter_map(|n| {
+            let (ip, mac) = (n.ip?, n.mac?);
+            let ifindex = *ports.get(&mac)?;
+            subnet.contains(&ip).then(|| (ip, endpoint(ifindex, mac)))
+        })
+        .collect();
+    let bridge_ports: HashSet<u32> = links
+        .iter()
+        .filter(|l| l.controller == Some(bridge))
+        .map(|l| l.index)
+        .collect();
+    let arp_mac = |ip: Ipv4Addr| {
+        arp.iter()
+            .filter(usable)
+            .find(|n| n.ip == Some(ip))
+            .and_then(|n| n.mac)
+    };
+    for (ip, old) in previous {
+        if out.contains_key(ip) || !subnet.contains(ip) {
+            continue;
+        }
+        if still_learnt(
+            old,
+            arp_mac(*ip),
+            ports.get(&old.mac).copied(),
+            &bridge_ports,
+        ) {
+            out.insert(*ip, endpoint(old.ifindex, old.mac));
+        }
+    }
+    out
+}
+
+/// Whether a pod learnt before stays learnt now that its ARP or forwarding-database entry is gone.
+/// The bridge forgets a MAC `ageing_time` (300 s) after the last frame from it crossed the
+/// bridge, and a pod whose packets all leave by `from_pod_veth` (say, a TCP receiver that only
+/// sends ACKs to other nodes) sends none across it; the node's ARP entry for it may be collected
+/// too. Forgetting the pod would send its traffic through `cni0` again — flooded to every port
+/// while the bridge does not know the MAC, and segmented in software — until the stack's next
+/// ARP exchange with it. So it is kept while its port is still a port of the bridge (a pod that
+/// goes takes its veth with it), no ARP entry gives its address another MAC (`arp_mac`), and the
+/// forwarding database does not place its MAC on another port (`fdb_port`).
+fn still_learnt(
+    old: &Endpoint,
+    arp_mac: Option<[u8; 6]>,
+    fdb_port: Option<u32>,
+    bridge_ports: &HashSet<u32>,
+) -> bool {
+    bridge_ports.contains(&old.ifindex)
+        && arp_mac.is_none_or(|mac| mac == old.mac)
+        && fdb_port.is_none_or(|port| port == old.ifindex)
 }
 
 /// Chooses the uplink as flanneld does: the first `--iface` (a name or an address) that exists;
@@ -586,5 +646,172 @@ mod tests {
         let e = choose("^lo$").unwrap_err();
         assert!(e.contains("lo (loopback)"), "{e}");
         assert!(choose("(").is_err());
+    }
+
+    /// cni0 (4) with two pod veths (10, 11); pod A 10.244.1.10 on 10, pod B 10.244.1.11 on 11.
+    mod endpoints {
+        use super::*;
+
+        const BRIDGE: u32 = 4;
+        const A: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 10);
+        const B: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 11);
+        const MAC_A: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x0a];
+        const MAC_B: [u8; 6] = [0x0a, 0, 0, 0, 0, 0x0b];
+
+        fn subnet() -> Ipv4Net {
+            "10.244.1.0/24".parse().unwrap()
+        }
+
+        fn links() -> Vec<Link> {
+            let mut pod_a = link(10, "veth-a", Some(BRIDGE));
+            pod_a.veth_to_other_netns = true;
+            vec![
+                link(3, "eth0", None),
+                link(BRIDGE, "cni0", None),
+                pod_a,
+                link(11, "veth-b", Some(BRIDGE)),
+            ]
+        }
+
+        fn arp(ip: Ipv4Addr, mac: [u8; 6], state: NeighbourState) -> Neighbour {
+            Neighbour {
+                ifindex: BRIDGE,
+                state,
+                ip: Some(ip),
+                mac: Some(mac),
+                controller: None,
+            }
+        }
+
+        fn fdb(mac: [u8; 6], port: u32) -> Neighbour {
+            Neighbour {
+                ifindex: port,
+                state: NeighbourState::Reachable,
+                ip: None,
+                mac: Some(mac),
+                controller: Some(BRIDGE),
+            }
+        }
+
+        fn ep(ifindex: u32, mac: [u8; 6], flags: u8) -> Endpoint {
+            Endpoint {
+                ifindex,
+                mac,
+                flags,
+                _pad0: 0,
+            }
+        }
+
+        fn learn(
+            links: &[Link],
+            arp: &[Neighbour],
+            fdb: &[Neighbour],
+            previous: &[(Ipv4Addr, Endpoint)],
+        ) -> Vec<(Ipv4Addr, Endpoint)> {
+            let previous: BTreeMap<_, _> = previous.iter().copied().collect();
+            learn_endpoints(BRIDGE, subnet(), links, arp, fdb, &previous)
+                .into_iter()
+                .collect()
+        }
+
+        #[test]
+        fn a_pod_is_learnt_from_its_arp_and_fdb_entries() {
+            let got = learn(
+                &links(),
+                &[
+                    arp(A, MAC_A, NeighbourState::Stale),
+                    arp(B, MAC_B, NeighbourState::Reachable),
+                    // Not a pod: outside the subnet; and an unresolved one.
+                    arp(
+                        Ipv4Addr::new(10, 244, 2, 5),
+                        MAC_B,
+                        NeighbourState::Reachable,
+                    ),
+                    arp(Ipv4Addr::new(10, 244, 1, 99), MAC_B, NeighbourState::Failed),
+                ],
+                &[fdb(MAC_A, 10), fdb(MAC_B, 11)],
+                &[],
+            );
+            assert_eq!(
+                got,
+                [(A, ep(10, MAC_A, endpoint::PEER)), (B, ep(11, MAC_B, 0))]
+            );
+        }
+
+        #[test]
+        fn a_pod_whose_entries_aged_out_stays_learnt_while_its_port_is_there() {
+            // The bridge forgot A's MAC and the node's ARP entry for A was collected: A's
+            // frames all leave by from_pod_veth. B's entries are there.
+            let previous = [(A, ep(10, MAC_A, 0))];
+            let got = learn(
+                &links(),
+                &[arp(B, MAC_B, NeighbourState::Stale)],
+                &[fdb(MAC_B, 11)],
+                &previous,
+            );
+            // Kept, with its flags as the port is now (a veth to a pod's namespace).
+            assert_eq!(
+                got,
+                [(A, ep(10, MAC_A, endpoint::PEER)), (B, ep(11, MAC_B, 0))]
+            );
+            // Only the fdb entry gone, the ARP entry there (the usual case): kept.
+            let got = learn(
+                &links(),
+                &[arp(A, MAC_A, NeighbourState::Stale)],
+                &[],
+                &previous,
+            );
+            assert_eq!(got, [(A, ep(10, MAC_A, endpoint::PEER))]);
+        }
+
+        #[test]
+        fn a_pod_is_forgotten_when_its_port_goes_or_its_address_or_mac_moves() {
+            let previous = [(A, ep(10, MAC_A, endpoint::PEER))];
+            // The pod went, and its veth with it.
+            let without_a: Vec<Link> = links().into_iter().filter(|l| l.index != 10).collect();
+            assert_eq!(learn(&without_a, &[], &[], &previous), []);
+            // The veth left the bridge.
+            let mut detached = links();
+            detached[2].controller = None;
+            assert_eq!(learn(&detached, &[], &[], &previous), []);
+            // The address now answers with another MAC, whose port the bridge does not know yet.
+            let other_mac = [0x0a, 0, 0, 0, 0, 0x0c];
+            assert_eq!(
+                learn(
+                    &links(),
+                    &[arp(A, other_mac, NeighbourState::Reachable)],
+                    &[],
+                    &previous
+                ),
+                []
+            );
+            // The bridge saw the MAC on another port.
+            assert_eq!(learn(&links(), &[], &[fdb(MAC_A, 11)], &previous), []);
+            // A new lease: the old subnet's pods are not this node's any more.
+            let moved: BTreeMap<_, _> = previous.into_iter().collect();
+            assert!(
+                learn_endpoints(
+                    BRIDGE,
+                    "10.244.7.0/24".parse().unwrap(),
+                    &links(),
+                    &[],
+                    &[],
+                    &moved
+                )
+                .is_empty()
+            );
+        }
+
+        #[test]
+        fn fresh_entries_win_over_what_was_learnt_before() {
+            // The address moved to pod B's veth and MAC (a new pod with the old address).
+            let got = learn(
+                &links(),
+                &[arp(A, MAC_B, NeighbourState::Reachable)],
+                &[fdb(MAC_B, 11)],
+                &[(A, ep(10, MAC_A, endpoint::PEER))],
+            );
+            assert_eq!(got, [(A, ep(11, MAC_B, 0))]);
+        }
     }
 }

@@ -748,6 +748,62 @@ fn a_new_pod_is_learnt_from_its_first_exchange_not_at_the_next_poll() -> Result<
     Ok(())
 }
 
+#[test]
+fn a_pod_stays_learnt_after_the_bridge_forgets_its_mac() -> Result<()> {
+    // A pod's packets to other nodes leave by from_pod_veth, so the bridge sees no frame from a
+    // pod that only talks to other nodes and forgets its MAC after `ageing_time` (300 s; 2 s
+    // here). The pod must stay learnt: forgotten, its packets would cross cni0 again (flooded
+    // while the bridge does not know the MAC, segmented in software) until its next ARP
+    // exchange with the node.
+    let mut tb = Testbed::start("age", Options::vxlan(&[Ebpf, Ebpf], 1))?;
+    let (p1, p2) = (tb.nodes[0].pods[0].clone(), tb.nodes[1].pods[0].clone());
+    let ns = tb.nodes[1].netns.clone();
+    tcp_echo(&p1, &p2, 256 * KIB)?;
+    wait_for("node 2 to learn its pod", Duration::from_secs(5), || {
+        endpoint_learnt(&tb, 1, p2.ip).unwrap_or(false)
+    })?;
+    ip(&ns, "link set cni0 type bridge ageing_time 200")?;
+    let mac = in_ns(&p2.netns, "cat", &["/sys/class/net/eth0/address"])?
+        .trim()
+        .to_string();
+    let forgotten = |tb: &Testbed| -> Result<()> {
+        wait_for(
+            "the bridge to forget the pod's MAC",
+            Duration::from_secs(20),
+            || {
+                in_ns(&ns, "bridge", &["fdb", "show", "br", "cni0"])
+                    .is_ok_and(|fdb| !fdb.contains(&mac))
+            },
+        )?;
+        // Past the agent's passes on the fdb notification and its 1 s poll.
+        std::thread::sleep(Duration::from_secs(3));
+        ensure!(
+            endpoint_learnt(tb, 1, p2.ip)?,
+            "node 2 forgot its pod once the bridge forgot the pod's MAC"
+        );
+        Ok(())
+    };
+    forgotten(&tb)?;
+    let bridged = |tb: &Testbed| -> Result<u64> {
+        Ok(tb.stats(1)?.get("decap_bridge").copied().unwrap_or(0))
+    };
+    let before = bridged(&tb)?;
+    tcp_echo(&p1, &p2, 4 * MIB)?;
+    let crossed = bridged(&tb)? - before;
+    ensure!(crossed == 0, "{crossed} packets for the pod crossed cni0");
+    // A restarted agent keeps it too: what was learnt is in the pinned map.
+    forgotten(&tb)?;
+    tb.stop_agent(1, Signal::SIGTERM)?;
+    tb.start_agent(1)?;
+    std::thread::sleep(Duration::from_secs(3));
+    ensure!(
+        endpoint_learnt(&tb, 1, p2.ip)?,
+        "a restarted agent forgot the pod whose MAC the bridge had forgotten"
+    );
+    tcp_echo(&p2, &p1, MIB)?;
+    tb.no_drops(1)
+}
+
 /// Two pings of 1,472 bytes from `pod` to `dst` with path-MTU discovery `mode` (`do`: DF set,
 /// `dont`: fragment), with their output whatever the exit status.
 fn ping_1472(pod: &Pod, dst: std::net::Ipv4Addr, mode: &str) -> Result<String> {

@@ -422,6 +422,21 @@ impl EbpfDataplane {
         Ok(())
     }
 
+    /// The endpoint map's entries (local pod IPv4 → veth and MAC).
+    pub fn endpoints(&self) -> Result<BTreeMap<Ipv4Addr, Endpoint>, Error> {
+        let map = self
+            .ebpf
+            .map(map_name::ENDPOINTS)
+            .ok_or_else(|| missing_map(map_name::ENDPOINTS))?;
+        let endpoints: HashMap<_, [u8; 4], Endpoint> =
+            HashMap::try_from(map).map_err(|e| map_err(map_name::ENDPOINTS, "opening", e))?;
+        endpoints
+            .iter()
+            .map(|r| r.map(|(ip, e)| (Ipv4Addr::from(ip), e)))
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_err(map_name::ENDPOINTS, "listing", e))
+    }
+
     /// Makes the endpoint map hold exactly `desired` (local pod IPv4 → veth and MAC).
     pub fn sync_endpoints(
         &mut self,

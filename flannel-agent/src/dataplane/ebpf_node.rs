@@ -209,10 +209,11 @@ impl EbpfNode {
             return Ok(());
         };
         // Local pods behind the bridge: learnt so that their packets skip it. One listing of
-        // the links serves the endpoints and the pod ports.
-        let learnt = match nl.links().await {
-            Ok(links) => nl
-                .endpoints(link.index, plan.own.subnet, &links)
+        // the links serves the endpoints and the pod ports. What the map holds is what was
+        // learnt before (also by an agent before a restart).
+        let learnt = match (nl.links().await, self.dp.endpoints()) {
+            (Ok(links), Ok(previous)) => nl
+                .endpoints(link.index, plan.own.subnet, &links, &previous)
                 .await
                 .and_then(|e| {
                     metrics::METRICS
@@ -222,7 +223,7 @@ impl EbpfNode {
                     let report = self.dp.sync_endpoints(&e)?;
                     Ok((links, e, report))
                 }),
-            Err(e) => Err(e),
+            (Err(e), _) | (_, Err(e)) => Err(e),
         };
         match learnt {
             Ok((links, endpoints, report)) => {
