@@ -413,22 +413,17 @@ fn learn_endpoints(
         .filter(|l| l.controller == Some(bridge))
         .map(|l| l.index)
         .collect();
-    let arp_mac = |ip: Ipv4Addr| {
-        arp.iter()
-            .filter(usable)
-            .find(|n| n.ip == Some(ip))
-            .and_then(|n| n.mac)
-    };
+    let arp_macs: HashMap<Ipv4Addr, [u8; 6]> = arp
+        .iter()
+        .filter(usable)
+        .filter_map(|n| Some((n.ip?, n.mac?)))
+        .collect();
     for (ip, old) in previous {
         if out.contains_key(ip) || !subnet.contains(ip) {
             continue;
         }
-        if still_learnt(
-            old,
-            arp_mac(*ip),
-            ports.get(&old.mac).copied(),
-            &bridge_ports,
-        ) {
+        let (arp_mac, fdb_port) = (arp_macs.get(ip).copied(), ports.get(&old.mac).copied());
+        if still_learnt(old, arp_mac, fdb_port, &bridge_ports) {
             out.insert(*ip, endpoint(old.ifindex, old.mac));
         }
     }
