@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use flannel_agent::dataplane::{
     Desired,
-    ebpf::{EbpfDataplane, NatTimeouts, sum_stats, sum_stats_by_program},
+    ebpf::{EbpfDataplane, NatTimeouts, monotonic_ns, sum_stats, sum_stats_by_program},
 };
 use flannel_ebpf_common::{
     Endpoint, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, backend, nat, prog_name,
@@ -1460,6 +1460,161 @@ fn masquerade_rewrites_tcp_udp_and_icmp_echo_both_ways() {
         } else {
             assert_eq!(e.addr, NODE_A);
         }
+    }
+}
+
+/// The outside host's port that `reply_in` answers from.
+fn remote_port(proto: u8) -> u16 {
+    if proto == TCP { 80 } else { 53 }
+}
+
+/// The one's complement sum of `a` and `b`, folded.
+fn ones_add(a: u16, b: u16) -> u16 {
+    let s = u32::from(a) + u32::from(b);
+    ((s & 0xffff) + (s >> 16)) as u16
+}
+
+/// The sum (not complemented) of the pseudo-header of the L4 segment of `ip`: what a stack that
+/// leaves its checksum to the device puts in the checksum field.
+fn pseudo_sum(ip: &[u8]) -> u16 {
+    let len = u16::from_be_bytes([ip[2], ip[3]]) - 20;
+    [
+        u16::from_be_bytes([ip[12], ip[13]]),
+        u16::from_be_bytes([ip[14], ip[15]]),
+        u16::from_be_bytes([ip[16], ip[17]]),
+        u16::from_be_bytes([ip[18], ip[19]]),
+        u16::from(ip[9]),
+        len,
+    ]
+    .into_iter()
+    .fold(0, ones_add)
+}
+
+/// A pod's segment of `proto` to the outside whose valid checksum equals its pseudo-header's sum,
+/// as a partially offloaded one would hold: two payload bytes are chosen for it.
+fn looks_partial(proto: u8, sport: u16) -> Vec<u8> {
+    let build = |w: [u8; 2]| {
+        let mut data = payload(64);
+        data[..2].copy_from_slice(&w);
+        let seg = if proto == TCP {
+            tcp(POD_A, OUTSIDE, sport, remote_port(proto), 0x10, &data)
+        } else {
+            udp_checked(POD_A, OUTSIDE, sport, remote_port(proto), &data)
+        };
+        ipv4(POD_A, OUTSIDE, 63, proto, &seg)
+    };
+    let c = if proto == TCP { 16 } else { 6 };
+    let zero = build([0; 2]);
+    // The checksum is ~(S + w): for it to be the pseudo-header's sum P, w = ~P - S = ~P + ~S.
+    let not_s = u16::from_be_bytes([zero[20 + c], zero[21 + c]]);
+    let w = ones_add(!pseudo_sum(&zero), not_s);
+    let ip = build(w.to_be_bytes());
+    assert!(l4_csum_ok(&ip));
+    // One's complement has two zeros: 0x0000 and 0xffff.
+    let zero = |x: u16| if x == 0xffff { 0 } else { x };
+    let (field, pseudo) = (
+        u16::from_be_bytes([ip[20 + c], ip[21 + c]]),
+        pseudo_sum(&ip),
+    );
+    assert_eq!(
+        zero(field),
+        zero(pseudo),
+        "the crafted checksum field is the pseudo-header's sum"
+    );
+    wire_frame(&ip)
+}
+
+/// TCP and UDP checksums are updated right whichever way the programs take: without a helper
+/// (a complete checksum at the egress), with one helper whose result tells complete from partial
+/// (a field that looks partial, a GSO packet, every reply at the ingress). Test runs' skbs hold
+/// complete checksums; the e2e test `masqueraded_checksums_hold_with_and_without_offload` covers
+/// partial ones.
+#[test]
+fn masquerade_updates_checksums_on_every_path() {
+    let mut a = masq_node(1024, true);
+    let data = payload(200);
+    for (i, proto) in [TCP, UDP].into_iter().enumerate() {
+        let sport = POD_PORT + 10 * i as u16;
+        let cases = [
+            (
+                "complete",
+                pod_out(
+                    proto,
+                    &if proto == TCP {
+                        tcp(POD_A, OUTSIDE, sport, remote_port(proto), 0x10, &data)
+                    } else {
+                        udp_checked(POD_A, OUTSIDE, sport, remote_port(proto), &data)
+                    },
+                ),
+                0,
+            ),
+            ("looks partial", looks_partial(proto, sport + 1), 0),
+            (
+                "GSO",
+                pod_out(
+                    proto,
+                    &if proto == TCP {
+                        tcp(POD_A, OUTSIDE, sport + 2, remote_port(proto), 0x10, &data)
+                    } else {
+                        udp_checked(POD_A, OUTSIDE, sport + 2, remote_port(proto), &data)
+                    },
+                ),
+                100,
+            ),
+        ];
+        for (what, input, gso) in cases {
+            let (ret, out) = if gso == 0 {
+                run_tc(&mut a, prog_name::TO_WIRE, &input)
+            } else {
+                run_tc_segments(&mut a, prog_name::TO_WIRE, &input, gso, 2)
+            };
+            assert_eq!(ret, TC_ACT_OK, "{proto} {what}");
+            let port = assert_translated(&input, &out, false, NODE_A, in_range);
+            // The reply, whose checksum also looks partial once it is translated back.
+            let reply = reply_in(proto, port, &data);
+            let (ret, back) = run_tc(&mut a, prog_name::FROM_WIRE, &reply);
+            assert_eq!(ret, TC_ACT_OK, "{proto} {what}: reply");
+            let pod_port = u16::from_be_bytes([input[34], input[35]]);
+            assert_translated(&reply, &back, true, POD_A, |p| p == pod_port);
+        }
+    }
+    assert_eq!(counted(&a, reason::NAT_SNAT), 6);
+    assert_eq!(counted(&a, reason::NAT_REVERSE), 6);
+}
+
+/// Flows are stamped with `CLOCK_MONOTONIC` (coarse, read once per tick and CPU through
+/// `FLANNEL_CLOCK`), and a packet more than [`nat::TOUCH_NS`] later refreshes the stamp.
+#[test]
+fn masquerade_stamps_flows_with_the_monotonic_clock() {
+    let mut a = masq_node(1024, true);
+    let input = pod_out(
+        UDP,
+        &udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &payload(40)),
+    );
+    let stamp = |a: &EbpfDataplane| {
+        a.nat_entries()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.dir == nat::EGRESS)
+            .map(|(_, e)| e.last_seen)
+            .max()
+            .unwrap()
+    };
+    // The coarse clock is up to a tick behind, a CPU's cached reading up to one more.
+    let lag = Duration::from_millis(25).as_nanos() as u64;
+    let mut last = 0;
+    for round in 0..2 {
+        let before = monotonic_ns();
+        let (ret, _) = run_tc(&mut a, prog_name::TO_WIRE, &input);
+        let after = monotonic_ns();
+        assert_eq!(ret, TC_ACT_OK);
+        let t = stamp(&a);
+        assert!(
+            t <= after && t + lag >= before && t > last,
+            "round {round}: stamped {t}, between {before} and {after}, after {last}"
+        );
+        last = t;
+        std::thread::sleep(Duration::from_nanos(nat::TOUCH_NS) + Duration::from_millis(200));
     }
 }
 

@@ -31,6 +31,8 @@ pub mod map_name {
     pub const CONFIG_SELECT: &str = "FLANNEL_CFGSEL";
     /// The next outer IPv4 ID, per CPU.
     pub const IP_ID: &str = "FLANNEL_IPID";
+    /// The masquerade's clock, per CPU: the time read at the current tick.
+    pub const CLOCK: &str = "FLANNEL_CLOCK";
 }
 
 /// The shape of one pinned map. Declared once, in [`layout`]: the programs' map definitions are
@@ -56,12 +58,13 @@ pub mod map_kind {
 }
 
 /// Every pinned map's layout. A change here (or in a type it names) needs a new
-/// [`LAYOUT_VERSION`].
+/// [`LAYOUT_VERSION`]; a new map does not (an older agent's pins lack it, so it is created, and
+/// an older agent ignores it).
 pub mod layout {
     use super::{
-        CONFIG_SLOTS, Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES, MAX_ROUTES,
-        MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, RouteKey, STATS_SLOTS,
-        SUBNET_SLOTS, map_kind, map_name,
+        CONFIG_SLOTS, Clock, Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES,
+        MAX_ROUTES, MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, RouteKey,
+        STATS_SLOTS, SUBNET_SLOTS, map_kind, map_name,
     };
 
     const fn size<T>() -> u32 {
@@ -131,8 +134,15 @@ pub mod layout {
         value_size: 4,
         max_entries: 1,
     };
+    pub const CLOCK: MapLayout = MapLayout {
+        name: map_name::CLOCK,
+        kind: map_kind::PERCPU_ARRAY,
+        key_size: 4,
+        value_size: size::<Clock>(),
+        max_entries: 1,
+    };
     /// Every pinned map.
-    pub const ALL: [MapLayout; 9] = [
+    pub const ALL: [MapLayout; 10] = [
         CONFIG,
         CONFIG_SELECT,
         ROUTES,
@@ -142,6 +152,7 @@ pub mod layout {
         NAT,
         STATS,
         IP_ID,
+        CLOCK,
     ];
 }
 
@@ -339,6 +350,17 @@ pub mod endpoint {
 pub struct Counter {
     pub packets: u64,
     pub bytes: u64,
+}
+
+/// One CPU's entry of `FLANNEL_CLOCK`: `CLOCK_MONOTONIC` (coarse) as read at tick `jiffies`. The
+/// masquerade stamps flows with it; the clock is read once per tick and CPU (`bpf_jiffies64` is
+/// inlined by the verifier, the clock helper is a call of ~25 ns) and the coarse clock itself
+/// moves only at ticks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct Clock {
+    pub jiffies: u64,
+    pub ns: u64,
 }
 
 /// Key of the `FLANNEL_NAT` hash. Each masqueraded flow has two entries: the original direction

@@ -4,8 +4,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    Counter, Endpoint, MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, RouteKey,
-    backend, layout,
+    Clock, Counter, Endpoint, MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet,
+    RouteKey, backend, layout,
 };
 
 /// The entries of a map defined with key `K` and value `V`, from its declared layout; the build
@@ -84,6 +84,11 @@ pub static FLANNEL_STATS: PerCpuArray<Counter, { declared::<u32, Counter>(layout
 /// as the kernel's segmentation numbers them.
 #[btf_map]
 pub static FLANNEL_IPID: PerCpuArray<u32, { declared::<u32, u32>(layout::IP_ID) }> =
+    PerCpuArray::new();
+
+/// The masquerade's clock, read once per tick on each CPU ([`Clock`]).
+#[btf_map]
+pub static FLANNEL_CLOCK: PerCpuArray<Clock, { declared::<u32, Clock>(layout::CLOCK) }> =
     PerCpuArray::new();
 
 /// This node's configuration, if the agent has enabled the dataplane.

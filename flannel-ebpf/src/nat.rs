@@ -9,19 +9,20 @@
 //! embedded headers alike, both ways. The agent expires and collects entries.
 //!
 //! Checksums: the IPv4 header checksum and everything inside an ICMP message are updated in
-//! place (RFC 1624); TCP and UDP checksums go through `bpf_l4_csum_replace`, which also handles
-//! the pseudo-header of a `CHECKSUM_PARTIAL` skb (pods' offloaded checksums, GSO).
+//! place (RFC 1624); TCP and UDP checksums too where the skb's checksum state is known, and
+//! otherwise with one `bpf_l4_csum_replace` call, which also handles the pseudo-header of a
+//! `CHECKSUM_PARTIAL` skb (pods' offloaded checksums, GSO): see [`l4_checksum`].
 use aya_ebpf::{
     bindings::{BPF_EXIST, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, BPF_NOEXIST, TC_ACT_OK},
-    helpers::{bpf_get_prandom_u32, bpf_ktime_get_coarse_ns},
+    helpers::{bpf_get_prandom_u32, bpf_jiffies64, bpf_ktime_get_coarse_ns},
     programs::TcContext,
 };
-use flannel_ebpf_common::{NatEntry, NatKey, NodeConfig, nat, reason};
+use flannel_ebpf_common::{Clock, NatEntry, NatKey, NodeConfig, nat, reason};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
     csum,
-    maps::FLANNEL_NAT,
+    maps::{FLANNEL_CLOCK, FLANNEL_NAT},
     parse::{
         ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, in_subnet, ipv4_at, is_fragment, ptr_at,
     },
@@ -108,12 +109,34 @@ fn ports(ctx: &TcContext, proto: u8, l4: usize) -> Result<Option<([u8; 2], [u8; 
     }
 }
 
-#[inline(always)]
 /// `CLOCK_MONOTONIC`, coarse: entry times need no more than a tick's precision, and the coarse
-/// clock is a memory read where the fine one reads the clock source on every packet.
+/// clock is a memory read where the fine one reads the clock source on every packet. Read
+/// through this CPU's `FLANNEL_CLOCK`, once per tick: `bpf_jiffies64` is inlined, the clock
+/// helper is a call. Between a tick's jiffies and clock updates a CPU may keep the previous
+/// tick's time for one more tick: flows' times stay within a tick or two.
+#[inline(always)]
 fn now() -> u64 {
-    // SAFETY: a helper without arguments.
-    unsafe { bpf_ktime_get_coarse_ns() }
+    // SAFETY: helpers without arguments.
+    let (tick, read) = (unsafe { bpf_jiffies64() }, || unsafe {
+        bpf_ktime_get_coarse_ns()
+    });
+    let Some(clock) = FLANNEL_CLOCK.get_ptr_mut(0) else {
+        return read();
+    };
+    // SAFETY: this CPU's entry, from a successful lookup; only this CPU's programs write it. A
+    // program nested in another on this CPU (softirq over process context) can at worst read
+    // the new tick with the previous tick's time.
+    unsafe {
+        if (*clock).jiffies == tick {
+            return (*clock).ns;
+        }
+        let t = read();
+        *clock = Clock {
+            jiffies: tick,
+            ns: t,
+        };
+        t
+    }
 }
 
 /// Refreshes an entry's time (at most once per [`nat::TOUCH_NS`]) and flags.
@@ -363,10 +386,88 @@ fn rewrite(
     let old_port = unsafe { *field };
     // SAFETY: as above.
     unsafe { *field = port };
-    let (csum_off, mangled) = if proto == IPPROTO_UDP {
-        (l4 + UDP_CSUM_OFF, u64::from(BPF_F_MARK_MANGLED_0))
+    let csum_off = l4
+        + if proto == IPPROTO_UDP {
+            UDP_CSUM_OFF
+        } else {
+            TCP_CSUM_OFF
+        };
+    l4_checksum(
+        ctx,
+        proto,
+        csum_off,
+        end,
+        (old_addr, addr),
+        (old_port, port),
+    )
+}
+
+/// Updates a TCP or UDP checksum for a translation's new address (which the pseudo-header
+/// covers) and port. How depends on the skb's `ip_summed`, which a tc program cannot read: a
+/// complete checksum (`CHECKSUM_NONE`, `_UNNECESSARY`, `_COMPLETE`) changes by both differences;
+/// a partial one (`CHECKSUM_PARTIAL`: the field holds the pseudo-header's sum and the device or
+/// `skb_checksum_help` adds the rest, port included) by the address's only, the other way round.
+/// `bpf_l4_csum_replace` knows, but each call costs ~60 ns here, so:
+/// - A source rewritten at the egress (the pods' packets, forwarded or redirected, so never
+///   `CHECKSUM_COMPLETE`: forwarding turns that into `_NONE`) whose field is not the
+///   pseudo-header's sum cannot be partial (a partial field is that sum, or the device's result
+///   would be wrong anyway), and is updated here without a helper. GSO packets, always partial,
+///   are left to the helper.
+/// - Otherwise the helper updates the address (and `skb->csum` of a `CHECKSUM_COMPLETE` skb),
+///   and its result, which moves the field one way if partial and the other way if complete,
+///   tells which it was: the port is then updated here (complete) or not at all (partial). Only
+///   if the address's difference is its own opposite (`2d ≡ 0`) does the port take a second
+///   helper call.
+///
+/// Must be the last packet access of the program (the helper invalidates packet pointers).
+#[inline(always)]
+fn l4_checksum(
+    ctx: &TcContext,
+    proto: u8,
+    csum_off: usize,
+    end: End,
+    (old_addr, addr): ([u8; 4], [u8; 4]),
+    (old_port, port): ([u8; 2], [u8; 2]),
+) -> Result<(), u32> {
+    let udp = proto == IPPROTO_UDP;
+    let check = ptr_at::<[u8; 2]>(ctx, csum_off)?;
+    // SAFETY: bounds checked by `ptr_at`.
+    let before = unsafe { *check };
+    if udp && before == [0; 2] {
+        // No UDP checksum (never a partial one: the pseudo-header's sum is not zero).
+        return Ok(());
+    }
+    let (from_port, to_port) = (u16::from_be_bytes(old_port), u16::from_be_bytes(port));
+    // The complete checksum's update, and the port's update of a complete checksum `c`.
+    let complete = csum::replace32(before, old_addr, addr);
+    let with_port = |c: [u8; 2]| {
+        let c = csum::replace16(c, from_port, to_port);
+        // A UDP checksum that comes out zero is sent as all ones (zero means none).
+        if udp && c == [0; 2] { [0xff; 2] } else { c }
+    };
+    if end == End::Source {
+        let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
+        // SAFETY: bounds checked by `ptr_at`; the program's own context.
+        let (tot_len, vihl, dst, gso_size) = unsafe {
+            (
+                (*ip).tot_len,
+                (*ip).vihl,
+                (*ip).dst_addr,
+                (*ctx.skb.skb).gso_size,
+            )
+        };
+        let l4_len = u16::from_be_bytes(tot_len).wrapping_sub(u16::from(vihl & 0x0f) * 4);
+        let pseudo = csum::pseudo_header(old_addr, dst, proto, l4_len);
+        if gso_size == 0 && !csum::same16(u16::from_be_bytes(before), pseudo) {
+            // SAFETY: bounds checked by `ptr_at`.
+            unsafe { *check = with_port(complete) };
+            return Ok(());
+        }
+    }
+    let mangled = if udp {
+        u64::from(BPF_F_MARK_MANGLED_0)
     } else {
-        (l4 + TCP_CSUM_OFF, 0)
+        0
     };
     ctx.l4_csum_replace(
         csum_off,
@@ -375,6 +476,20 @@ fn rewrite(
         u64::from(BPF_F_PSEUDO_HDR) | mangled | 4,
     )
     .map_err(|_| reason::DROP_TRUNCATED)?;
+    let check = ptr_at::<[u8; 2]>(ctx, csum_off)?;
+    // SAFETY: bounds checked by `ptr_at` (after the helper moved the packet's pointers).
+    let after = u16::from_be_bytes(unsafe { *check });
+    let partial = csum::add16(u16::from_be_bytes(before), csum::diff32(old_addr, addr));
+    let complete = u16::from_be_bytes(complete);
+    let (was_complete, was_partial) = (csum::same16(after, complete), csum::same16(after, partial));
+    if was_complete && !was_partial {
+        // SAFETY: as above.
+        unsafe { *check = with_port(after.to_be_bytes()) };
+        return Ok(());
+    }
+    if was_partial && !was_complete {
+        return Ok(());
+    }
     ctx.l4_csum_replace(
         csum_off,
         u64::from(u16::from_ne_bytes(old_port)),

@@ -189,6 +189,73 @@ fn ebpf_masquerade_takes_pods_to_the_outside_on_a_forward_drop_node() -> Result<
     Ok(())
 }
 
+/// The TCP and UDP `InCsumErrors` counters of `netns`.
+fn csum_errors(netns: &str) -> Result<(u64, u64)> {
+    let snmp = in_ns(netns, "cat", &["/proc/net/snmp"])?;
+    let counter = |proto: &str| -> Result<u64> {
+        let mut lines = snmp
+            .lines()
+            .filter(|l| l.starts_with(&format!("{proto}: ")));
+        let (names, values) = (lines.next(), lines.next());
+        let (Some(names), Some(values)) = (names, values) else {
+            bail!("no {proto} lines in /proc/net/snmp of {netns}");
+        };
+        let at = names
+            .split_whitespace()
+            .position(|n| n == "InCsumErrors")
+            .context("no InCsumErrors")?;
+        Ok(values
+            .split_whitespace()
+            .nth(at)
+            .context("short line")?
+            .parse()?)
+    };
+    Ok((counter("Tcp")?, counter("Udp")?))
+}
+
+/// The masquerade updates TCP and UDP checksums right whether the pod left them to the device
+/// (`CHECKSUM_PARTIAL`: the field holds the pseudo-header's sum, updated the other way) or filled
+/// them in, and so do replies: with checksum offload off on the node's uplink, on the
+/// underlay's port towards the node and in one pod, every checksum is finished in software and
+/// checked by the receiver, which counts a wrong one in `InCsumErrors` and drops the packet.
+#[test]
+fn masqueraded_checksums_hold_with_and_without_offload() -> Result<()> {
+    let mut tb = Testbed::start("mqcs", masq_options(&[Ebpf], 2, &[]))?;
+    let outside = tb.add_outside()?;
+    let pods = tb.pods();
+    let (offloaded, complete) = (&pods[0], &pods[1]);
+    in_ns(&tb.nodes[0].netns, "ethtool", &["-K", "eth0", "tx", "off"])?;
+    in_ns(&outside.netns, "ethtool", &["-K", "n1", "tx", "off"])?;
+    in_ns(&complete.netns, "ethtool", &["-K", "eth0", "tx", "off"])?;
+    for (i, pod) in [offloaded, complete].into_iter().enumerate() {
+        let (_, peer) = tcp_echo_seen(pod, &outside, 4 * MIB, None)?;
+        ensure!(
+            peer.ip() == node_ip(&tb, 0),
+            "{}: the outside saw {peer}",
+            pod.ip
+        );
+        let seen = udp_round_trip(pod, &outside, 5353 + i as u16)?;
+        ensure!(
+            seen.ip() == node_ip(&tb, 0),
+            "{}: UDP seen from {seen}",
+            pod.ip
+        );
+    }
+    for netns in [&outside.netns, &offloaded.netns, &complete.netns] {
+        let errors = csum_errors(netns)?;
+        ensure!(
+            errors == (0, 0),
+            "{netns}: TCP and UDP checksum errors {errors:?}"
+        );
+    }
+    let stats = tb.stats(0)?;
+    ensure!(
+        stats["nat_snat"] > 0 && stats["nat_reverse"] > 0,
+        "not masqueraded: {stats:?}"
+    );
+    Ok(())
+}
+
 #[test]
 fn without_ip_masq_nothing_is_rewritten() -> Result<()> {
     let mut tb = Testbed::start("nomq", Options::vxlan(&[Ebpf, Ebpf], 1))?;

@@ -8,7 +8,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 /// Debian packages the tests, the demo and the benchmark use.
-const DEBIAN_PACKAGES: [&str; 12] = [
+const DEBIAN_PACKAGES: [&str; 13] = [
     "iproute2",
     "iputils-ping",
     "bpftool",
@@ -17,6 +17,8 @@ const DEBIAN_PACKAGES: [&str; 12] = [
     "wireguard-go",
     // Underlay captures in the wireguard e2e test.
     "tcpdump",
+    // Checksum offload turned off in the masquerade's checksum e2e test.
+    "ethtool",
     // The etcd subnet manager's tests run a real etcd, and write leases as operators do.
     "etcd-server",
     "etcd-client",
