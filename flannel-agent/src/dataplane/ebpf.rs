@@ -442,6 +442,17 @@ impl EbpfDataplane {
         &mut self,
         desired: &BTreeMap<Ipv4Addr, Endpoint>,
     ) -> Result<SyncReport, Error> {
+        let current = self.endpoints()?;
+        self.sync_endpoints_from(&current, desired)
+    }
+
+    /// As [`Self::sync_endpoints`], given what the map holds (as [`Self::endpoints`] listed it
+    /// this pass; only this agent writes it), so that the map is not listed twice.
+    pub fn sync_endpoints_from(
+        &mut self,
+        current: &BTreeMap<Ipv4Addr, Endpoint>,
+        desired: &BTreeMap<Ipv4Addr, Endpoint>,
+    ) -> Result<SyncReport, Error> {
         let mut report = SyncReport::default();
         let map = self
             .ebpf
@@ -449,9 +460,16 @@ impl EbpfDataplane {
             .ok_or_else(|| missing_map(map_name::ENDPOINTS))?;
         let mut endpoints: HashMap<_, [u8; 4], Endpoint> =
             HashMap::try_from(map).map_err(|e| map_err(map_name::ENDPOINTS, "opening", e))?;
-        let want: BTreeMap<[u8; 4], Endpoint> =
-            desired.iter().map(|(ip, e)| (ip.octets(), *e)).collect();
-        let stale = upsert(&mut endpoints, &want, map_name::ENDPOINTS, &mut report)?;
+        let octets = |m: &BTreeMap<Ipv4Addr, Endpoint>| -> BTreeMap<[u8; 4], Endpoint> {
+            m.iter().map(|(ip, e)| (ip.octets(), *e)).collect()
+        };
+        let stale = upsert_known(
+            &mut endpoints,
+            octets(current),
+            &octets(desired),
+            map_name::ENDPOINTS,
+            &mut report,
+        )?;
         remove(&mut endpoints, &stale, map_name::ENDPOINTS, &mut report)?;
         Ok(report)
     }
@@ -642,6 +660,18 @@ fn upsert<V: aya::Pod + PartialEq>(
         .iter()
         .collect::<Result<_, _>>()
         .map_err(|e| map_err(name, "listing", e))?;
+    upsert_known(map, current, want, name, report)
+}
+
+/// Writes the entries of `want` that `current` (what the map holds) lacks or holds otherwise;
+/// returns the keys of `current` that `want` lacks.
+fn upsert_known<V: aya::Pod + PartialEq>(
+    map: &mut HashMap<&mut MapData, [u8; 4], V>,
+    current: BTreeMap<[u8; 4], V>,
+    want: &BTreeMap<[u8; 4], V>,
+    name: &str,
+    report: &mut SyncReport,
+) -> Result<Vec<[u8; 4]>, Error> {
     for (key, value) in want {
         match current.get(key) {
             Some(cur) if cur == value => continue,

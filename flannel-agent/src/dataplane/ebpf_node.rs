@@ -220,7 +220,7 @@ impl EbpfNode {
                         .map_entries
                         .get_or_create(&metrics::label("map", "endpoints"))
                         .set(i64::try_from(e.len()).unwrap_or(i64::MAX));
-                    let report = self.dp.sync_endpoints(&e)?;
+                    let report = self.dp.sync_endpoints_from(&previous, &e)?;
                     Ok((links, e, report))
                 }),
             (Err(e), _) | (_, Err(e)) => Err(e),
