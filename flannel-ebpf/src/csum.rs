@@ -55,12 +55,6 @@ pub fn replace32(check: [u8; 2], old: [u8; 4], new: [u8; 4]) -> [u8; 2] {
     )
 }
 
-/// `a + b` in one's complement, folded to 16 bits.
-#[inline(always)]
-pub fn add16(a: u16, b: u16) -> u16 {
-    fold(u32::from(a) + u32::from(b))
-}
-
 /// True if two 16-bit one's complement values are equal (0x0000 and 0xffff are both zero).
 #[inline(always)]
 pub fn same16(a: u16, b: u16) -> bool {
@@ -78,15 +72,5 @@ pub fn pseudo_header(src: [u8; 4], dst: [u8; 4], proto: u8, l4_len: u16) -> u16 
         + u32::from(u16::from_be_bytes([dst[2], dst[3]]))
         + u32::from(proto)
         + u32::from(l4_len);
-    fold(sum)
-}
-
-/// The one's complement difference a 4-byte field's change from `old` to `new` adds to a sum.
-#[inline(always)]
-pub fn diff32(old: [u8; 4], new: [u8; 4]) -> u16 {
-    let sum = u32::from(!u16::from_be_bytes([old[0], old[1]]))
-        + u32::from(!u16::from_be_bytes([old[2], old[3]]))
-        + u32::from(u16::from_be_bytes([new[0], new[1]]))
-        + u32::from(u16::from_be_bytes([new[2], new[3]]));
     fold(sum)
 }

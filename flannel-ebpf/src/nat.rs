@@ -386,20 +386,7 @@ fn rewrite(
     let old_port = unsafe { *field };
     // SAFETY: as above.
     unsafe { *field = port };
-    let csum_off = l4
-        + if proto == IPPROTO_UDP {
-            UDP_CSUM_OFF
-        } else {
-            TCP_CSUM_OFF
-        };
-    l4_checksum(
-        ctx,
-        proto,
-        csum_off,
-        end,
-        (old_addr, addr),
-        (old_port, port),
-    )
+    l4_checksum(ctx, proto, l4, end, (old_addr, addr), (old_port, port))
 }
 
 /// Updates a TCP or UDP checksum for a translation's new address (which the pseudo-header
@@ -424,12 +411,13 @@ fn rewrite(
 fn l4_checksum(
     ctx: &TcContext,
     proto: u8,
-    csum_off: usize,
+    l4: usize,
     end: End,
     (old_addr, addr): ([u8; 4], [u8; 4]),
     (old_port, port): ([u8; 2], [u8; 2]),
 ) -> Result<(), u32> {
     let udp = proto == IPPROTO_UDP;
+    let csum_off = l4 + if udp { UDP_CSUM_OFF } else { TCP_CSUM_OFF };
     let check = ptr_at::<[u8; 2]>(ctx, csum_off)?;
     // SAFETY: bounds checked by `ptr_at`.
     let before = unsafe { *check };
@@ -448,15 +436,9 @@ fn l4_checksum(
     if end == End::Source {
         let ip = ptr_at::<Ipv4Hdr>(ctx, ETH_HLEN)?;
         // SAFETY: bounds checked by `ptr_at`; the program's own context.
-        let (tot_len, vihl, dst, gso_size) = unsafe {
-            (
-                (*ip).tot_len,
-                (*ip).vihl,
-                (*ip).dst_addr,
-                (*ctx.skb.skb).gso_size,
-            )
-        };
-        let l4_len = u16::from_be_bytes(tot_len).wrapping_sub(u16::from(vihl & 0x0f) * 4);
+        let (tot_len, dst, gso_size) =
+            unsafe { ((*ip).tot_len, (*ip).dst_addr, (*ctx.skb.skb).gso_size) };
+        let l4_len = u16::from_be_bytes(tot_len).wrapping_sub((l4 - ETH_HLEN) as u16);
         let pseudo = csum::pseudo_header(old_addr, dst, proto, l4_len);
         if gso_size == 0 && !csum::same16(u16::from_be_bytes(before), pseudo) {
             // SAFETY: bounds checked by `ptr_at`.
@@ -479,7 +461,13 @@ fn l4_checksum(
     let check = ptr_at::<[u8; 2]>(ctx, csum_off)?;
     // SAFETY: bounds checked by `ptr_at` (after the helper moved the packet's pointers).
     let after = u16::from_be_bytes(unsafe { *check });
-    let partial = csum::add16(u16::from_be_bytes(before), csum::diff32(old_addr, addr));
+    // A partial field is a plain sum: it moves by the address's difference the other way, which
+    // is the complete update applied to its complement.
+    let partial = !u16::from_be_bytes(csum::replace32(
+        (!u16::from_be_bytes(before)).to_be_bytes(),
+        old_addr,
+        addr,
+    ));
     let complete = u16::from_be_bytes(complete);
     let (was_complete, was_partial) = (csum::same16(after, complete), csum::same16(after, partial));
     if was_complete && !was_partial {
