@@ -568,8 +568,13 @@ pub mod reason {
     pub const SLOW_PATH_REFUSED: u32 = 50;
     /// Slow path: tunnel traffic that could not be handed to the stack (the send failed).
     pub const SLOW_PATH_SEND_FAILED: u32 = 51;
+    /// A pod's UDP packet of a flow already masqueraded (its entry in `FLANNEL_NAT` proves that
+    /// the kernel forwarded the flow out of the uplink untouched by DNAT), sent from the pod's
+    /// veth straight to the uplink by the kernel's FIB, where `to_wire` translates it: no bridge,
+    /// routing or netfilter on the way (`from_pod_veth`).
+    pub const NAT_FORWARD: u32 = 52;
     /// Number of reasons in use.
-    pub const COUNT: u32 = 52;
+    pub const COUNT: u32 = 53;
     /// Slots of `FLANNEL_STATS`: room for new reasons without changing the pinned map's shape.
     pub const SLOTS: u32 = 64;
 
@@ -627,6 +632,7 @@ pub mod reason {
         "pass_ip_options",
         "slow_path_refused",
         "slow_path_send_failed",
+        "nat_forward",
     ];
 
     /// True for the reasons that mean the packet was dropped.

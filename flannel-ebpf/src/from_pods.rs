@@ -18,6 +18,7 @@ use crate::{
     encap::{self, IP_DF, Outer},
     fib,
     maps::{FLANNEL_ROUTES, indexed_route},
+    nat,
     parse::{
         ETH_HLEN, IPPROTO_TCP, UDP_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4,
         ptr_at,
@@ -55,10 +56,17 @@ pub fn run(ctx: &TcContext) -> i32 {
 
 /// The same at a pod's host-side veth (tc ingress), before the bridge: what it sends on leaves
 /// the node without entering `cni0`; what it passes goes on into the bridge (and is seen again
-/// by [`run`], counted under its own program).
+/// by [`run`], counted under its own program). Here too, a packet of an established
+/// masqueraded UDP flow goes straight to the uplink ([`nat::forward_established`]).
 pub fn run_veth(ctx: &TcContext) -> i32 {
     tc_counted(ctx, program::FROM_POD_VETH, |ctx, cfg| {
-        to_remote(ctx, cfg, false)
+        let verdict = to_remote(ctx, cfg, false)?;
+        if verdict.1 == reason::PASS_NOT_OVERLAY
+            && let Some(action) = nat::forward_established(ctx, cfg)?
+        {
+            return Ok((action, reason::NAT_FORWARD));
+        }
+        Ok(verdict)
     })
 }
 

@@ -21,7 +21,7 @@ use flannel_ebpf_common::{Clock, NatEntry, NatKey, NodeConfig, nat, reason};
 use network_types::ip::Ipv4Hdr;
 
 use crate::{
-    csum,
+    csum, fib,
     maps::{FLANNEL_CLOCK, FLANNEL_NAT},
     parse::{
         ETH_HLEN, IPPROTO_TCP, IPPROTO_UDP, IPV4_HLEN, in_subnet, ipv4_at, is_fragment, ptr_at,
@@ -536,6 +536,41 @@ pub fn snat(ctx: &TcContext, cfg: &NodeConfig) -> Result<(i32, u32), u32> {
     let port = flow_port(cfg, &key, tcp_state(ctx, proto, l4))?;
     rewrite(ctx, proto, l4, End::Source, cfg.masq_ip, port)?;
     Ok((TC_ACT_OK, reason::NAT_SNAT))
+}
+
+/// A pod's UDP packet at its veth (`from_pod_veth`, leaving the Network): if its flow is already
+/// masqueraded, it is forwarded straight to the uplink, where [`snat`] translates it as before,
+/// skipping `cni0`, routing and netfilter. The flow's original entry is the proof that the
+/// kernel forwarded this very tuple out of the uplink untouched by DNAT, by kube-proxy's mark or
+/// by a FORWARD rule (`snat` keys it on the tuple as it leaves, so a DNATed flow's packets, which
+/// the pod addresses to the original destination, never find one); the route is asked of the
+/// kernel's FIB for each packet. UDP only: the kernel's conntrack then misses the original
+/// direction's later packets, which UDP tracking does not mind, while TCP window tracking would
+/// mark the replies INVALID (DEVELOPERS.md, "Masquerade"). `None`: the stack forwards it.
+#[inline(always)]
+pub fn forward_established(ctx: &TcContext, cfg: &NodeConfig) -> Result<Option<i32>, u32> {
+    if cfg.masq_ip == [0; 4] {
+        return Ok(None);
+    }
+    let ip = ipv4_at(ctx, ETH_HLEN)?;
+    // SAFETY: `ip` came from `ptr_at`.
+    let (proto, src, dst) = unsafe { ((*ip).proto, (*ip).src_addr, (*ip).dst_addr) };
+    if proto != IPPROTO_UDP
+        || !in_subnet(src, cfg.subnet_addr, cfg.subnet_mask)
+        || dst[0] >= 224
+        || is_fragment(ip)
+    {
+        return Ok(None);
+    }
+    let l4 = l4_offset(ETH_HLEN, ip);
+    let Some((sport, dport)) = ports(ctx, proto, l4)? else {
+        return Ok(None);
+    };
+    let key = NatKey::new(src, dst, sport, dport, proto, nat::EGRESS);
+    if FLANNEL_NAT.get_ptr(&key).is_none() {
+        return Ok(None);
+    }
+    fib::forward_through(ctx, ip, (sport, dport), cfg.cni_ifindex, cfg.uplink_ifindex)
 }
 
 /// The node's own packet from the masquerade address: a port of the range it uses is claimed

@@ -191,26 +191,30 @@ fn ebpf_masquerade_takes_pods_to_the_outside_on_a_forward_drop_node() -> Result<
 
 /// The TCP and UDP `InCsumErrors` counters of `netns`.
 fn csum_errors(netns: &str) -> Result<(u64, u64)> {
+    Ok((
+        snmp_counter(netns, "Tcp", "InCsumErrors")?,
+        snmp_counter(netns, "Udp", "InCsumErrors")?,
+    ))
+}
+
+/// A counter of `/proc/net/snmp` in `netns`: `proto` (`Tcp`, `Udp`, `Icmp`…) and its `name`.
+fn snmp_counter(netns: &str, proto: &str, name: &str) -> Result<u64> {
     let snmp = in_ns(netns, "cat", &["/proc/net/snmp"])?;
-    let counter = |proto: &str| -> Result<u64> {
-        let mut lines = snmp
-            .lines()
-            .filter(|l| l.starts_with(&format!("{proto}: ")));
-        let (names, values) = (lines.next(), lines.next());
-        let (Some(names), Some(values)) = (names, values) else {
-            bail!("no {proto} lines in /proc/net/snmp of {netns}");
-        };
-        let at = names
-            .split_whitespace()
-            .position(|n| n == "InCsumErrors")
-            .context("no InCsumErrors")?;
-        Ok(values
-            .split_whitespace()
-            .nth(at)
-            .context("short line")?
-            .parse()?)
+    let mut lines = snmp
+        .lines()
+        .filter(|l| l.starts_with(&format!("{proto}: ")));
+    let (Some(names), Some(values)) = (lines.next(), lines.next()) else {
+        bail!("no {proto} lines in /proc/net/snmp of {netns}");
     };
-    Ok((counter("Tcp")?, counter("Udp")?))
+    let at = names
+        .split_whitespace()
+        .position(|n| n == name)
+        .with_context(|| format!("no {proto} {name}"))?;
+    Ok(values
+        .split_whitespace()
+        .nth(at)
+        .context("short line")?
+        .parse()?)
 }
 
 /// The masquerade updates TCP and UDP checksums right whether the pod left them to the device
@@ -252,6 +256,143 @@ fn masqueraded_checksums_hold_with_and_without_offload() -> Result<()> {
     ensure!(
         stats["nat_snat"] > 0 && stats["nat_reverse"] > 0,
         "not masqueraded: {stats:?}"
+    );
+    Ok(())
+}
+
+/// `n` datagrams from `pod` to `to` (connected), each echoed by `echo` (which listens on
+/// `outside`): how many echoes came back, and what `echo` saw them come from.
+fn udp_exchange(
+    pod: &Pod,
+    outside: &Pod,
+    to: SocketAddrV4,
+    n: usize,
+) -> Result<(usize, BTreeSet<SocketAddr>)> {
+    let server = udp_echo_server(outside, to.port(), n, Duration::from_secs(20))?;
+    let client = udp_socket(&pod.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    client.set_read_timeout(Some(Duration::from_millis(500)))?;
+    client.connect(to)?;
+    let mut echoes = 0;
+    let mut buf = [0u8; 64];
+    for i in 0..n {
+        let payload = format!("datagram {i}");
+        client.send(payload.as_bytes())?;
+        if matches!(client.recv(&mut buf), Ok(len) if buf[..len] == *payload.as_bytes()) {
+            echoes += 1;
+        }
+    }
+    let seen = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
+    Ok((echoes, seen.into_values().collect()))
+}
+
+/// A node counter by its `--stats` name (0 if never counted).
+fn counted(tb: &Testbed, node: usize, name: &str) -> Result<u64> {
+    Ok(tb.stats(node)?.get(name).copied().unwrap_or(0))
+}
+
+/// A pod's UDP flow to the outside, once masqueraded, leaves from the pod's veth straight to the
+/// uplink (`nat_forward`, translated at the uplink as before), but only as the kernel would have
+/// sent it: a flow the stack DNATs (as kube-proxy does a service address) and its replies stay in the
+/// stack; TCP stays in the stack; a datagram whose TTL runs out at the node is answered by the
+/// node's ICMP time exceeded.
+#[test]
+fn established_udp_flows_leave_from_the_pod_veth_as_the_kernel_would_route_them() -> Result<()> {
+    const N: usize = 200;
+    let mut tb = Testbed::start("mf", masq_options(&[Ebpf, Ebpf], 1, &[]))?;
+    let outside = tb.add_outside()?;
+    let pod = tb.pods()[0].clone();
+    ensure!(pod.node == 0);
+    let node = tb.nodes[0].netns.clone();
+    let shortcut = "from_pod_veth/nat_forward";
+
+    // A plain flow: every datagram translated once at the uplink, all but the first (which
+    // made the flow) from the veth.
+    let (fwd0, snat0) = (
+        counted(&tb, 0, shortcut)?,
+        counted(&tb, 0, "to_wire/nat_snat")?,
+    );
+    let (echoes, seen) = udp_exchange(&pod, &outside, SocketAddrV4::new(outside.ip, 7001), N)?;
+    let (fwd1, snat1) = (
+        counted(&tb, 0, shortcut)?,
+        counted(&tb, 0, "to_wire/nat_snat")?,
+    );
+    ensure!(echoes == N, "{echoes} of {N} echoes came back");
+    ensure!(
+        seen.len() == 1 && seen.iter().all(|a| a.ip() == node_ip(&tb, 0)),
+        "the outside saw {seen:?}"
+    );
+    ensure!(
+        snat1 - snat0 >= N as u64,
+        "translated {} of {N}",
+        snat1 - snat0
+    );
+    ensure!(
+        fwd1 - fwd0 >= (N - 1 - 10) as u64,
+        "only {} of {N} datagrams left from the veth",
+        fwd1 - fwd0
+    );
+
+    // TCP stays in the stack.
+    tcp_echo_seen(&pod, &outside, MIB, None)?;
+    ensure!(counted(&tb, 0, shortcut)? == fwd1, "TCP left from the veth");
+
+    // A flow the stack DNATs: a "service" address that the node's nat table sends to the
+    // outside host. The address is the outside host's too (nothing listens there on the port),
+    // with its neighbour resolved on the node, so a shortcut taken without the stack's DNAT
+    // would reach it and get no echo.
+    let service = Ipv4Addr::new(198, 18, 0, 201);
+    flannel_tests::ip(&tb.underlay(), &format!("addr add {service}/24 dev br0"))?;
+    in_ns(&node, "ping", &["-c", "1", "-W", "2", &service.to_string()])?;
+    for args in [
+        "add table ip mfdnat".to_string(),
+        "add chain ip mfdnat pre { type nat hook prerouting priority -100 ; }".to_string(),
+        format!(
+            "add rule ip mfdnat pre ip daddr {service} udp dport 7002 dnat to {}:7002",
+            outside.ip
+        ),
+    ] {
+        in_ns(&node, "nft", &args.split(' ').collect::<Vec<_>>())?;
+    }
+    let (echoes, _) = udp_exchange(&pod, &outside, SocketAddrV4::new(service, 7002), N)?;
+    ensure!(
+        echoes == N,
+        "{echoes} of {N} echoes came back from the DNATed address"
+    );
+    ensure!(
+        counted(&tb, 0, shortcut)? == fwd1,
+        "a DNATed flow left from the veth"
+    );
+
+    // TTL 1 on an established flow: the node's stack answers it, nothing goes out.
+    let expired = snmp_counter(&node, "Icmp", "OutTimeExcds")?;
+    let server = udp_echo_server(&outside, 7003, 2, Duration::from_secs(3))?;
+    let client = udp_socket(&pod.netns, SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 0))?;
+    client.connect((outside.ip, 7003))?;
+    let mut buf = [0u8; 64];
+    client.send(b"first")?;
+    ensure!(
+        client.recv(&mut buf).is_ok(),
+        "no echo of the first datagram"
+    );
+    let before_ttl = counted(&tb, 0, shortcut)?;
+    client.set_ttl(1)?;
+    client.send(b"expires")?;
+    let seen = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("server panicked"))?;
+    ensure!(
+        !seen.contains_key(&b"expires"[..]),
+        "a TTL 1 datagram went out"
+    );
+    ensure!(
+        snmp_counter(&node, "Icmp", "OutTimeExcds")? > expired,
+        "the node sent no time exceeded"
+    );
+    ensure!(
+        counted(&tb, 0, shortcut)? == before_ttl,
+        "the TTL 1 datagram was counted as forwarded"
     );
     Ok(())
 }
