@@ -562,8 +562,8 @@ pub fn forward_established(ctx: &TcContext, cfg: &NodeConfig) -> Result<Option<i
     {
         return Ok(None);
     }
-    let l4 = l4_offset(ETH_HLEN, ip);
-    let Some((sport, dport)) = ports(ctx, proto, l4)? else {
+    // A UDP header outside the linear data: the stack (and `snat`, which pulls it) takes it.
+    let Ok(Some((sport, dport))) = ports(ctx, proto, l4_offset(ETH_HLEN, ip)) else {
         return Ok(None);
     };
     let key = NatKey::new(src, dst, sport, dport, proto, nat::EGRESS);
