@@ -1582,6 +1582,45 @@ fn masquerade_updates_checksums_on_every_path() {
     assert_eq!(counted(&a, reason::NAT_REVERSE), 6);
 }
 
+/// At a pod's veth, a pod's packet leaving the Network goes on to the bridge untouched
+/// (`pass_not_overlay`) unless the shortcut can take it: UDP, its flow masqueraded already, and
+/// the kernel's FIB routing it out of the uplink. In test-run the FIB never routes to the
+/// configured uplink, so even an established UDP flow's packet must come out unchanged (its TTL
+/// too: decremented only once the shortcut is taken); the other cases are refused before.
+#[test]
+fn the_pod_veth_shortcut_leaves_what_it_does_not_take_untouched() {
+    let mut a = masq_node(1024, true);
+    let data = payload(64);
+    let udp_flow = pod_out(UDP, &udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data));
+    let tcp_flow = pod_out(TCP, &tcp(POD_A, OUTSIDE, POD_PORT, 80, 0x10, &data));
+    let expiring = wire_frame(&ipv4(
+        POD_A,
+        OUTSIDE,
+        1,
+        UDP,
+        &udp_checked(POD_A, OUTSIDE, POD_PORT, 53, &data),
+    ));
+    let new_flow = pod_out(UDP, &udp_checked(POD_A, OUTSIDE, POD_PORT + 1, 53, &data));
+    // Both flows masqueraded once, as the stack's path does.
+    for input in [&udp_flow, &tcp_flow] {
+        assert_eq!(run_tc(&mut a, prog_name::TO_WIRE, input).0, TC_ACT_OK);
+    }
+    assert_eq!(counted(&a, reason::NAT_SNAT), 2);
+    for (what, input) in [
+        ("established UDP", &udp_flow),
+        ("TCP", &tcp_flow),
+        ("TTL 1", &expiring),
+        ("no flow yet", &new_flow),
+    ] {
+        let before = counted(&a, reason::PASS_NOT_OVERLAY);
+        let (ret, out) = run_tc(&mut a, prog_name::FROM_POD_VETH, input);
+        assert_eq!(ret, TC_ACT_OK, "{what}");
+        assert_eq!(&out, input, "{what}: unchanged");
+        assert_eq!(counted(&a, reason::PASS_NOT_OVERLAY), before + 1, "{what}");
+    }
+    assert_eq!(counted(&a, reason::NAT_FORWARD), 0);
+}
+
 /// Flows are stamped with `CLOCK_MONOTONIC` (coarse, read once per tick and CPU through
 /// `FLANNEL_CLOCK`), and a packet more than [`nat::TOUCH_NS`] later refreshes the stamp.
 #[test]
