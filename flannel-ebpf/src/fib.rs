@@ -11,9 +11,9 @@ use aya_ebpf::{
 use core::mem::MaybeUninit;
 
 use flannel_ebpf_common::reason;
-use network_types::{eth::EthHdr, ip::Ipv4Hdr};
+use network_types::ip::Ipv4Hdr;
 
-use crate::parse::{decrement_ttl, ptr_at};
+use crate::parse::{decrement_ttl, eth, set_macs};
 
 /// Redirects the packet to the egress of `ifindex`; the kernel looks up the route and neighbour
 /// of the IPv4 destination and writes the Ethernet header (ARP included), bypassing the routing
@@ -121,15 +121,7 @@ pub fn forward_through(
         return Ok(None);
     }
     decrement_ttl(ip)?;
-    let eth = ptr_at::<EthHdr>(ctx, 0)?;
-    // Byte by byte (volatile, for the same reason as above: a copy would be a `memmove` call).
-    for i in 0..6 {
-        // SAFETY: bounds checked by `ptr_at`.
-        unsafe {
-            (&raw mut (*eth).dst_addr[i]).write_volatile(fib.dmac[i]);
-            (&raw mut (*eth).src_addr[i]).write_volatile(fib.smac[i]);
-        }
-    }
+    set_macs(eth(ctx)?, Some(fib.dmac), Some(fib.smac));
     redirect(out_ifindex).map(Some)
 }
 

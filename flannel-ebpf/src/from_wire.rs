@@ -27,7 +27,7 @@ use crate::{
     parse::{
         ETH_HLEN, ETH_P_IP, IPPROTO_UDP, IPV4_HLEN, IPV4_VIHL_NO_OPTIONS, Packet, UDP_HLEN,
         VXLAN_HLEN, VxlanHdr, decrement_ttl, eth, in_subnet, ipv4_at, ipv4_checked_at, is_fragment,
-        is_ipv4, ptr_at, udp_at,
+        is_ipv4, ptr_at, set_macs, udp_at,
     },
 };
 
@@ -328,12 +328,7 @@ fn deliver_local(
     if let Some(ep) = FLANNEL_ENDPTS.get_ptr(dst) {
         // SAFETY: the pointer came from a successful lookup; the value is copied at once.
         let ep = unsafe { *ep };
-        let eth = eth(ctx)?;
-        // SAFETY: `eth` came from `ptr_at`.
-        unsafe {
-            (*eth).dst_addr = ep.mac;
-            (*eth).src_addr = cfg.cni_mac;
-        }
+        set_macs(eth(ctx)?, Some(ep.mac), Some(cfg.cni_mac));
         // Straight into the pod's namespace where the port is a veth to another one; else out
         // of the port.
         let redirected = if ep.flags & endpoint::PEER != 0 {
@@ -384,11 +379,14 @@ fn try_from_wire_xdp(ctx: &XdpContext, cfg: &NodeConfig) -> Result<Option<u32>, 
     // Either way it is addressed to the uplink, so the stack takes it as PACKET_HOST and tc then
     // delivers it to the pod.
     let eth = eth(ctx)?;
-    // SAFETY: `eth` came from `ptr_at`.
-    unsafe {
-        (*eth).dst_addr = cfg.uplink_mac;
-        if tunnel != Tunnel::Vxlan {
-            (*eth).src_addr = peer_mac;
+    set_macs(
+        eth,
+        Some(cfg.uplink_mac),
+        (tunnel != Tunnel::Vxlan).then_some(peer_mac),
+    );
+    if tunnel != Tunnel::Vxlan {
+        // SAFETY: `eth` came from `ptr_at`.
+        unsafe {
             core::ptr::addr_of_mut!((*eth).ether_type)
                 .cast::<[u8; 2]>()
                 .write(ETH_P_IP);

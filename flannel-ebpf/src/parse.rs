@@ -86,6 +86,25 @@ pub fn eth(pkt: &impl Packet) -> Result<*mut EthHdr, u32> {
     ptr_at::<EthHdr>(pkt, 0)
 }
 
+/// Writes the Ethernet addresses of the packet's header at `eth` (from `ptr_at`), byte by byte
+/// with volatile stores: a plain copy of a 6-byte array from a map value or the stack into the
+/// packet becomes a call to a `memmove` subprogram that the BPF backend leaves behind, on the
+/// per-packet path.
+#[inline(always)]
+pub fn set_macs(eth: *mut EthHdr, dst: Option<[u8; 6]>, src: Option<[u8; 6]>) {
+    for i in 0..6 {
+        // SAFETY: `eth` came from `ptr_at`, which checked the whole header.
+        unsafe {
+            if let Some(dst) = dst {
+                (&raw mut (*eth).dst_addr[i]).write_volatile(dst[i]);
+            }
+            if let Some(src) = src {
+                (&raw mut (*eth).src_addr[i]).write_volatile(src[i]);
+            }
+        }
+    }
+}
+
 /// True if the Ethernet header carries IPv4.
 #[inline(always)]
 pub fn is_ipv4(eth: *const EthHdr) -> bool {
