@@ -85,25 +85,59 @@ pub fn tcp_rr(from: &End, to: &End, seconds: f64, size: usize) -> Result<Rr> {
     })
 }
 
+/// `setsockopt(level, name, value)` on a socket.
+pub fn set_sock_opt<T>(
+    sock: &impl std::os::fd::AsRawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: a valid socket, and a value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Makes a blocking `accept` on `listener` give up after `timeout` (`SO_RCVTIMEO`, which Linux
+/// applies to `accept`).
+fn accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+    };
+    set_sock_opt(listener, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).context("SO_RCVTIMEO")
+}
+
 /// Connections per second: connect, 1-byte request, 1-byte answer, close, for `seconds`.
 pub fn tcp_crr(from: &End, to: &End, seconds: f64) -> Result<f64> {
     let addr = SocketAddr::from((to.ip, port()));
     let listener = with_netns(&to.netns, move || Ok(TcpListener::bind(addr)?))?;
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
+    // A blocking accept, woken by the next connection: a non-blocking accept polled between
+    // sleeps would add a timer's latency (the sleep plus the timer slack, ~100 µs here) to most
+    // connections and measure that instead of the path. The timeout only bounds how long the
+    // server outlives the client.
+    accept_timeout(&listener, Duration::from_millis(100))?;
     let server = thread::spawn(move || {
-        listener.set_nonblocking(true).ok();
         while !st.load(Ordering::Relaxed) {
-            match listener.accept() {
-                Ok((mut c, _)) => {
-                    c.set_nonblocking(false).ok();
-                    c.set_read_timeout(Some(Duration::from_secs(2))).ok();
-                    let mut b = [0u8; 1];
-                    if c.read_exact(&mut b).is_ok() {
-                        let _ = c.write_all(&b);
-                    }
+            if let Ok((mut c, _)) = listener.accept() {
+                c.set_read_timeout(Some(Duration::from_secs(2))).ok();
+                let mut b = [0u8; 1];
+                if c.read_exact(&mut b).is_ok() {
+                    let _ = c.write_all(&b);
                 }
-                Err(_) => thread::sleep(Duration::from_micros(50)),
             }
         }
     });
@@ -126,12 +160,33 @@ pub fn tcp_crr(from: &End, to: &End, seconds: f64) -> Result<f64> {
     done
 }
 
+/// How the UDP receiver waits for the next datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UdpReceiver {
+    /// A blocking `recv`: whenever the receiver has drained its socket and sleeps, the next
+    /// datagram's delivery wakes it, on the sender's CPU (an IPI in a VM). That cost is the same
+    /// for every path and compresses their ratios towards 1.
+    Blocking,
+    /// A non-blocking `recv` in a loop: the receiver never sleeps, so delivery never wakes
+    /// anyone and the sender's CPU spends its time on the sending and the datapath only.
+    Polling,
+}
+
 /// Small-packet UDP: `size`-byte datagrams sent as fast as one thread can for `seconds`;
 /// returns the packets per second received.
-pub fn udp_pps(from: &End, to: &End, seconds: f64, size: usize) -> Result<f64> {
+pub fn udp_pps(
+    from: &End,
+    to: &End,
+    seconds: f64,
+    size: usize,
+    waiting: UdpReceiver,
+) -> Result<f64> {
     let addr = SocketAddr::from((to.ip, port()));
     let sock = with_netns(&to.netns, move || Ok(UdpSocket::bind(addr)?))?;
-    sock.set_read_timeout(Some(Duration::from_millis(200)))?;
+    match waiting {
+        UdpReceiver::Blocking => sock.set_read_timeout(Some(Duration::from_millis(200)))?,
+        UdpReceiver::Polling => sock.set_nonblocking(true)?,
+    }
     let received = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let (r, st) = (received.clone(), stop.clone());
@@ -140,6 +195,8 @@ pub fn udp_pps(from: &End, to: &End, seconds: f64, size: usize) -> Result<f64> {
         while !st.load(Ordering::Relaxed) {
             if sock.recv(&mut buf).is_ok() {
                 r.fetch_add(1, Ordering::Relaxed);
+            } else if waiting == UdpReceiver::Polling {
+                std::hint::spin_loop();
             }
         }
     });

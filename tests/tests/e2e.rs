@@ -885,24 +885,9 @@ fn udp_datagram_arrives(from: &Pod, to: &Pod, len: usize) -> Result<bool> {
 
 /// `IP_MTU_DISCOVER = IP_PMTUDISC_DONT`: the datagram may be fragmented.
 fn set_pmtudisc_dont(s: &std::net::UdpSocket) -> Result<()> {
-    use std::os::fd::AsRawFd as _;
     let dont: libc::c_int = libc::IP_PMTUDISC_DONT;
-    // SAFETY: a valid socket and a c_int option of the right size.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MTU_DISCOVER,
-            (&raw const dont).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    ensure!(
-        rc == 0,
-        "IP_MTU_DISCOVER: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(())
+    flannel_tests::traffic::set_sock_opt(s, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, &dont)
+        .context("IP_MTU_DISCOVER")
 }
 
 #[test]

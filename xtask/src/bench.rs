@@ -26,7 +26,7 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path, time::Duration};
 use anyhow::{Context as _, Result, anyhow};
 use flannel_tests::{
     Backend, Iperf3Server, NodeKind, Options, Testbed, iperf3, iperf3_with, run,
-    traffic::{self, End},
+    traffic::{self, End, UdpReceiver},
 };
 use serde_json::{Value, json};
 
@@ -68,6 +68,8 @@ struct Sample {
     rr_per_s: f64,
     crr: f64,
     udp_pps: f64,
+    /// The same with a receiver that polls instead of sleeping ([`traffic::UdpReceiver`]).
+    udp_pps_polled: f64,
     cpu_per_gbit: f64,
     /// The share of CPU time the hypervisor stole while the path was measured (`/proc/stat`).
     steal_share: f64,
@@ -183,7 +185,7 @@ struct MasqFigure {
     lower_is_better: bool,
 }
 
-const MASQ_FIGURES: [MasqFigure; 5] = [
+const MASQ_FIGURES: [MasqFigure; 6] = [
     MasqFigure {
         name: "TCP, 1 stream",
         key: "tcp",
@@ -221,6 +223,16 @@ const MASQ_FIGURES: [MasqFigure; 5] = [
         scale: 1e-3,
         decimals: 0,
         get: |s| s.udp_pps,
+        target: Some(1.2),
+        lower_is_better: false,
+    },
+    MasqFigure {
+        name: "UDP 64-byte packets, polling receiver",
+        key: "udp_pps_polled",
+        unit: "kpps",
+        scale: 1e-3,
+        decimals: 0,
+        get: |s| s.udp_pps_polled,
         target: Some(1.2),
         lower_is_better: false,
     },
@@ -437,8 +449,22 @@ fn measure(
     s.crr = traffic::tcp_crr(&p.client, &p.server, secs.min(2.0))?;
     progress("UDP 64-byte packets");
     let before = bpf_stats(&p.nodes);
-    s.udp_pps = traffic::udp_pps(&p.client, &p.server, secs.min(2.0), 64)?;
+    s.udp_pps = traffic::udp_pps(
+        &p.client,
+        &p.server,
+        secs.min(2.0),
+        64,
+        UdpReceiver::Blocking,
+    )?;
     s.program_ns = per_run(&before, &bpf_stats(&p.nodes));
+    progress("UDP 64-byte packets, polling receiver");
+    s.udp_pps_polled = traffic::udp_pps(
+        &p.client,
+        &p.server,
+        secs.min(2.0),
+        64,
+        UdpReceiver::Polling,
+    )?;
     let steal1 = cpu_steal()?;
     s.steal_share = (steal1.0 - steal0.0) as f64 / ((steal1.1 - steal0.1).max(1)) as f64;
     Ok(s)
@@ -471,6 +497,7 @@ fn figure_samples(samples: &[Sample]) -> Samples {
         ("rr_per_s", column(|s| s.rr_per_s)),
         ("crr_per_s", column(|s| s.crr)),
         ("udp_pps", column(|s| s.udp_pps)),
+        ("udp_pps_polled", column(|s| s.udp_pps_polled)),
         ("cpu_per_gbit", column(|s| s.cpu_per_gbit)),
         ("steal_share", column(|s| s.steal_share)),
     ]);
@@ -1179,7 +1206,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     let steal: Vec<f64> = samples.iter().flatten().map(|s| s.steal_share).collect();
     let (steal_median, _, steal_max) = stats(&steal);
     let mut table = String::from(
-        "| path | TCP Gbit/s (min–max) | 4 streams | RR p50 µs | RR p99 µs | RR/s | CRR/s | UDP kpps | CPU cores per Gbit/s |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| path | TCP Gbit/s (min–max) | 4 streams | RR p50 µs | RR p99 µs | RR/s | CRR/s | UDP kpps | UDP kpps, polling receiver | CPU cores per Gbit/s |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut json_paths = serde_json::Map::new();
     for (i, p) in paths.iter().enumerate() {
@@ -1190,20 +1217,22 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         let rrs = stats(&field(i, |s| s.rr_per_s)).0;
         let crr = stats(&field(i, |s| s.crr)).0;
         let pps = stats(&field(i, |s| s.udp_pps)).0;
+        let pps_polled = stats(&field(i, |s| s.udp_pps_polled)).0;
         let cpu = stats(&field(i, |s| s.cpu_per_gbit)).0;
         let program_ns = median_by_program(&samples[i], |s| &s.program_ns);
         let program_ns_tcp = median_by_program(&samples[i], |s| &s.program_ns_tcp);
         let _ = writeln!(
             table,
-            "| {} | {tcp:.2} ({lo:.2}–{hi:.2}) | {tcp4:.2} | {p50:.0} | {p99:.0} | {rrs:.0} | {crr:.0} | {:.0} | {cpu:.2} |",
+            "| {} | {tcp:.2} ({lo:.2}–{hi:.2}) | {tcp4:.2} | {p50:.0} | {p99:.0} | {rrs:.0} | {crr:.0} | {:.0} | {:.0} | {cpu:.2} |",
             p.name,
-            pps / 1e3
+            pps / 1e3,
+            pps_polled / 1e3
         );
         json_paths.insert(
             p.name.to_string(),
             json!({
                 "tcp_gbit_s": tcp, "tcp4_gbit_s": tcp4, "rr_p50_us": p50, "rr_p99_us": p99,
-                "rr_per_s": rrs, "crr_per_s": crr, "udp_pps": pps, "cpu_per_gbit": cpu,
+                "rr_per_s": rrs, "crr_per_s": crr, "udp_pps": pps, "udp_pps_polled": pps_polled, "cpu_per_gbit": cpu,
                 "program_ns": program_ns, "program_ns_tcp_skb": program_ns_tcp,
                 "ratios": ratios[p.name], "samples": by_path[p.name],
                 compare::BASELINE_SEGMENT_KEY: by_path[p.name]

@@ -17,7 +17,7 @@ pub struct Figure {
     pub higher_is_better: bool,
 }
 
-pub const FIGURES: [Figure; 9] = [
+pub const FIGURES: [Figure; 10] = [
     Figure {
         key: "tcp_gbit_s",
         label: "TCP Gbit/s",
@@ -51,6 +51,11 @@ pub const FIGURES: [Figure; 9] = [
     Figure {
         key: "udp_pps",
         label: "UDP pps",
+        higher_is_better: true,
+    },
+    Figure {
+        key: "udp_pps_polled",
+        label: "UDP pps (polling receiver)",
         higher_is_better: true,
     },
     Figure {
@@ -118,7 +123,7 @@ pub fn paired(a: &[f64], b: &[f64]) -> Option<Spread> {
 }
 
 /// The ratios every path is given (figure, reference path), in the table's order.
-pub const RATIOS: [(&str, &str); 9] = [
+pub const RATIOS: [(&str, &str); 11] = [
     ("tcp_gbit_s", "baseline"),
     ("tcp_gbit_s", "kernel-vxlan"),
     ("tcp4_gbit_s", "baseline"),
@@ -127,6 +132,8 @@ pub const RATIOS: [(&str, &str); 9] = [
     ("crr_per_s", "baseline"),
     ("udp_pps", "baseline"),
     ("udp_pps", "kernel-vxlan"),
+    ("udp_pps_polled", "baseline"),
+    ("udp_pps_polled", "kernel-vxlan"),
     ("cpu_per_gbit", "baseline"),
 ];
 
@@ -190,7 +197,7 @@ pub struct Goal {
     pub at_least: bool,
 }
 
-pub const GOALS: [Goal; 9] = [
+pub const GOALS: [Goal; 10] = [
     Goal::at_least("ebpf-vxlan", "tcp_gbit_s", "baseline", 0.95),
     Goal::at_least("ebpf-vxlan", "tcp_gbit_s", "kernel-vxlan", 1.3),
     Goal::at_least("ebpf-host-gw", "tcp_gbit_s", "baseline", 0.98),
@@ -199,6 +206,7 @@ pub const GOALS: [Goal; 9] = [
     Goal::at_most("ebpf-vxlan", "rr_p50_us", "baseline", 1.05),
     Goal::at_least("ebpf-vxlan", "crr_per_s", "baseline", 0.95),
     Goal::at_least("ebpf-vxlan", "udp_pps", "kernel-vxlan", 1.5),
+    Goal::at_least("ebpf-vxlan", "udp_pps_polled", "kernel-vxlan", 1.5),
     Goal::at_most("ebpf-vxlan", "cpu_per_gbit", "baseline", 1.1),
 ];
 
@@ -337,10 +345,59 @@ fn paths_of(run: &Value) -> BTreeMap<String, &Value> {
 /// A change beyond which `--compare` calls a figure worse.
 pub const WORSE: f64 = 0.05;
 
+/// A path's paired ratios to its run's baseline for one figure, from the run's per-repetition
+/// samples (`None` for files without them).
+fn baseline_spread(run_paths: &BTreeMap<String, &Value>, path: &str, key: &str) -> Option<Spread> {
+    let samples = |p: &str| -> Option<Vec<f64>> {
+        run_paths.get(p)?["samples"][key]
+            .as_array()?
+            .iter()
+            .map(Value::as_f64)
+            .collect()
+    };
+    paired(&samples(path)?, &samples("baseline")?)
+}
+
+/// Whether a ratio's drop is more than the repetitions' noise: every repetition of the new run
+/// is on the worse side of the old run's median (one repetition as good as the old median
+/// means the runs overlap).
+fn beyond_noise(old: Spread, new: Spread, higher_is_better: bool) -> bool {
+    if higher_is_better {
+        new.max < old.median
+    } else {
+        new.min > old.median
+    }
+}
+
+/// Whether a figure's change (`judged`) flags it, and its table mark: past [`WORSE`] the wrong
+/// way and, where both runs' paired ratios are known (`spreads`), [`beyond_noise`].
+fn flag(
+    judged: Option<f64>,
+    f: &Figure,
+    spreads: impl FnOnce() -> Option<(Spread, Spread)>,
+) -> (bool, &'static str) {
+    let past_threshold = judged.is_some_and(|c| {
+        if f.higher_is_better {
+            c < -WORSE
+        } else {
+            c > WORSE
+        }
+    });
+    if !past_threshold {
+        return (false, "");
+    }
+    match spreads() {
+        Some((o, n)) if !beyond_noise(o, n, f.higher_is_better) => (false, "within the noise"),
+        _ => (true, "**worse**"),
+    }
+}
+
 /// `--compare OLD.json`: every figure of every path in both runs, old and new, its change, and
 /// the change of its ratio to the same run's baseline path (what a slower or faster machine does
-/// not move); a figure whose ratio to the baseline got worse by more than [`WORSE`] is flagged.
-/// Then the per-packet test-run costs. Markdown, and the list of figures flagged.
+/// not move); a figure whose ratio to the baseline got worse by more than [`WORSE`] is flagged,
+/// where both runs carry their repetitions' samples only if every new repetition's paired
+/// ratio is worse than the old run's median (otherwise it is marked "within the noise", not
+/// flagged). Then the per-packet test-run costs. Markdown, and the list of figures flagged.
 pub fn compare(old: &Value, new: &Value) -> (String, Vec<String>) {
     let (old_paths, new_paths) = (paths_of(old), paths_of(new));
     let order: Vec<String> = match new["path_order"].as_array() {
@@ -392,12 +449,13 @@ pub fn compare(old: &Value, new: &Value) -> (String, Vec<String>) {
             } else {
                 rel_change
             };
-            let is_worse = judged.is_some_and(|c| {
-                if f.higher_is_better {
-                    c < -WORSE
-                } else {
-                    c > WORSE
-                }
+            let (is_worse, mark) = flag(judged, f, || {
+                (path != "baseline")
+                    .then(|| {
+                        baseline_spread(&old_paths, path, f.key)
+                            .zip(baseline_spread(&new_paths, path, f.key))
+                    })
+                    .flatten()
             });
             if is_worse {
                 worse.push(format!("{path} {}", f.label));
@@ -411,7 +469,7 @@ pub fn compare(old: &Value, new: &Value) -> (String, Vec<String>) {
                 opt(ro),
                 opt(rn),
                 rel_change.map_or_else(|| "—".into(), |c| format!("{:+.1} %", c * 100.0)),
-                if is_worse { "**worse**" } else { "" }
+                mark
             );
         }
     }
@@ -429,12 +487,12 @@ pub fn compare(old: &Value, new: &Value) -> (String, Vec<String>) {
         "\n{}",
         if worse.is_empty() {
             format!(
-                "No figure's ratio to its run's baseline got worse by more than {:.0} %.",
+                "No figure's ratio to its run's baseline got worse by more than {:.0} % and beyond the repetitions' noise.",
                 WORSE * 100.0
             )
         } else {
             format!(
-                "Worse by more than {:.0} % against the run's baseline: {}.",
+                "Worse by more than {:.0} % against the run's baseline, with every repetition below the old run's median ratio: {}.",
                 WORSE * 100.0,
                 worse.join(", ")
             )
@@ -541,11 +599,13 @@ mod tests {
         ]);
         let (md, v) = ratio_table(&["baseline", "ebpf-host-gw", "ebpf-ipip"], &s);
         assert!(
-            md.contains("| ebpf-ipip | 0.70 (0.70–0.70) | — | — | — | — | — | — | — | — | 1.00 (1.00–1.00) |"),
+            md.contains("| ebpf-ipip | 0.70 (0.70–0.70) | — | — | — | — | — | — | — | — | — | — | 1.00 (1.00–1.00) |"),
             "{md}"
         );
         assert!(
-            md.contains("| ebpf-host-gw | 0.90 (0.90–0.90) | — | — | — | — | — | — | — | — | — |"),
+            md.contains(
+                "| ebpf-host-gw | 0.90 (0.90–0.90) | — | — | — | — | — | — | — | — | — | — | — |"
+            ),
             "{md}"
         );
         assert_eq!(
@@ -630,5 +690,32 @@ mod tests {
         // The same run against itself: nothing worse.
         let (md, worse) = compare(&new, &new);
         assert!(worse.is_empty(), "{md}");
+    }
+
+    fn with_samples(tcp: &[f64], baseline: &[f64]) -> Value {
+        json!({
+            "paths": {
+                "baseline": {"tcp_gbit_s": median(&mut baseline.to_vec()),
+                             "samples": {"tcp_gbit_s": baseline}},
+                "ebpf-vxlan": {"tcp_gbit_s": median(&mut tcp.to_vec()),
+                               "samples": {"tcp_gbit_s": tcp}},
+            },
+            "conditions": {"path_names": 2},
+            "path_order": ["baseline", "ebpf-vxlan"],
+        })
+    }
+
+    #[test]
+    fn compare_flags_a_drop_only_beyond_the_repetitions_noise() {
+        let old = with_samples(&[9.0, 9.0, 9.0], &[10.0, 10.0, 10.0]);
+        // The median ratio falls 0.9 -> 0.8, but one repetition is as good as before.
+        let noisy = with_samples(&[8.0, 7.0, 9.0], &[10.0, 10.0, 10.0]);
+        let (md, worse) = compare(&old, &noisy);
+        assert!(worse.is_empty(), "{md}");
+        assert!(md.contains("| -11.1 % | within the noise |"), "{md}");
+        // Every repetition below the old median: flagged.
+        let clear = with_samples(&[8.0, 7.0, 8.9], &[10.0, 10.0, 10.0]);
+        let (md, worse) = compare(&old, &clear);
+        assert_eq!(worse, vec!["ebpf-vxlan TCP Gbit/s"], "{md}");
     }
 }
