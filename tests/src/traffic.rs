@@ -85,8 +85,8 @@ pub fn tcp_rr(from: &End, to: &End, seconds: f64, size: usize) -> Result<Rr> {
     })
 }
 
-/// `setsockopt(level, name, value)` on a socket.
-pub fn set_sock_opt<T>(
+/// `setsockopt(level, name, value)` on a socket (`value`'s bytes: a C value, or a buffer).
+pub fn set_sock_opt<T: ?Sized>(
     sock: &impl std::os::fd::AsRawFd,
     level: libc::c_int,
     name: libc::c_int,
@@ -99,7 +99,7 @@ pub fn set_sock_opt<T>(
             level,
             name,
             std::ptr::from_ref(value).cast(),
-            size_of::<T>() as libc::socklen_t,
+            size_of_val(value) as libc::socklen_t,
         )
     };
     if rc == 0 {

@@ -995,19 +995,9 @@ fn send_vxlan_with_outer_options(
     payload.extend_from_slice(&frame);
     let dst = std::net::SocketAddr::from((tb.nodes[to.node].public_ip, 8472));
     flannel_tests::with_netns(netns, move || {
-        use std::os::fd::AsRawFd as _;
         let s = std::net::UdpSocket::bind("0.0.0.0:0")?;
-        // SAFETY: a valid socket and an option buffer of the given length.
-        let rc = unsafe {
-            libc::setsockopt(
-                s.as_raw_fd(),
-                libc::IPPROTO_IP,
-                libc::IP_OPTIONS,
-                options.as_ptr().cast(),
-                options.len() as libc::socklen_t,
-            )
-        };
-        ensure!(rc == 0, "IP_OPTIONS: {}", std::io::Error::last_os_error());
+        flannel_tests::traffic::set_sock_opt(&s, libc::IPPROTO_IP, libc::IP_OPTIONS, options)
+            .context("IP_OPTIONS")?;
         s.send_to(&payload, dst)?;
         Ok(())
     })
