@@ -985,6 +985,55 @@ impl Drop for BpfStats {
     }
 }
 
+/// The program costs measured by `BPF_PROG_TEST_RUN`, with the harness overhead and the
+/// masquerade target.
+fn cost_table(costs: &Costs) -> String {
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "| program, packet (BPF_PROG_TEST_RUN, one run per call) | ns per packet (median) | p90 | less harness overhead |\n|---|---|---|---|"
+    );
+    for c in &costs.programs {
+        let _ = writeln!(
+            table,
+            "| {} | {:.0} | {:.0} | {:.0} |",
+            c.name, c.median_ns, c.p90_ns, c.net_ns
+        );
+    }
+    let _ = writeln!(
+        table,
+        "\n`kernel.bpf_stats_enabled` adds {:.0} ns to each run of a program (measured on the pass path): the run times under traffic above include it.",
+        costs.stats_overhead_ns
+    );
+    let _ = writeln!(
+        table,
+        "\nHarness overhead of a one-run timing, subtracted in the last column: tc {:.0} ns (the pass path one run per call, {:.0} ns, minus the same over 1,000 runs per call, {:.0} ns), XDP {:.0} ns ({:.0} minus {:.0} ns).",
+        costs.overhead_ns,
+        costs.overhead_ns + costs.pass_repeated_ns,
+        costs.pass_repeated_ns,
+        costs.overhead_xdp_ns,
+        costs.overhead_xdp_ns + costs.pass_repeated_xdp_ns,
+        costs.pass_repeated_xdp_ns
+    );
+    if let Some(snat) = costs
+        .programs
+        .iter()
+        .find(|c| c.name == "to_wire: SNAT (established flow)")
+    {
+        let _ = writeln!(
+            table,
+            "\nMasquerade target (the issue's): `to_wire` SNAT of an established flow ≤ 150 ns less harness overhead; measured {:.0} ns ({}).",
+            snat.net_ns,
+            if snat.net_ns <= 150.0 {
+                "met"
+            } else {
+                "not met"
+            }
+        );
+    }
+    table
+}
+
 /// What `cargo xtask bench` was asked for.
 #[expect(
     clippy::struct_excessive_bools,
@@ -1038,6 +1087,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     let costs = program_cost(if quick { 2_000 } else { 20_000 }, cost_baseline.object())?;
     let (vs_baseline_md, vs_baseline) = cost_comparison(&costs, &cost_baseline);
     if opts.cost_only {
+        let vs_baseline_md = format!("{}{vs_baseline_md}", cost_table(&costs));
         println!("{vs_baseline_md}");
         std::fs::create_dir_all(out)?;
         std::fs::write(out.join("program-cost.md"), &vs_baseline_md)?;
@@ -1287,48 +1337,7 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
         table,
         "\nAgent (static lease file, one change adding every lease; then `/metrics` scraped once a second, {scrapes} times; RSS after the scrapes; targets: RSS ≤ 30 MiB, map sync ≤ 1 s, scrape ≤ 10 ms):\n\n| leases | RSS MiB | map sync ms | scrape ms (median) | scrape ms (slowest) | agent CPU % while scraped |\n|---|---|---|---|---|---|\n{agent_rows}"
     );
-    let _ = writeln!(
-        table,
-        "| program, packet (BPF_PROG_TEST_RUN, one run per call) | ns per packet (median) | p90 | less harness overhead |\n|---|---|---|---|"
-    );
-    for c in &costs.programs {
-        let _ = writeln!(
-            table,
-            "| {} | {:.0} | {:.0} | {:.0} |",
-            c.name, c.median_ns, c.p90_ns, c.net_ns
-        );
-    }
-    let _ = writeln!(
-        table,
-        "\n`kernel.bpf_stats_enabled` adds {:.0} ns to each run of a program (measured on the pass path): the run times under traffic above include it.",
-        costs.stats_overhead_ns
-    );
-    let _ = writeln!(
-        table,
-        "\nHarness overhead of a one-run timing, subtracted in the last column: tc {:.0} ns (the pass path one run per call, {:.0} ns, minus the same over 1,000 runs per call, {:.0} ns), XDP {:.0} ns ({:.0} minus {:.0} ns).",
-        costs.overhead_ns,
-        costs.overhead_ns + costs.pass_repeated_ns,
-        costs.pass_repeated_ns,
-        costs.overhead_xdp_ns,
-        costs.overhead_xdp_ns + costs.pass_repeated_xdp_ns,
-        costs.pass_repeated_xdp_ns
-    );
-    if let Some(snat) = costs
-        .programs
-        .iter()
-        .find(|c| c.name == "to_wire: SNAT (established flow)")
-    {
-        let _ = writeln!(
-            table,
-            "\nMasquerade target (the issue's): `to_wire` SNAT of an established flow ≤ 150 ns less harness overhead; measured {:.0} ns ({}).",
-            snat.net_ns,
-            if snat.net_ns <= 150.0 {
-                "met"
-            } else {
-                "not met"
-            }
-        );
-    }
+    table.push_str(&cost_table(&costs));
     table.push_str(&vs_baseline_md);
     table
         .push_str(&crate::fuzz::section().unwrap_or_else(|e| format!("\nFuzzing failed: {e:#}\n")));
