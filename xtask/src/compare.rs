@@ -568,6 +568,15 @@ mod tests {
         assert!(paired(&[], &[1.0]).is_none());
     }
 
+    /// The goal in `goals`' JSON whose `field` is `value`.
+    fn goal_where<'a>(v: &'a Value, field: &str, value: &str) -> &'a Value {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|g| g[field] == value)
+            .unwrap()
+    }
+
     #[test]
     fn goals_are_judged_on_the_worst_repetition_and_the_median() {
         let goal = &GOALS[0]; // ebpf-vxlan TCP ≥ 0.95 × baseline
@@ -617,12 +626,7 @@ mod tests {
             ),
             "{md}"
         );
-        let rr = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["figure"] == "rr_p50_us")
-            .unwrap();
+        let rr = goal_where(&v, "figure", "rr_p50_us");
         assert_eq!(rr["ratio_of_host_gw"]["median"], json!(43.0 / 40.0));
     }
 
@@ -661,12 +665,7 @@ mod tests {
             md.contains("| ebpf-ipip | TCP Gbit/s | baseline | ≥ 0.95 | 0.70 (0.70–0.70) | **no** | 1.00 (1.00–1.00) | — |"),
             "{md}"
         );
-        let ipip = v
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|g| g["path"] == "ebpf-ipip")
-            .unwrap();
+        let ipip = goal_where(&v, "path", "ebpf-ipip");
         assert_eq!(ipip["met"], json!(false));
         assert_eq!(ipip["ratio_baseline_same_segment"]["median"], json!(1.0));
     }
