@@ -1002,7 +1002,7 @@ fn cost_table(costs: &Costs) -> String {
     }
     let _ = writeln!(
         table,
-        "\n`kernel.bpf_stats_enabled` adds {:.0} ns to each run of a program (measured on the pass path): the run times under traffic above include it.",
+        "\n`kernel.bpf_stats_enabled` adds {:.0} ns to each run of a program (measured on the pass path): a full run's BPF run times under traffic include it.",
         costs.stats_overhead_ns
     );
     let _ = writeln!(
