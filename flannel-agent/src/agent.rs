@@ -227,7 +227,7 @@ impl<'a> Agent<'a> {
         let (mut repaired, mut table_read) = (Instant::now(), Instant::now());
         // Neighbour changes wake the loop at once (the eBPF dataplane learns a new pod from its
         // first ARP exchange); without the subscription the 1 s tick still learns it.
-        let mut neighbours = Netlink::neighbour_events()
+        let mut neighbours = Netlink::neighbour_events(true)
             .inspect_err(|e| warn!("{e}; local pods are learnt by polling once a second"))
             .ok();
         loop {
@@ -275,6 +275,9 @@ impl<'a> Agent<'a> {
             if changed || reread_table {
                 self.replan().await?;
             }
+        }
+        if let Err(e) = self.dataplane.stop() {
+            warn!("{e}");
         }
         info!(
             dataplane = self.dataplane.name(),

@@ -16,7 +16,8 @@ use rtnetlink::{
         address::AddressAttribute,
         link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo},
         neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourState},
-        route::RouteAttribute,
+        route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+        rule::{RuleAction, RuleAttribute, RuleMessage},
     },
 };
 
@@ -44,15 +45,15 @@ pub struct ExtIface {
     pub addr: Ipv4Addr,
 }
 
-/// A stream of neighbour notifications.
-pub struct NeighbourEvents(
+/// A stream of rtnetlink notifications.
+pub struct Events(
     futures::channel::mpsc::UnboundedReceiver<(
         rtnetlink::packet_core::NetlinkMessage<rtnetlink::packet_route::RouteNetlinkMessage>,
         rtnetlink::sys::SocketAddr,
     )>,
 );
 
-impl NeighbourEvents {
+impl Events {
     /// Waits for a notification, then takes every one that arrives within `settle`, so that a
     /// burst (a pod's ARP exchange, a bridge learning its MAC) is handled once. `None` if the
     /// subscription ended.
@@ -60,11 +61,20 @@ impl NeighbourEvents {
         use futures::StreamExt as _;
         self.0.next().await?;
         tokio::time::sleep(settle).await;
-        let mut n = 1;
-        while self.0.try_recv().is_ok() {
-            n += 1;
+        Some(1 + self.drain().unwrap_or(0))
+    }
+
+    /// Takes every notification that has arrived, without waiting: how many (`None` if the
+    /// subscription ended and none was left).
+    pub fn drain(&mut self) -> Option<usize> {
+        let mut n = 0;
+        loop {
+            match self.0.try_recv() {
+                Ok(_) => n += 1,
+                Err(e) if e.is_closed() && n == 0 => return None,
+                Err(_) => return Some(n),
+            }
         }
-        Some(n)
     }
 }
 
@@ -87,17 +97,32 @@ impl Netlink {
 
     /// Notifications of neighbour and bridge-FDB changes in this namespace (`ip monitor neigh`):
     /// a pod's first ARP exchange through the bridge shows up here at once, so its endpoint can
-    /// be learnt without waiting for the next poll.
-    pub fn neighbour_events() -> Result<NeighbourEvents, Error> {
+    /// be learnt without waiting for the next poll. With `routes`, IPv4 route and rule changes
+    /// too (`ip monitor route rule`), which move the underlay next hops.
+    pub fn neighbour_events(routes: bool) -> Result<Events, Error> {
+        use rtnetlink::MulticastGroup::{Ipv4Route, Ipv4Rule, Neigh};
+        let groups: &[rtnetlink::MulticastGroup] = if routes {
+            &[Neigh, Ipv4Route, Ipv4Rule]
+        } else {
+            &[Neigh]
+        };
+        Self::events(groups, "neighbour")
+    }
+
+    /// Notifications of IPv4 route and rule changes (`ip monitor route rule`).
+    pub fn route_events() -> Result<Events, Error> {
+        use rtnetlink::MulticastGroup::{Ipv4Route, Ipv4Rule};
+        Self::events(&[Ipv4Route, Ipv4Rule], "route")
+    }
+
+    fn events(groups: &[rtnetlink::MulticastGroup], what: &str) -> Result<Events, Error> {
         let (conn, _, messages) =
-            rtnetlink::new_multicast_connection(&[rtnetlink::MulticastGroup::Neigh]).map_err(
-                |source| Error::NetlinkIo {
-                    context: "subscribing to neighbour notifications".into(),
-                    source,
-                },
-            )?;
+            rtnetlink::new_multicast_connection(groups).map_err(|source| Error::NetlinkIo {
+                context: format!("subscribing to {what} notifications"),
+                source,
+            })?;
         tokio::spawn(conn);
-        Ok(NeighbourEvents(messages))
+        Ok(Events(messages))
     }
 
     /// The raw rtnetlink handle, for the dataplane's own requests.
@@ -189,8 +214,8 @@ impl Netlink {
 
     /// Every IPv4 route of the main table (a dump returns every table's: policy-routing tables,
     /// `local`, VRFs must not decide which peers are direct or which routes are ours).
-    async fn routes(&self) -> Result<Vec<rtnetlink::packet_route::route::RouteMessage>, Error> {
-        let all: Vec<rtnetlink::packet_route::route::RouteMessage> = self
+    async fn routes(&self) -> Result<Vec<RouteMessage>, Error> {
+        let all: Vec<RouteMessage> = self
             .handle
             .route()
             .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
@@ -222,12 +247,134 @@ impl Netlink {
     }
 }
 
+/// Where the kernel's route lookup would send an encapsulated packet for each remote node.
+impl Netlink {
+    /// The underlay next hop of each of `nodes` (public IPs) out of `uplink` from `src`, as
+    /// `ip route get <node> from <src> oif <uplink>` answers: the gateway, or the node itself
+    /// where it is on the uplink's segment. Nodes without such a unicast route (unreachable,
+    /// another way out, an IPv6 gateway, a lightweight tunnel) are left out. `Err(why)` when no
+    /// answer holds for every packet: policy routing rules (a packet's mark or addresses may
+    /// choose another table) or multipath routes (the kernel spreads flows by their hash).
+    pub async fn underlay_next_hops(
+        &self,
+        uplink: u32,
+        src: Ipv4Addr,
+        nodes: impl IntoIterator<Item = Ipv4Addr>,
+    ) -> Result<Result<BTreeMap<Ipv4Addr, Ipv4Addr>, String>, Error> {
+        use futures::StreamExt as _;
+        let rules: Vec<RuleMessage> = self
+            .handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|source| Error::Netlink {
+                context: "listing routing rules".into(),
+                source,
+            })?;
+        if let Some(rule) = rules.iter().find(|r| !is_default_rule(r)) {
+            return Ok(Err(format!(
+                "policy routing rules (priority {})",
+                rule_priority(rule)
+            )));
+        }
+        if self.routes().await?.iter().any(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, RouteAttribute::MultiPath(_) | RouteAttribute::NhId(_)))
+        }) {
+            return Ok(Err("multipath or nexthop-object routes".into()));
+        }
+        let answers: Vec<Option<(Ipv4Addr, Ipv4Addr)>> = futures::stream::iter(nodes)
+            .map(|node| async move {
+                let query = RouteMessageBuilder::<Ipv4Addr>::new()
+                    .destination_prefix(node, 32)
+                    .source_prefix(src, 32)
+                    .output_interface(uplink)
+                    .build();
+                let mut answer = self.handle.route().get(query).execute();
+                // An error (no route: `ENETUNREACH`) leaves the node to the kernel.
+                match answer.try_next().await {
+                    Ok(Some(m)) => next_hop_of(&m, uplink, node).map(|via| (node, via)),
+                    _ => None,
+                }
+            })
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        Ok(Ok(answers.into_iter().flatten().collect()))
+    }
+}
+
+/// One of the kernel's three rules (`local`, `main`, `default`), selecting nothing.
+fn is_default_rule(r: &RuleMessage) -> bool {
+    let h = &r.header;
+    let plain = h.action == RuleAction::ToTable && h.dst_len == 0 && h.src_len == 0 && h.tos == 0;
+    // The kernel reports an unset suppressor as all ones.
+    let only_table = r.attributes.iter().all(|a| {
+        matches!(
+            a,
+            RuleAttribute::Table(_)
+                | RuleAttribute::Priority(_)
+                | RuleAttribute::Protocol(_)
+                | RuleAttribute::SuppressPrefixLen(u32::MAX)
+                | RuleAttribute::SuppressIfGroup(u32::MAX)
+        )
+    });
+    let table = r
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(h.table));
+    plain
+        && only_table
+        && matches!(
+            (rule_priority(r), table),
+            (0, 255) | (32_766, RT_TABLE_MAIN) | (32_767, 253)
+        )
+}
+
+fn rule_priority(r: &RuleMessage) -> u32 {
+    r.attributes
+        .iter()
+        .find_map(|a| match a {
+            RuleAttribute::Priority(p) => Some(*p),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+/// The next hop of a route lookup's answer for `dst`, if it is a plain unicast route out of
+/// `uplink`: its IPv4 gateway, or `dst` itself.
+fn next_hop_of(m: &RouteMessage, uplink: u32, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+    if m.header.kind != RouteType::Unicast {
+        return None;
+    }
+    let (mut oif, mut via) = (None, dst);
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            RouteAttribute::Gateway(RouteAddress::Inet(g)) => via = *g,
+            RouteAttribute::Gateway(_)
+            | RouteAttribute::Via(_)
+            | RouteAttribute::MultiPath(_)
+            | RouteAttribute::Encap(_) => return None,
+            _ => {}
+        }
+    }
+    (oif == Some(uplink)).then_some(via)
+}
+
 /// The kernel's main routing table.
 pub const RT_TABLE_MAIN: u32 = 254;
 
 /// The table a route belongs to (the attribute holds ids above 255, the header the rest).
 #[must_use]
-pub fn route_table_id(m: &rtnetlink::packet_route::route::RouteMessage) -> u32 {
+pub fn route_table_id(m: &RouteMessage) -> u32 {
     m.attributes
         .iter()
         .find_map(|a| match a {
@@ -590,6 +737,73 @@ pub fn choose_by_regex(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn rule(priority: u32, table: u32, extra: Vec<RuleAttribute>) -> RuleMessage {
+        let mut r = RuleMessage::default();
+        r.header.action = RuleAction::ToTable;
+        r.header.table = u8::try_from(table).unwrap_or(252);
+        r.attributes = vec![
+            RuleAttribute::Table(table),
+            RuleAttribute::SuppressPrefixLen(u32::MAX),
+        ];
+        if priority != 0 {
+            r.attributes.push(RuleAttribute::Priority(priority));
+        }
+        r.attributes.extend(extra);
+        r
+    }
+
+    #[test]
+    fn only_the_kernels_three_rules_are_default() {
+        for (p, t) in [(0, 255), (32_766, 254), (32_767, 253)] {
+            assert!(is_default_rule(&rule(p, t, vec![])), "{p} {t}");
+        }
+        assert!(!is_default_rule(&rule(100, 77, vec![])));
+        assert!(!is_default_rule(&rule(
+            32_766,
+            254,
+            vec![RuleAttribute::FwMark(0x77)]
+        )));
+        assert!(!is_default_rule(&rule(
+            32_766,
+            254,
+            vec![RuleAttribute::SuppressPrefixLen(0)]
+        )));
+        let mut from = rule(0, 255, vec![]);
+        from.header.src_len = 24;
+        assert!(!is_default_rule(&from));
+        let mut l3mdev = rule(1000, 0, vec![RuleAttribute::L3MDev(true)]);
+        l3mdev.header.table = 0;
+        assert!(!is_default_rule(&l3mdev));
+    }
+
+    #[test]
+    fn a_route_answer_gives_its_gateway_or_the_destination() {
+        let dst = Ipv4Addr::new(198, 18, 1, 13);
+        let gw = Ipv4Addr::new(198, 18, 0, 1);
+        let answer = |attrs: Vec<RouteAttribute>| {
+            let mut m = RouteMessage::default();
+            m.header.kind = RouteType::Unicast;
+            m.attributes = attrs;
+            m
+        };
+        let on_link = answer(vec![RouteAttribute::Oif(2)]);
+        assert_eq!(next_hop_of(&on_link, 2, dst), Some(dst));
+        let routed = answer(vec![
+            RouteAttribute::Oif(2),
+            RouteAttribute::Gateway(RouteAddress::Inet(gw)),
+        ]);
+        assert_eq!(next_hop_of(&routed, 2, dst), Some(gw));
+        assert_eq!(next_hop_of(&routed, 3, dst), None, "another way out");
+        let mut local = on_link.clone();
+        local.header.kind = RouteType::Local;
+        assert_eq!(next_hop_of(&local, 2, dst), None);
+        let v6 = answer(vec![
+            RouteAttribute::Oif(2),
+            RouteAttribute::Gateway(RouteAddress::Inet6(std::net::Ipv6Addr::LOCALHOST)),
+        ]);
+        assert_eq!(next_hop_of(&v6, 2, dst), None);
+    }
 
     fn link(index: u32, name: &str, controller: Option<u32>) -> Link {
         Link {

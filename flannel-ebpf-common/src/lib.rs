@@ -33,6 +33,8 @@ pub mod map_name {
     pub const IP_ID: &str = "FLANNEL_IPID";
     /// The masquerade's clock, per CPU: the time read at the current tick.
     pub const CLOCK: &str = "FLANNEL_CLOCK";
+    /// The underlay next hop towards each remote node, indexed as `FLANNEL_SUBNETS`.
+    pub const NEXTHOP: &str = "FLANNEL_NEXTHOP";
 }
 
 /// The shape of one pinned map. Declared once, in [`layout`]: the programs' map definitions are
@@ -63,8 +65,8 @@ pub mod map_kind {
 pub mod layout {
     use super::{
         CONFIG_SLOTS, Clock, Counter, DEFAULT_NAT_ENTRIES, Endpoint, MAX_ENDPOINTS, MAX_NODES,
-        MAX_ROUTES, MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet, RouteKey,
-        STATS_SLOTS, SUBNET_SLOTS, map_kind, map_name,
+        MAX_ROUTES, MapLayout, NatEntry, NatKey, NextHop, NodeConfig, RemoteNode, RemoteSubnet,
+        RouteKey, STATS_SLOTS, SUBNET_SLOTS, map_kind, map_name,
     };
 
     const fn size<T>() -> u32 {
@@ -141,8 +143,15 @@ pub mod layout {
         value_size: size::<Clock>(),
         max_entries: 1,
     };
+    pub const NEXTHOP: MapLayout = MapLayout {
+        name: map_name::NEXTHOP,
+        kind: map_kind::ARRAY,
+        key_size: 4,
+        value_size: size::<NextHop>(),
+        max_entries: SUBNET_SLOTS,
+    };
     /// Every pinned map.
-    pub const ALL: [MapLayout; 10] = [
+    pub const ALL: [MapLayout; 11] = [
         CONFIG,
         CONFIG_SELECT,
         ROUTES,
@@ -153,6 +162,7 @@ pub mod layout {
         STATS,
         IP_ID,
         CLOCK,
+        NEXTHOP,
     ];
 }
 
@@ -309,6 +319,20 @@ pub struct RemoteSubnet {
     /// The remote lease's backend ([`backend`]).
     pub backend: u8,
     pub _pad0: u8,
+}
+
+/// Value of the `FLANNEL_NEXTHOP` array, indexed as `FLANNEL_SUBNETS`: the underlay next hop
+/// towards the slot's remote node, as the kernel routes the node's public IP out of the uplink
+/// (the node itself on a shared segment, else the gateway), so that encapsulated packets are
+/// handed to the neighbour without a route lookup per packet. Used only while `node` is the
+/// slot's `RemoteSubnet::public_ip` and `via` is not zero; otherwise the kernel looks the route
+/// up (as it does for every packet when the agent writes no next hops: policy routing rules,
+/// multipath routes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Pod, Zeroable)]
+pub struct NextHop {
+    pub node: [u8; 4],
+    pub via: [u8; 4],
 }
 
 /// Value of the `FLANNEL_NODES` hash, keyed by a remote node's public IP: the nodes whose
@@ -690,6 +714,7 @@ const _: () = assert!(size_of::<NatEntry>() == 16);
 const _: () = assert!(size_of::<Endpoint>() == 12);
 const _: () = assert!(size_of::<RemoteSubnet>() == 12);
 const _: () = assert!(size_of::<RemoteNode>() == 8);
+const _: () = assert!(size_of::<NextHop>() == 8);
 const _: () = assert!(size_of::<Counter>() == 16);
 const _: () = assert!(size_of::<RouteKey>() == 8);
 const _: () = assert!(reason::NAMES.len() == reason::COUNT as usize);
@@ -713,4 +738,6 @@ mod user {
     unsafe impl aya::Pod for super::NatKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::NatEntry {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::NextHop {}
 }

@@ -17,7 +17,7 @@ use crate::{
     drop::tc_counted,
     encap::{self, IP_DF, Outer},
     fib,
-    maps::{FLANNEL_ROUTES, indexed_route},
+    maps::{FLANNEL_ROUTES, indexed_route, next_hop},
     nat,
     parse::{
         ETH_HLEN, IPPROTO_TCP, UDP_HLEN, decrement_ttl, eth, in_subnet, ipv4_checked_at, is_ipv4,
@@ -122,11 +122,14 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
     if in_subnet(dst, cfg.subnet_addr, cfg.subnet_mask) {
         return Ok((TC_ACT_OK, reason::PASS_LOCAL_SUBNET));
     }
-    let remote = match indexed_route(cfg, dst) {
-        Some(remote) => remote,
-        None => *FLANNEL_ROUTES
-            .get(&Key::new(32, dst))
-            .ok_or(reason::DROP_NO_ROUTE)?,
+    let (remote, slot) = match indexed_route(cfg, dst) {
+        Some((remote, slot)) => (remote, Some(slot)),
+        None => (
+            *FLANNEL_ROUTES
+                .get(&Key::new(32, dst))
+                .ok_or(reason::DROP_NO_ROUTE)?,
+            None,
+        ),
     };
     let (overhead, verdict) = match remote.backend {
         backend::VXLAN => (vxlan::MTU_OVERHEAD, reason::ENCAP_VXLAN),
@@ -230,5 +233,10 @@ pub fn to_remote(ctx: &TcContext, cfg: &NodeConfig, host: bool) -> Result<(i32, 
             }
         }
     }
-    fib::redirect_neigh(cfg.uplink_ifindex).map(|action| (action, verdict))
+    // The next hop the agent keeps for the node, else the kernel's route lookup per packet.
+    match slot.and_then(|slot| next_hop(slot, remote.public_ip)) {
+        Some(via) => fib::redirect_neigh_via(cfg.uplink_ifindex, via),
+        None => fib::redirect_neigh(cfg.uplink_ifindex),
+    }
+    .map(|action| (action, verdict))
 }

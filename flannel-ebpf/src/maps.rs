@@ -4,8 +4,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use flannel_ebpf_common::{
-    Clock, Counter, Endpoint, MapLayout, NatEntry, NatKey, NodeConfig, RemoteNode, RemoteSubnet,
-    RouteKey, backend, layout,
+    Clock, Counter, Endpoint, MapLayout, NatEntry, NatKey, NextHop, NodeConfig, RemoteNode,
+    RemoteSubnet, RouteKey, backend, layout,
 };
 
 /// The entries of a map defined with key `K` and value `V`, from its declared layout; the build
@@ -50,6 +50,11 @@ pub static FLANNEL_SUBNETS: Array<
     RemoteSubnet,
     { declared::<u32, RemoteSubnet>(layout::SUBNETS) },
 > = Array::new();
+
+/// The underlay next hop towards each `FLANNEL_SUBNETS` slot's node (see [`NextHop`]).
+#[btf_map]
+pub static FLANNEL_NEXTHOP: Array<NextHop, { declared::<u32, NextHop>(layout::NEXTHOP) }> =
+    Array::new();
 
 /// Remote node public IP → node: encapsulated traffic is accepted only from these.
 #[btf_map]
@@ -102,16 +107,27 @@ pub fn config() -> Option<&'static NodeConfig> {
 }
 
 /// The route to `dst` (an address in the Network, network order) from `FLANNEL_SUBNETS`, if the
-/// agent indexes this Network and the slot is filled; `None` leaves it to `FLANNEL_ROUTES`.
+/// agent indexes this Network and the slot is filled, with its slot; `None` leaves it to
+/// `FLANNEL_ROUTES`.
 #[inline(always)]
-pub fn indexed_route(cfg: &NodeConfig, dst: [u8; 4]) -> Option<RemoteSubnet> {
+pub fn indexed_route(cfg: &NodeConfig, dst: [u8; 4]) -> Option<(RemoteSubnet, u32)> {
     let shift = cfg.route_index_shift;
     if shift == 0 || shift >= 32 {
         return None;
     }
     let slot = u32::from_be_bytes(dst).wrapping_sub(u32::from_be_bytes(cfg.network_addr)) >> shift;
     match FLANNEL_SUBNETS.get(slot) {
-        Some(route) if route.backend != backend::NONE => Some(*route),
+        Some(route) if route.backend != backend::NONE => Some((*route, slot)),
+        _ => None,
+    }
+}
+
+/// The underlay next hop the agent found for `slot`'s node `node` (a public IP), if it is still
+/// that node's: a slot given to another node, or a next hop being rewritten, reads as none.
+#[inline(always)]
+pub fn next_hop(slot: u32, node: [u8; 4]) -> Option<[u8; 4]> {
+    match FLANNEL_NEXTHOP.get(slot) {
+        Some(hop) if hop.node == node && hop.via != [0; 4] => Some(hop.via),
         _ => None,
     }
 }

@@ -1,7 +1,7 @@
 //! End-to-end tests of every backend on namespace clusters: host-gw, vxlan and ipip with
 //! DirectRouting, ipip, udp (all in eBPF), wireguard (userspace fallback), and the netlink
 //! dataplane interoperating with eBPF and stock nodes. Run by `cargo xtask test`.
-use std::time::Duration;
+use std::{net::Ipv4Addr, time::Duration};
 
 use anyhow::{Context as _, Result, ensure};
 use flannel_tests::{
@@ -164,6 +164,184 @@ fn vxlan_direct_routing_mixes_direct_and_tunnelled_peers() -> Result<()> {
             tb.no_drops(i)?;
         }
     }
+    Ok(())
+}
+
+/// Node `i`'s `FLANNEL_NEXTHOP` entry for node `j`'s subnet: (node, via) as bpftool reads it.
+fn next_hop(tb: &Testbed, i: usize, j: usize) -> Result<(Ipv4Addr, Ipv4Addr)> {
+    let slot = next_hop_slot(tb, j)?;
+    let path = tb.nodes[i].pins().join("FLANNEL_NEXTHOP");
+    let out = run(
+        "bpftool",
+        &[
+            "-j",
+            "map",
+            "lookup",
+            "pinned",
+            &path.to_string_lossy(),
+            "key",
+            "hex",
+            &format!("{:02x}", slot & 0xff),
+            &format!("{:02x}", (slot >> 8) & 0xff),
+            "00",
+            "00",
+        ],
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&out)?;
+    let addr = |field: &str| -> Result<Ipv4Addr> {
+        let b: Vec<u8> = v["formatted"]["value"][field]
+            .as_array()
+            .with_context(|| format!("no {field} in {out}"))?
+            .iter()
+            .map(|x| x.as_u64().and_then(|x| u8::try_from(x).ok()).unwrap_or(0))
+            .collect();
+        ensure!(b.len() == 4, "{field} in {out}");
+        Ok(Ipv4Addr::new(b[0], b[1], b[2], b[3]))
+    };
+    Ok((addr("node")?, addr("via")?))
+}
+
+/// The `FLANNEL_SUBNETS` (and `FLANNEL_NEXTHOP`) slot of node `j`'s subnet.
+fn next_hop_slot(tb: &Testbed, j: usize) -> Result<u32> {
+    let net = tb.nodes[j].subnet_net()?;
+    let (own, all) = (
+        u32::from(net.network()),
+        u32::from(Ipv4Addr::new(10, 244, 0, 0)),
+    );
+    Ok((own - all) >> (32 - u32::from(net.prefix_len())))
+}
+
+/// Datagrams the underlay namespace forwarded (its `Ip: ForwDatagrams`): the outer packets
+/// that took its router as their next hop.
+fn underlay_forwarded(tb: &Testbed) -> Result<u64> {
+    let snmp = in_ns(&tb.underlay(), "cat", &["/proc/net/snmp"])?;
+    let mut ip = snmp.lines().filter(|l| l.starts_with("Ip:"));
+    let (names, values) = (ip.next().context("Ip:")?, ip.next().context("Ip:")?);
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(n, _)| *n == "ForwDatagrams")
+        .and_then(|(_, v)| v.parse().ok())
+        .context("ForwDatagrams")
+}
+
+/// Pings pod 1 of node 2 from pod 1 of node 1 `count` times; returns how many outer packets the
+/// underlay's router forwarded meanwhile.
+fn ping_through_router(tb: &Testbed, count: u32) -> Result<u64> {
+    let before = underlay_forwarded(tb)?;
+    let (from, to) = (&tb.nodes[0].pods[0], tb.nodes[1].pods[0].ip);
+    in_ns(
+        &from.netns,
+        "ping",
+        &[
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            "-W",
+            "2",
+            "-q",
+            &to.to_string(),
+        ],
+    )
+    .with_context(|| format!("ping {} → {to}", from.ip))?;
+    Ok(underlay_forwarded(tb)? - before)
+}
+
+#[test]
+fn encapsulated_packets_take_the_kernels_next_hop_kept_by_the_agent() -> Result<()> {
+    let backend = Backend::Vxlan {
+        direct_routing: false,
+    };
+    let mut tb = testbed("nh", backend, &[Ebpf, Ebpf, Ebpf], &[3])?;
+    let (node2, node3) = (tb.nodes[1].public_ip, tb.nodes[2].public_ip);
+    let router = Ipv4Addr::new(198, 18, 0, 1);
+    let wait_hop = |tb: &Testbed, j: usize, want: (Ipv4Addr, Ipv4Addr), why: &str| {
+        let mut seen = None;
+        wait_for(why, Duration::from_secs(5), || {
+            seen = next_hop(tb, 0, j).ok();
+            seen == Some(want)
+        })
+        .with_context(|| {
+            format!(
+                "node 1's next hop for node {}: {seen:?}; its log:\n{}",
+                j + 1,
+                tb.log(0)
+            )
+        })
+    };
+    let none = (Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED);
+    // Node 2 shares node 1's segment; node 3 is behind the underlay's router.
+    wait_hop(&tb, 1, (node2, node2), "node 2 on the segment")?;
+    wait_hop(&tb, 2, (node3, router), "node 3 through the router")?;
+    tb.all_pairs(64 * KIB)?;
+    ensure!(
+        ping_through_router(&tb, 20)? < 20,
+        "node 2 is reached directly"
+    );
+
+    // A route through the router: followed on its notification, and the packets take it.
+    let via_router = format!("{node2}/32 via {router} dev eth0");
+    ip(&tb.nodes[0].netns, &format!("route add {via_router}"))?;
+    wait_hop(&tb, 1, (node2, router), "the new route")?;
+    ensure!(
+        ping_through_router(&tb, 20)? >= 20,
+        "node 2 through the router"
+    );
+
+    // Policy routing rules: no next hop holds for every packet, the kernel routes each.
+    let rule = "rule add fwmark 0x77 lookup 77 pref 100";
+    ip(&tb.nodes[0].netns, rule)?;
+    wait_hop(&tb, 1, none, "no next hops under policy rules")?;
+    wait_hop(&tb, 2, none, "no next hops under policy rules")?;
+    ensure!(
+        ping_through_router(&tb, 20)? >= 20,
+        "the kernel's lookup takes the route"
+    );
+    ip(&tb.nodes[0].netns, &rule.replace("add", "del"))?;
+    wait_hop(&tb, 1, (node2, router), "next hops once the rule is gone")?;
+    ip(&tb.nodes[0].netns, &format!("route del {via_router}"))?;
+    wait_hop(&tb, 1, (node2, node2), "the route removed")?;
+
+    // The programs use the map: with the agent gone, a next hop written by hand (the router)
+    // is taken although the kernel's route says node 2 is on the segment.
+    tb.stop_agent(0, nix::sys::signal::Signal::SIGKILL)?;
+    let slot = next_hop_slot(&tb, 1)?;
+    let path = tb.nodes[0].pins().join("FLANNEL_NEXTHOP");
+    let bytes = |a: Ipv4Addr| a.octets().map(|b| b.to_string());
+    let mut args: Vec<String> = ["map", "update", "pinned"].map(String::from).to_vec();
+    args.push(path.to_string_lossy().into_owned());
+    args.extend([
+        "key".into(),
+        (slot & 0xff).to_string(),
+        (slot >> 8).to_string(),
+        "0".into(),
+        "0".into(),
+    ]);
+    args.push("value".into());
+    args.extend(bytes(node2));
+    args.extend(bytes(router));
+    run(
+        "bpftool",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    )?;
+    ensure!(
+        ping_through_router(&tb, 20)? >= 20,
+        "the hand-written next hop is taken"
+    );
+    // A restarted agent looks the next hops up again; a stopped one empties the map.
+    tb.start_agent(0)?;
+    wait_hop(&tb, 1, (node2, node2), "looked up again at start")?;
+    ensure!(ping_through_router(&tb, 20)? < 20, "node 2 directly again");
+    let status = tb.stop_agent(0, nix::sys::signal::Signal::SIGTERM)?;
+    ensure!(status.success(), "agent stopped: {status}");
+    for j in [1, 2] {
+        ensure!(next_hop(&tb, 0, j)? == none, "emptied when the agent stops");
+    }
+    ensure!(
+        ping_through_router(&tb, 20)? < 20,
+        "the kernel routes each packet, directly"
+    );
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use aya::{
     },
 };
 use flannel_ebpf_common::{
-    Counter, Endpoint, LAYOUT_VERSION, MAX_NODES, MAX_ROUTES, MapLayout, NatEntry, NatKey,
+    Counter, Endpoint, LAYOUT_VERSION, MAX_NODES, MAX_ROUTES, MapLayout, NatEntry, NatKey, NextHop,
     NodeConfig, RemoteNode, RemoteSubnet, SUBNET_SLOTS, backend, layout, map_name, nat, prog_name,
     reason, stats_slot,
 };
@@ -107,6 +107,10 @@ pub struct EbpfDataplane {
     pins: PinDir,
     /// What `FLANNEL_SUBNETS` holds (filled slots), read from the map once by the first sync.
     slots: Option<BTreeMap<u32, RemoteSubnet>>,
+    /// The underlay next hop of each remote node, once [`Self::set_next_hops`] gave them.
+    vias: Option<BTreeMap<Ipv4Addr, Ipv4Addr>>,
+    /// What `FLANNEL_NEXTHOP` holds (filled slots), read from the map once.
+    hops: Option<BTreeMap<u32, NextHop>>,
     /// Pod ports `from_pod_veth` was attached to (or adopted on) by this process.
     attached_ports: BTreeSet<u32>,
 }
@@ -168,6 +172,8 @@ impl EbpfDataplane {
             ebpf,
             pins,
             slots: None,
+            vias: None,
+            hops: None,
             attached_ports: BTreeSet::new(),
         })
     }
@@ -205,6 +211,8 @@ impl EbpfDataplane {
             ebpf,
             pins: PinDir::new(Path::new("/nonexistent")),
             slots: None,
+            vias: None,
+            hops: None,
             attached_ports: BTreeSet::new(),
         })
     }
@@ -220,6 +228,8 @@ impl EbpfDataplane {
             ebpf,
             pins: PinDir::new(Path::new("/nonexistent")),
             slots: None,
+            vias: None,
+            hops: None,
             attached_ports: BTreeSet::new(),
         })
     }
@@ -378,32 +388,85 @@ impl EbpfDataplane {
         Ok(report)
     }
 
-    /// Makes `FLANNEL_SUBNETS` hold exactly `want`. An array slot is rewritten in place, not
-    /// swapped as a trie or hash entry is, so a changed slot is emptied first: a packet that
-    /// races the change falls back to the trie (already updated) instead of reading half of each.
+    /// Makes `FLANNEL_SUBNETS` hold exactly `want`, and `FLANNEL_NEXTHOP` follow it.
     fn sync_slots(&mut self, want: &BTreeMap<u32, RemoteSubnet>) -> Result<(), Error> {
         let known = self.slots.take();
-        let mut array = self.array_mut::<RemoteSubnet>(map_name::SUBNETS)?;
+        self.sync_array(map_name::SUBNETS, known, want, |v| {
+            v.backend != backend::NONE
+        })?;
+        self.slots = Some(want.clone());
+        self.sync_next_hops()
+    }
+
+    /// Gives the underlay next hop of each remote node (public IP → gateway or the node itself),
+    /// written for the nodes of `FLANNEL_SUBNETS`; `None` empties `FLANNEL_NEXTHOP`, so that the
+    /// kernel routes every encapsulated packet (as when no agent keeps the next hops current).
+    /// Returns how many slots hold one.
+    pub fn set_next_hops(
+        &mut self,
+        vias: Option<BTreeMap<Ipv4Addr, Ipv4Addr>>,
+    ) -> Result<usize, Error> {
+        self.vias = Some(vias.unwrap_or_default());
+        self.sync_next_hops()?;
+        Ok(self.hops.as_ref().map_or(0, BTreeMap::len))
+    }
+
+    /// Brings `FLANNEL_NEXTHOP` to the slots and next hops known (nothing before
+    /// [`Self::set_next_hops`]: an object without the map, as `program_cost`'s baseline, works).
+    fn sync_next_hops(&mut self) -> Result<(), Error> {
+        let (Some(vias), Some(slots)) = (&self.vias, &self.slots) else {
+            return Ok(());
+        };
+        let want: BTreeMap<u32, NextHop> = slots
+            .iter()
+            .filter(|(_, r)| r.backend != backend::HOST_GW)
+            .filter_map(|(&slot, r)| {
+                let via = vias.get(&Ipv4Addr::from(r.public_ip))?;
+                Some((
+                    slot,
+                    NextHop {
+                        node: r.public_ip,
+                        via: via.octets(),
+                    },
+                ))
+            })
+            .collect();
+        let known = self.hops.take();
+        self.sync_array(map_name::NEXTHOP, known, &want, |v| v.via != [0; 4])?;
+        self.hops = Some(want);
+        Ok(())
+    }
+
+    /// Makes array `name` hold exactly `want` (every other slot empty, `V::default()`), from
+    /// what it holds: `known`, or once per process what a previous agent left (the `filled`
+    /// slots). An array slot is rewritten in place, not swapped as a trie or hash entry is, so
+    /// a changed slot is emptied first: a packet that races the change reads an empty slot
+    /// (the trie, or the kernel's route lookup, decides) instead of half of each value.
+    fn sync_array<V: aya::Pod + PartialEq + Default>(
+        &mut self,
+        name: &str,
+        known: Option<BTreeMap<u32, V>>,
+        want: &BTreeMap<u32, V>,
+        filled: impl Fn(&V) -> bool,
+    ) -> Result<(), Error> {
+        let mut array = self.array_mut::<V>(name)?;
         let current = if let Some(slots) = known {
             slots
         } else {
-            // Once per process: what a previous agent left in the pinned array.
             let mut slots = BTreeMap::new();
-            for i in 0..SUBNET_SLOTS {
-                let v = array
-                    .get(&i, 0)
-                    .map_err(|e| map_err(map_name::SUBNETS, "reading", e))?;
-                if v.backend != backend::NONE {
+            for i in 0..array.len() {
+                let v = array.get(&i, 0).map_err(|e| map_err(name, "reading", e))?;
+                if filled(&v) {
                     slots.insert(i, v);
                 }
             }
             slots
         };
-        let empty = RemoteSubnet::default();
-        let mut set = |slot: u32, v: &RemoteSubnet| {
+        let empty = V::default();
+        let mut set = |slot: u32, v: &V| {
             array
                 .set(slot, v, 0)
-                .map_err(|e| map_err(map_name::SUBNETS, &format!("writing slot {slot}"), e))
+                .map_err(|e| map_err(name, &format!("writing slot {slot}"), e))
         };
         for (&slot, v) in want {
             match current.get(&slot) {
@@ -418,7 +481,6 @@ impl EbpfDataplane {
                 set(slot, &empty)?;
             }
         }
-        self.slots = Some(want.clone());
         Ok(())
     }
 

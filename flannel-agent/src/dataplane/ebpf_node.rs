@@ -24,7 +24,7 @@ use super::{
 use crate::{
     Error,
     config::{Backend, NetConf},
-    iface::{ExtIface, Link, Netlink},
+    iface::{Events, ExtIface, Link, Netlink},
     metrics,
     plan::{Plan, gateway},
 };
@@ -83,6 +83,21 @@ pub struct EbpfNode {
     routes_synced: Option<Instant>,
     /// The headroom device could not be set up (said once; pods' packets still flow).
     headroom_failed: bool,
+    /// The underlay next hops kept in `FLANNEL_NEXTHOP`.
+    hops: NextHops,
+}
+
+/// What the agent follows to keep each remote node's underlay next hop current: IPv4 route and
+/// rule notifications, and the remote nodes it looked up.
+struct NextHops {
+    /// `None` without a subscription: next hops are then looked up again on repair passes.
+    events: Option<Events>,
+    /// The remote nodes (public IPs) of the last lookup.
+    nodes: BTreeSet<Ipv4Addr>,
+    /// The last lookup failed or was not written: try again at the next pass.
+    stale: bool,
+    /// Why the kernel routes every packet (policy rules, multipath), as last said.
+    refused: Option<String>,
 }
 
 impl EbpfNode {
@@ -141,13 +156,88 @@ impl EbpfNode {
             );
         }
         metrics::export_datapath(args.pin_dir.clone());
-        Ok(Self {
+        let events = Netlink::route_events()
+            .inspect_err(|e| warn!("{e}; underlay next hops are looked up again every 10 s"))
+            .ok();
+        let mut me = Self {
             dp,
             cfg,
             cni,
             routes_synced: None,
             headroom_failed: false,
-        })
+            hops: NextHops {
+                events,
+                nodes: BTreeSet::new(),
+                stale: true,
+                refused: None,
+            },
+        };
+        me.follow_next_hops(nl, node, plan, true).await;
+        Ok(me)
+    }
+
+    /// Keeps `FLANNEL_NEXTHOP` at the kernel's answer for each remote node that is reached
+    /// through a tunnel: looked up again when a route or rule changed, when the remote nodes
+    /// changed, on a repair pass, and after a failed lookup. On failure the map is emptied: the
+    /// kernel then routes every packet, as it does for nodes without a next hop.
+    async fn follow_next_hops(&mut self, nl: &Netlink, node: &Node<'_>, plan: &Plan, repair: bool) {
+        let hops = &mut self.hops;
+        let drained = hops.events.as_mut().map(Events::drain);
+        if drained == Some(None) {
+            warn!("route notifications ended; underlay next hops are looked up again every 10 s");
+            hops.events = None;
+        }
+        let nodes: BTreeSet<Ipv4Addr> = plan
+            .desired
+            .nodes
+            .iter()
+            .filter(|(_, n)| n.backend != backend::HOST_GW)
+            .map(|(ip, _)| *ip)
+            .collect();
+        let moved = matches!(drained, Some(Some(n)) if n > 0);
+        if !(moved || repair || hops.stale || nodes != hops.nodes) {
+            return;
+        }
+        let answer = nl
+            .underlay_next_hops(node.ext.link.index, node.public_ip, nodes.iter().copied())
+            .await;
+        let vias = match answer {
+            Ok(Ok(vias)) => {
+                if hops.refused.take().is_some() {
+                    info!("underlay next hops kept by the agent again");
+                }
+                Some(vias)
+            }
+            Ok(Err(why)) => {
+                if hops.refused.as_ref() != Some(&why) {
+                    info!("{why}: the kernel routes every encapsulated packet");
+                }
+                hops.refused = Some(why);
+                None
+            }
+            Err(e) => {
+                warn!(
+                    "looking up underlay next hops: {e}; the kernel routes every encapsulated packet"
+                );
+                None
+            }
+        };
+        let looked_up = vias.is_some() || hops.refused.is_some();
+        match self.dp.set_next_hops(vias) {
+            Ok(n) => {
+                metrics::METRICS
+                    .map_entries
+                    .get_or_create(&metrics::label("map", "next_hops"))
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+                debug!(next_hops = n, nodes = nodes.len(), "underlay next hops");
+                self.hops.stale = !looked_up;
+            }
+            Err(e) => {
+                warn!("writing underlay next hops: {e}");
+                self.hops.stale = true;
+            }
+        }
+        self.hops.nodes = nodes;
     }
 
     fn sync(&mut self, node: &Node<'_>, plan: &Plan) -> Result<SyncReport, Error> {
@@ -205,6 +295,7 @@ impl EbpfNode {
             }
             _ => {}
         }
+        self.follow_next_hops(nl, node, plan, repair).await;
         let Some(link) = self.cni.clone() else {
             return Ok(());
         };
@@ -337,6 +428,16 @@ impl Dataplane for EbpfNode {
         repair: bool,
     ) -> LocalBoxFuture<'a, Result<(), Error>> {
         Box::pin(self.follow(nl, node, plan, repair))
+    }
+
+    /// Empties `FLANNEL_NEXTHOP`: while no agent follows the routes, the kernel routes every
+    /// encapsulated packet.
+    fn stop(&mut self) -> Result<(), Error> {
+        self.dp.set_next_hops(None)?;
+        info!(
+            "underlay next hops cleared: the kernel routes each encapsulated packet until an agent keeps them again"
+        );
+        Ok(())
     }
 }
 

@@ -112,6 +112,12 @@ pub trait Dataplane {
             Ok(())
         })
     }
+
+    /// The agent stops and leaves the dataplane forwarding: state only a running agent keeps
+    /// current is put back to what holds without it. Nothing, by default.
+    fn stop(&mut self) -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Starts the dataplane `--dataplane` asks for, falling back from eBPF to netlink where eBPF
