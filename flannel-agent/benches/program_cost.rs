@@ -40,7 +40,7 @@ use flannel_agent::dataplane::{
     Desired,
     ebpf::{self, EbpfDataplane},
 };
-use flannel_ebpf_common::{Endpoint, RemoteNode, RemoteSubnet, backend, prog_name};
+use flannel_ebpf_common::{Endpoint, RemoteNode, RemoteSubnet, backend, map_name, prog_name};
 use flannel_tests::packet::{
     NODE_A, NODE_B, OUTSIDE, POD_A, POD_B, UPLINK_MAC_B, VNI, VTEP_A, VTEP_B, config, config_for,
     eth, ipip_frame, ipv4, masq_config, payload, pod_frame, tcp, udp_frame, vxlan_around,
@@ -90,6 +90,11 @@ fn node_via(
         },
     );
     dp.sync(&d)?;
+    // The underlay next hop an agent keeps for the peer (the peer itself, on the segment), where
+    // the object has the map (an older revision's may not).
+    if dp.ebpf().map(map_name::NEXTHOP).is_some() {
+        dp.set_next_hops(Some([(peer.into(), peer.into())].into()))?;
+    }
     Ok(dp)
 }
 

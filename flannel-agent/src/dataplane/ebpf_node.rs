@@ -201,6 +201,7 @@ impl EbpfNode {
         let answer = nl
             .underlay_next_hops(node.ext.link.index, node.public_ip, nodes.iter().copied())
             .await;
+        let looked_up = answer.is_ok();
         let vias = match answer {
             Ok(Ok(vias)) => {
                 if hops.refused.take().is_some() {
@@ -222,7 +223,6 @@ impl EbpfNode {
                 None
             }
         };
-        let looked_up = vias.is_some() || hops.refused.is_some();
         match self.dp.set_next_hops(vias) {
             Ok(n) => {
                 metrics::METRICS
