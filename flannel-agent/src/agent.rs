@@ -217,6 +217,16 @@ impl<'a> Agent<'a> {
     /// applied to the dataplane; once a second (and on neighbour changes) the dataplane follows
     /// what changes without a plan, repairing drift every 10 s. Until SIGTERM or SIGINT.
     async fn reconcile(mut self) -> Result<(), Error> {
+        let result = self.reconcile_until_stopped().await;
+        // Whatever ended the loop (a signal or an error), leave nothing that only a running
+        // agent keeps current.
+        if let Err(e) = self.dataplane.stop() {
+            warn!("{e}");
+        }
+        result
+    }
+
+    async fn reconcile_until_stopped(&mut self) -> Result<(), Error> {
         let signal_err = |source| Error::NetlinkIo {
             context: "installing the SIGTERM/SIGINT handlers".into(),
             source,
@@ -275,9 +285,6 @@ impl<'a> Agent<'a> {
             if changed || reread_table {
                 self.replan().await?;
             }
-        }
-        if let Err(e) = self.dataplane.stop() {
-            warn!("{e}");
         }
         info!(
             dataplane = self.dataplane.name(),

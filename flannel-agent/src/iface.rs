@@ -109,10 +109,11 @@ impl Netlink {
         Self::events(groups, "neighbour")
     }
 
-    /// Notifications of IPv4 route and rule changes (`ip monitor route rule`).
+    /// Notifications of IPv4 route and rule changes (`ip monitor route rule`), and of links and
+    /// addresses, whose removal flushes routes without a route notification.
     pub fn route_events() -> Result<Events, Error> {
-        use rtnetlink::MulticastGroup::{Ipv4Route, Ipv4Rule};
-        Self::events(&[Ipv4Route, Ipv4Rule], "route")
+        use rtnetlink::MulticastGroup::{Ipv4Ifaddr, Ipv4Route, Ipv4Rule, Link};
+        Self::events(&[Ipv4Route, Ipv4Rule, Link, Ipv4Ifaddr], "route")
     }
 
     fn events(groups: &[rtnetlink::MulticastGroup], what: &str) -> Result<Events, Error> {
@@ -249,16 +250,17 @@ impl Netlink {
 
 /// Where the kernel's route lookup would send an encapsulated packet for each remote node.
 impl Netlink {
-    /// The underlay next hop of each of `nodes` (public IPs) out of `uplink` from `src`, as
-    /// `ip route get <node> from <src> oif <uplink>` answers: the gateway, or the node itself
+    /// The underlay next hop of each of `nodes` (public IPs) out of `uplink`, as `ip route get
+    /// <node> oif <uplink>` answers: the gateway, or the node itself
     /// where it is on the uplink's segment. Nodes without such a unicast route (unreachable,
     /// another way out, an IPv6 gateway, a lightweight tunnel) are left out. `Err(why)` when no
     /// answer holds for every packet: policy routing rules (a packet's mark or addresses may
     /// choose another table) or multipath routes (the kernel spreads flows by their hash).
+    /// Without rules the packets' source address (ours, possibly a `--public-ip` behind NAT that is
+    /// not local) cannot change the answer, so the query leaves it out.
     pub async fn underlay_next_hops(
         &self,
         uplink: u32,
-        src: Ipv4Addr,
         nodes: impl IntoIterator<Item = Ipv4Addr>,
     ) -> Result<Result<BTreeMap<Ipv4Addr, Ipv4Addr>, String>, Error> {
         use futures::StreamExt as _;
@@ -290,7 +292,6 @@ impl Netlink {
             .map(|node| async move {
                 let query = RouteMessageBuilder::<Ipv4Addr>::new()
                     .destination_prefix(node, 32)
-                    .source_prefix(src, 32)
                     .output_interface(uplink)
                     .build();
                 let mut answer = self.handle.route().get(query).execute();

@@ -126,8 +126,14 @@ pub fn indexed_route(cfg: &NodeConfig, dst: [u8; 4]) -> Option<(RemoteSubnet, u3
 /// that node's: a slot given to another node, or a next hop being rewritten, reads as none.
 #[inline(always)]
 pub fn next_hop(slot: u32, node: [u8; 4]) -> Option<[u8; 4]> {
-    match FLANNEL_NEXTHOP.get(slot) {
-        Some(hop) if hop.node == node && hop.via != [0; 4] => Some(hop.via),
-        _ => None,
-    }
+    let hop = FLANNEL_NEXTHOP.get_ptr(slot)?;
+    // One 8-byte load, so that `node` and `via` come from the same write (map values are 8-byte
+    // aligned).
+    // SAFETY: a pointer to a map value of 8 bytes, from a successful lookup.
+    let word = unsafe { core::ptr::read_volatile(hop.cast::<u64>()) }.to_ne_bytes();
+    let (got, via) = (
+        [word[0], word[1], word[2], word[3]],
+        [word[4], word[5], word[6], word[7]],
+    );
+    (got == node && via != [0; 4]).then_some(via)
 }

@@ -411,13 +411,19 @@ impl EbpfDataplane {
         Ok(self.hops.as_ref().map_or(0, BTreeMap::len))
     }
 
-    /// Brings `FLANNEL_NEXTHOP` to the slots and next hops known (nothing before
+    /// Brings `FLANNEL_NEXTHOP` to the slots and next hops known (emptied while the slots are
+    /// not known; nothing before
     /// [`Self::set_next_hops`]: an object without the map, as `program_cost`'s baseline, works).
     fn sync_next_hops(&mut self) -> Result<(), Error> {
-        let (Some(vias), Some(slots)) = (&self.vias, &self.slots) else {
+        let Some(vias) = &self.vias else {
             return Ok(());
         };
-        let want: BTreeMap<u32, NextHop> = slots
+        // Slots not known (a sync failed): empty, which is always safe.
+        let empty = BTreeMap::new();
+        let want: BTreeMap<u32, NextHop> = self
+            .slots
+            .as_ref()
+            .unwrap_or(&empty)
             .iter()
             .filter(|(_, r)| r.backend != backend::HOST_GW)
             .filter_map(|(&slot, r)| {

@@ -94,10 +94,12 @@ struct NextHops {
     events: Option<Events>,
     /// The remote nodes (public IPs) of the last lookup.
     nodes: BTreeSet<Ipv4Addr>,
-    /// The last lookup failed or was not written: try again at the next pass.
+    /// Something changed since the last lookup, or it failed: look up at the next pass.
     stale: bool,
     /// Why the kernel routes every packet (policy rules, multipath), as last said.
     refused: Option<String>,
+    /// When the next hops were last looked up.
+    looked_up: Option<Instant>,
 }
 
 impl EbpfNode {
@@ -170,6 +172,7 @@ impl EbpfNode {
                 nodes: BTreeSet::new(),
                 stale: true,
                 refused: None,
+                looked_up: None,
             },
         };
         me.follow_next_hops(nl, node, plan, true).await;
@@ -194,12 +197,19 @@ impl EbpfNode {
             .filter(|(_, n)| n.backend != backend::HOST_GW)
             .map(|(ip, _)| *ip)
             .collect();
-        let moved = matches!(drained, Some(Some(n)) if n > 0);
-        if !(moved || repair || hops.stale || nodes != hops.nodes) {
+        if matches!(drained, Some(Some(n)) if n > 0) || nodes != hops.nodes {
+            hops.stale = true;
+        }
+        // At most once a second (routing daemons may churn), repair passes aside.
+        let recent = hops
+            .looked_up
+            .is_some_and(|t| t.elapsed() < Duration::from_secs(1));
+        if !(repair || (hops.stale && !recent)) {
             return;
         }
+        hops.looked_up = Some(Instant::now());
         let answer = nl
-            .underlay_next_hops(node.ext.link.index, node.public_ip, nodes.iter().copied())
+            .underlay_next_hops(node.ext.link.index, nodes.iter().copied())
             .await;
         let looked_up = answer.is_ok();
         let vias = match answer {
@@ -268,6 +278,8 @@ impl EbpfNode {
         plan: &Plan,
         repair: bool,
     ) -> Result<(), Error> {
+        // First: nothing below that fails may keep route changes from being followed.
+        self.follow_next_hops(nl, node, plan, repair).await;
         if repair {
             // The maps against the plan in force, as the kernel holds them: whatever drifted (a
             // failed apply, a hand edit) is put back.
@@ -295,7 +307,6 @@ impl EbpfNode {
             }
             _ => {}
         }
-        self.follow_next_hops(nl, node, plan, repair).await;
         let Some(link) = self.cni.clone() else {
             return Ok(());
         };
