@@ -1,9 +1,14 @@
 //! Builds the eBPF programs with aya-build (nightly, bpf-linker) and leaves the object in `OUT_DIR`,
-//! where the agent embeds it. `AYA_BUILD_SKIP=1` skips it for cheap `cargo check`/clippy runs.
-use std::path::Path;
+//! where the agent embeds it.
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+};
+
+use anyhow::Context as _;
 
 fn main() -> anyhow::Result<()> {
-    let manifest_dir = std::env::var("CARGO_MANIFEST_DIR")?;
+    let manifest_dir = env::var("CARGO_MANIFEST_DIR")?;
     let ebpf_dir = Path::new(&manifest_dir)
         .join("../flannel-ebpf")
         .canonicalize()?;
@@ -11,6 +16,7 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     println!("cargo:rerun-if-changed=../flannel-ebpf-common/src");
+    share_ebpf_target_dir("flannel-ebpf")?;
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "flannel-ebpf",
@@ -19,4 +25,51 @@ fn main() -> anyhow::Result<()> {
         }],
         aya_build::Toolchain::default(),
     )
+}
+
+/// aya-build gives every run of this script its own cargo target directory for the eBPF crate
+/// (`OUT_DIR/aya-build/target/<package>`), and every profile and target of the agent (debug,
+/// test, release, the image's musl, the bench's) its own `OUT_DIR`: the same `bpfel` object,
+/// `core` included, was built from scratch once for each, about a minute apiece. That directory
+/// becomes a link to one `<target dir>/ebpf`, so the object is built once and every later build
+/// finds it fresh (cargo's lock on the directory orders concurrent builds). Where `OUT_DIR` is
+/// not laid out as cargo's `<target>[/<triple>]/<profile>/build/<pkg>-<hash>/out`, aya-build's
+/// own directory stays.
+fn share_ebpf_target_dir(package: &str) -> anyhow::Result<()> {
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
+    let mut up = out_dir.ancestors();
+    let (Some(_out), Some(_unit), Some(build), Some(profile)) =
+        (up.next(), up.next(), up.next(), up.next())
+    else {
+        return Ok(());
+    };
+    let Some(mut target) = profile.parent() else {
+        return Ok(());
+    };
+    if build.file_name().is_none_or(|n| n != "build") {
+        return Ok(());
+    }
+    if let (Some(name), Some(triple)) = (target.file_name(), env::var_os("TARGET"))
+        && name == triple
+        && let Some(parent) = target.parent()
+    {
+        target = parent;
+    }
+    let shared = target.join("ebpf");
+    fs::create_dir_all(&shared).with_context(|| format!("creating {}", shared.display()))?;
+    let link = out_dir.join("aya-build").join("target").join(package);
+    if fs::read_link(&link).is_ok_and(|to| to == shared) {
+        return Ok(());
+    }
+    match fs::symlink_metadata(&link) {
+        Ok(m) if m.is_dir() => fs::remove_dir_all(&link),
+        Ok(_) => fs::remove_file(&link),
+        Err(_) => Ok(()),
+    }
+    .with_context(|| format!("replacing {}", link.display()))?;
+    if let Some(parent) = link.parent() {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    }
+    std::os::unix::fs::symlink(&shared, &link)
+        .with_context(|| format!("linking {} to {}", link.display(), shared.display()))
 }

@@ -87,24 +87,16 @@ fn kind(t: std::fs::FileType) -> &'static str {
 mod tests {
     use super::*;
 
-    fn tmp(name: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("flannel-file-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
     #[test]
     fn a_fifo_is_refused_without_blocking() {
-        let dir = tmp("fifo");
-        let fifo = dir.join("net-conf.json");
+        let dir = flannel_tests::ScratchDir::new("file-fifo");
+        let fifo = dir.path().join("net-conf.json");
         let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         // No writer: a blocking open would never return (the test would hang, not pass).
         let e = read(&fifo).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
-        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
@@ -117,8 +109,8 @@ mod tests {
 
     #[test]
     fn regular_files_are_read_up_to_the_limit() {
-        let dir = tmp("limit");
-        let f = dir.join("leases.json");
+        let dir = flannel_tests::ScratchDir::new("file-limit");
+        let f = dir.path().join("leases.json");
         std::fs::write(&f, b"0123456789").unwrap();
         assert_eq!(read_at_most(&f, 10).unwrap(), b"0123456789");
         assert_eq!(
@@ -126,6 +118,5 @@ mod tests {
             io::ErrorKind::FileTooLarge
         );
         assert_eq!(read_to_string(&f).unwrap(), "0123456789");
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

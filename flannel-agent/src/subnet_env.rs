@@ -103,7 +103,7 @@ mod tests {
 
     #[test]
     fn writes_atomically_and_replaces() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = flannel_tests::ScratchDir::new("subnet-env");
         let path = dir.path().join("run/flannel/subnet.env");
         let mut env = SubnetEnv {
             network: "10.244.0.0/16".parse().unwrap(),
@@ -128,15 +128,14 @@ mod tests {
 
     #[test]
     fn prepare_finds_an_unwritable_path_and_leaves_nothing() {
-        let dir = std::env::temp_dir().join(format!("flannel-subnet-prep-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = flannel_tests::ScratchDir::new("subnet-prep");
+        let dir = scratch.path();
         // A path component that is a file.
         let file = dir.join("run");
         std::fs::write(&file, "").unwrap();
         assert!(SubnetEnv::prepare(&file.join("subnet.env")).is_err());
         // The path is a directory.
-        assert!(SubnetEnv::prepare(&dir).is_err());
+        assert!(SubnetEnv::prepare(dir).is_err());
         // A good path: its directory is made, and nothing is left in it.
         let good = dir.join("flannel").join("subnet.env");
         SubnetEnv::prepare(&good).unwrap();
@@ -144,6 +143,5 @@ mod tests {
             std::fs::read_dir(good.parent().unwrap()).unwrap().count(),
             0
         );
-        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -292,6 +292,41 @@ pub struct Testbed {
     etcd: Option<Child>,
 }
 
+/// A fresh directory under the system's temporary directory for one test, removed with all it
+/// holds when dropped (also when the test panics). Unit tests use it instead of the `tempfile`
+/// crate: as a dev-dependency, `tempfile` turned on features of crates the agent shares (rustix's
+/// `bitflags/std`), so that `cargo test` and `cargo bench` rebuilt the agent's whole dependency
+/// graph beside `cargo build`'s (minutes of every `cargo xtask test` and bench run).
+#[derive(Debug)]
+pub struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    /// `<tmp>/flannel-<name>-<pid>-<n>`, empty.
+    ///
+    /// # Panics
+    /// If the directory cannot be made (a test helper: the test fails there).
+    #[must_use]
+    pub fn new(name: &str) -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("flannel-{name}-{}-{n}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+        Self(dir)
+    }
+
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
 /// The agent binary the tests drive: `FLANNEL_AGENT_BIN` (set by `cargo xtask test`).
 pub fn agent_bin() -> Result<PathBuf> {
     let path = std::env::var_os("FLANNEL_AGENT_BIN")

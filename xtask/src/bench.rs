@@ -696,16 +696,13 @@ struct Costs {
 /// not, so that xtask builds before the bootstrap) and reads its JSON; with `baseline`, that
 /// object is timed beside the embedded one.
 fn program_cost(calls: usize, baseline: Option<&Path>) -> Result<Costs> {
-    let mut cmd =
-        std::process::Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    let mut cmd = crate::cargo_release("bench");
     match baseline {
         Some(object) => cmd.env("FLANNEL_BASELINE_OBJECT", object),
         None => cmd.env_remove("FLANNEL_BASELINE_OBJECT"),
     };
     let out = cmd
-        .current_dir(crate::workspace_root())
         .args([
-            "bench",
             "--quiet",
             "-p",
             "flannel-agent",

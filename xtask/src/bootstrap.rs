@@ -108,12 +108,18 @@ pub fn ensure_packages(packages: &[&str]) -> Result<()> {
         .env("DEBIAN_FRONTEND", "noninteractive"))
 }
 
-/// What `cargo xtask image` needs besides the usual toolchain: `musl-gcc` (ring's C code in the
-/// static agent), `umoci` and `skopeo` (the OCI layout and its docker archive), and the musl
-/// target of the toolchain that builds the agent.
+/// What `cargo xtask image` needs besides the usual toolchain: the release target's tools
+/// ([`ensure_release_target`]), `umoci` and `skopeo` (the OCI layout and its docker archive).
 pub fn ensure_image_tools() -> Result<()> {
-    ensure_packages(&["musl-tools", "umoci", "skopeo"])?;
-    let target = "x86_64-unknown-linux-musl";
+    ensure_release_target()?;
+    ensure_packages(&["umoci", "skopeo"])
+}
+
+/// What a release build needs ([`crate::RELEASE_TARGET`], static): `musl-gcc` (ring's C code)
+/// and the musl target of the toolchain that builds the agent.
+pub fn ensure_release_target() -> Result<()> {
+    ensure_packages(&["musl-tools"])?;
+    let target = crate::RELEASE_TARGET;
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !installed.lines().any(|l| l.trim() == target) {
         say(&format!(

@@ -16,17 +16,8 @@ pub fn section() -> Result<String> {
     // A stale report must not pass for this run's.
     let _ = std::fs::remove_file(&report);
     say("fuzzing every program (BPF_PROG_TEST_RUN, release build)");
-    sh(crate::cargo()
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "flannel-agent",
-            "--test",
-            "fuzz",
-            "--",
-            "--nocapture",
-        ])
+    sh(crate::cargo_release("test")
+        .args(["-p", "flannel-agent", "--test", "fuzz", "--", "--nocapture"])
         .env("FLANNEL_FUZZ_REPORT", &report))?;
     markdown(&report)
 }

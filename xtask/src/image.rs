@@ -13,10 +13,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     bootstrap::{self, say, sh},
-    cargo, workspace_root,
+    cargo_release, workspace_root,
 };
 
-const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
 /// The image's name in the archive (`docker load` tags it `flannel-agent:<version>`).
 const NAME: &str = "flannel-agent";
 /// flanneld's path: kube-flannel.yml starts the container with `command: ["/opt/bin/flanneld"]`.
@@ -58,7 +57,7 @@ pub fn build() -> Result<PathBuf> {
     bootstrap::ensure_image_tools()?;
     let dir = target_dir().join("image");
     fs::create_dir_all(&dir)?;
-    let agent = build_static_agent()?;
+    let agent = static_agent()?;
     let version = agent_version(&agent)?;
 
     let root = dir.join("rootfs");
@@ -109,19 +108,16 @@ fn target_dir() -> PathBuf {
         .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
-/// `cargo build --release --target x86_64-unknown-linux-musl`: a static agent (its eBPF object is
-/// built by build.rs as for any build). ring's C code is compiled with Debian's `musl-gcc`.
-fn build_static_agent() -> Result<PathBuf> {
+/// The static agent (`cargo build --release --target x86_64-unknown-linux-musl`; its eBPF object
+/// is built by build.rs as for any build), which the image ships and the demo and the bench run.
+/// ring's C code is compiled with Debian's `musl-gcc`.
+pub fn static_agent() -> Result<PathBuf> {
+    bootstrap::ensure_release_target()?;
     say("building a static flannel-agent (release, musl) and its eBPF programs");
-    sh(cargo().args([
-        "build",
-        "--release",
-        "-p",
-        "flannel-agent",
-        "--target",
-        MUSL_TARGET,
-    ]))?;
-    let bin = target_dir().join(MUSL_TARGET).join("release/flannel-agent");
+    sh(cargo_release("build").args(["-p", "flannel-agent"]))?;
+    let bin = target_dir()
+        .join(crate::RELEASE_TARGET)
+        .join("release/flannel-agent");
     ensure!(bin.exists(), "{} was not built", bin.display());
     bin.canonicalize().context("agent path")
 }

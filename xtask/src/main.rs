@@ -174,23 +174,32 @@ fn cargo() -> Command {
     cmd
 }
 
-/// Builds the agent (and with it the eBPF object) and returns the binary.
-fn build_agent(release: bool) -> Result<PathBuf> {
-    say(&format!(
-        "building flannel-agent ({}) and its eBPF programs",
-        if release { "release" } else { "debug" }
-    ));
+/// The target of every release build: the image's static agent, which the demo and the bench
+/// run too, and the bench's test-run and fuzz binaries. One release dependency graph (kube,
+/// rustls, etcd-client…), built once, where a glibc and a musl one took minutes each.
+pub const RELEASE_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// `cargo <subcommand> --release --target RELEASE_TARGET` in the workspace (after
+/// [`bootstrap::ensure_release_target`]).
+fn cargo_release(subcommand: &str) -> Command {
     let mut cmd = cargo();
-    cmd.args(["build", "-p", "flannel-agent"]);
-    if release {
+    cmd.arg(subcommand);
+    // `cargo bench` builds with the release settings (its profile inherits them, and shares
+    // the artifacts) and takes no `--release`.
+    if subcommand != "bench" {
         cmd.arg("--release");
     }
-    sh(&mut cmd)?;
+    cmd.args(["--target", RELEASE_TARGET]);
+    cmd
+}
+
+/// Builds the debug agent (and with it the eBPF object) that the tests drive; returns the binary.
+fn debug_agent() -> Result<PathBuf> {
+    say("building flannel-agent (debug) and its eBPF programs");
+    sh(cargo().args(["build", "-p", "flannel-agent"]))?;
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let bin = target
-        .join(if release { "release" } else { "debug" })
-        .join("flannel-agent");
+    let bin = target.join("debug").join("flannel-agent");
     ensure!(bin.exists(), "{} was not built", bin.display());
     bin.canonicalize().context("agent path")
 }
@@ -259,7 +268,7 @@ fn main() -> Result<()> {
 
 fn test() -> Result<()> {
     bootstrap::ensure_all()?;
-    let agent = build_agent(false)?;
+    let agent = debug_agent()?;
     let image = image::build()?;
     flannel_tests::sweep_stale();
     say(
@@ -370,7 +379,7 @@ fn run(
 ) -> Result<()> {
     let total = check_demo_shape(backend, [nodes, netlink, stock], pods)?;
     bootstrap::ensure_all()?;
-    let agent = build_agent(true)?;
+    let agent = image::static_agent()?;
     set_agent_env(&agent);
     install_stop_handlers()?;
     let mut kinds = vec![NodeKind::Ebpf; nodes];
@@ -541,12 +550,14 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn bench(opts: &bench::Opts) -> Result<()> {
     bootstrap::ensure_all()?;
+    // Every release build is static (the test-run and fuzz binaries too).
+    bootstrap::ensure_release_target()?;
     if opts.profile {
         bootstrap::ensure_packages(&["linux-perf"])?;
     }
     // The program costs need no agent binary (their bench target embeds the object).
     if !opts.cost_only {
-        let agent = build_agent(true)?;
+        let agent = image::static_agent()?;
         set_agent_env(&agent);
     }
     bench::bench(opts, &workspace_root().join("target/bench"))

@@ -210,7 +210,7 @@ mod tests {
 
     #[test]
     fn key_file_is_created_owner_read_only_and_reused() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = flannel_tests::ScratchDir::new("wgkey");
         let path = dir.path().join("run/flannel/wgkey");
         let (key, generated) = load_or_generate(&path).unwrap();
         assert!(generated);

@@ -149,9 +149,8 @@ mod tests {
 
     #[test]
     fn reserved_ports_are_merged_and_released_exactly() {
-        let dir = std::env::temp_dir().join(format!("fe-masq-{}", std::process::id()));
-        fs::create_dir_all(&dir).unwrap();
-        let f = dir.join("reserved");
+        let dir = flannel_tests::ScratchDir::new("masq");
+        let f = dir.path().join("reserved");
         fs::write(&f, "8080,9000-9010\n").unwrap();
         reserve_ports_at(&f, (61000, 65535)).unwrap();
         assert_eq!(
@@ -170,7 +169,6 @@ mod tests {
         assert_eq!(fs::read_to_string(&f).unwrap(), "2000");
         release_ports_at(&f, (2000, 2000)).unwrap();
         assert_eq!(fs::read_to_string(&f).unwrap(), "\n");
-        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
