@@ -112,9 +112,10 @@ pub fn set_sock_opt<T: ?Sized>(
 /// Makes a blocking `accept` on `listener` give up after `timeout` (`SO_RCVTIMEO`, which Linux
 /// applies to `accept`).
 fn accept_timeout(listener: &TcpListener, timeout: Duration) -> Result<()> {
+    // The field types are not named: libc deprecates musl's `time_t` and `suseconds_t` aliases.
     let tv = libc::timeval {
-        tv_sec: timeout.as_secs() as libc::time_t,
-        tv_usec: libc::suseconds_t::from(timeout.subsec_micros()),
+        tv_sec: timeout.as_secs().try_into().context("accept timeout")?,
+        tv_usec: timeout.subsec_micros().into(),
     };
     set_sock_opt(listener, libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv).context("SO_RCVTIMEO")
 }

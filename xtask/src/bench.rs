@@ -1336,8 +1336,9 @@ pub fn bench(opts: &Opts, out: &Path) -> Result<()> {
     );
     table.push_str(&cost_table(&costs));
     table.push_str(&vs_baseline_md);
-    table
-        .push_str(&crate::fuzz::section().unwrap_or_else(|e| format!("\nFuzzing failed: {e:#}\n")));
+    table.push_str(
+        &crate::fuzz::section(quick).unwrap_or_else(|e| format!("\nFuzzing failed: {e:#}\n")),
+    );
     println!("{table}");
     std::fs::create_dir_all(out)?;
     std::fs::write(out.join("results.md"), &table)?;
