@@ -16,7 +16,10 @@ fn main() -> anyhow::Result<()> {
         .to_str()
         .ok_or_else(|| anyhow::anyhow!("non-UTF-8 path"))?;
     println!("cargo:rerun-if-changed=../flannel-ebpf-common/src");
-    share_ebpf_target_dir("flannel-ebpf")?;
+    if let Err(e) = share_ebpf_target_dir("flannel-ebpf") {
+        // Only slower: aya-build's own directory is used.
+        println!("cargo:warning=the eBPF build is not shared between profiles: {e:#}");
+    }
     aya_build::build_ebpf(
         [aya_build::Package {
             name: "flannel-ebpf",
@@ -33,8 +36,8 @@ fn main() -> anyhow::Result<()> {
 /// `core` included, was built from scratch once for each, about a minute apiece. That directory
 /// becomes a link to one `<target dir>/ebpf`, so the object is built once and every later build
 /// finds it fresh (cargo's lock on the directory orders concurrent builds). Where `OUT_DIR` is
-/// not laid out as cargo's `<target>[/<triple>]/<profile>/build/<pkg>-<hash>/out`, aya-build's
-/// own directory stays.
+/// not laid out as cargo's `<target>[/<triple>]/<profile>/build/<pkg>-<hash>/out`, or the link
+/// cannot be made, aya-build's own directory stays.
 fn share_ebpf_target_dir(package: &str) -> anyhow::Result<()> {
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").context("OUT_DIR not set")?);
     let mut up = out_dir.ancestors();
