@@ -3,7 +3,8 @@
 //! "pass_repeated_ns", "pass_repeated_xdp_ns", "bpf_stats_overhead_ns", "rounds", "loads",
 //! "baseline_object", "baseline_error", "programs": [{"name", "median_ns", "p90_ns", "net_ns",
 //! "trimmed_mean_ns", "load_to_load", "baseline", "baseline_error"}]}`). Run as root:
-//! `cargo bench -p flannel-agent --bench program_cost -- --calls 20000 [--loads N]`.
+//! `cargo bench --target x86_64-unknown-linux-musl -p flannel-agent --bench program_cost -- --calls
+//! 20000 [--loads N]` (xtask's release target: without it, a second release dependency graph).
 //!
 //! With `FLANNEL_BASELINE_OBJECT=<path>` (an older build of the same programs, which
 //! `cargo xtask bench` makes from a git revision) every case is also timed on that object, in the

@@ -123,7 +123,7 @@ pub fn ensure_release_target() -> Result<()> {
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
     if !installed.lines().any(|l| l.trim() == target) {
         say(&format!(
-            "adding the {target} target (the image's agent is static)"
+            "adding the {target} target (release builds are static, as the image's agent)"
         ));
         sh(Command::new("rustup").args(["target", "add", target]))?;
     }
