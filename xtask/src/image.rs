@@ -13,7 +13,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
     bootstrap::{self, say, sh},
-    cargo_release, workspace_root,
+    cargo_release, target_dir, workspace_root,
 };
 
 /// The image's name in the archive (`docker load` tags it `flannel-agent:<version>`).
@@ -101,11 +101,6 @@ pub fn build() -> Result<PathBuf> {
         human(fs::metadata(&agent)?.len())
     );
     Ok(archive)
-}
-
-fn target_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
 }
 
 /// The static agent (`cargo build --release --target x86_64-unknown-linux-musl`; its eBPF object

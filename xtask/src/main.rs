@@ -193,13 +193,17 @@ fn cargo_release(subcommand: &str) -> Command {
     cmd
 }
 
+/// Cargo's target directory: `CARGO_TARGET_DIR`, or the workspace's `target`.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace_root().join("target"), PathBuf::from)
+}
+
 /// Builds the debug agent (and with it the eBPF object) that the tests drive; returns the binary.
 fn debug_agent() -> Result<PathBuf> {
     say("building flannel-agent (debug) and its eBPF programs");
     sh(cargo().args(["build", "-p", "flannel-agent"]))?;
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map_or_else(|| workspace_root().join("target"), PathBuf::from);
-    let bin = target.join("debug").join("flannel-agent");
+    let bin = target_dir().join("debug").join("flannel-agent");
     ensure!(bin.exists(), "{} was not built", bin.display());
     bin.canonicalize().context("agent path")
 }
